@@ -1,0 +1,455 @@
+"""The pairing listener process: accept, banner, handshake, lobby, hand-over.
+
+``listener_main`` is the entry point of the process the server starts (spawn-
+safe: a top-level function whose arguments all pickle, sockets included). In
+that process one thread, :class:`Listener`, runs a selector loop that
+
+1. accepts connections and sends the banner at once;
+2. runs every handshake without blocking the others: each connection has one
+   absolute deadline, and before HELLO nothing over 1,024 bytes is accepted;
+3. keeps waiting clients (keepalive, NOTICE ``undelivered`` for their
+   messages) and asks the :class:`~chatpair.lobby.Lobby` whom to pair;
+4. hands each new pair to a room relay - a thread of this process, or a relay
+   worker process - and takes clients back when their partner leaves.
+
+A connection belongs to exactly one loop at a time; handing it over means
+unregistering it here before the relay registers it there.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import signal
+import socket
+import sys
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chatpair import __version__
+from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
+from chatpair.lobby import Lobby, Paired, RoomFull
+from chatpair.loop import ConnLoop, Limits
+from chatpair.protocol import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PING_INTERVAL,
+    HANDSHAKE_MAX,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    EndOfStream,
+    ErrorCode,
+    FrameDecoder,
+    FrameType,
+    Hello,
+    LineDecoder,
+    ProtocolError,
+    make_banner,
+    parse_hello,
+    parse_name_line,
+)
+from chatpair.relay import PairEnd, RelayThread, undelivered_notices
+
+log = logging.getLogger("chatpair")
+
+#: How long accept() rests after running out of file descriptors.
+ACCEPT_BACKOFF_SECONDS = 0.5
+
+
+@dataclass
+class ServerConfig:
+    """Every server option; plain data so it pickles into the listener process."""
+
+    host: str = "0.0.0.0"
+    port: int = 7878
+    max_frame: int = DEFAULT_MAX_FRAME
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    write_timeout: float = 30.0
+    relay_threads: int = 1
+    workers: int = 0
+    log_level: int = logging.INFO
+
+    def limits(self) -> Limits:
+        return Limits(self.max_frame, self.ping_interval, self.idle_timeout, self.write_timeout)
+
+
+class RelayHandle(Protocol):
+    """What the listener needs of a relay: a thread here, or a worker process."""
+
+    @property
+    def load(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def submit_pair(self, a: Conn, b: Conn) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class Listener(ConnLoop):
+    """The listener's selector loop (one thread)."""
+
+    name = "listener"
+
+    def __init__(self, listen_sock: socket.socket, control: socket.socket | None, config: ServerConfig) -> None:
+        super().__init__(config.limits())
+        self.config = config
+        self.listen_sock = listen_sock
+        self.control = control
+        self.lobby = Lobby()
+        self.banner = make_banner(f"chatpair/{__version__}")
+        self.waiting: dict[int, Conn] = {}  # cid -> conn, queued in the lobby and owned here
+        self.handshaking: set[Conn] = set()
+        self._cids = itertools.count(1)
+        self._ended: deque[PairEnd] = deque()  # from relay threads
+        self._accept_paused_until = 0.0
+        self._fd_warning_logged = False
+        listen_sock.setblocking(False)
+        self.sel.register(listen_sock, selectors_read(), None)
+        if control is not None:
+            control.setblocking(False)
+            self.sel.register(control, selectors_read(), None)
+        self.relays: list[RelayHandle] = [
+            RelayThread(self.limits, i, self.post_pair_end) for i in range(max(1, config.relay_threads))
+        ]
+        if config.workers:
+            from chatpair.workers import start_workers
+
+            self.relays = start_workers(config, self.post_pair_end, self.sel)  # type: ignore[assignment]
+        for relay in self.relays:
+            relay.start()
+
+    # -- special sockets ---------------------------------------------------------------
+
+    def on_special(self, fileobj: Any) -> None:
+        if fileobj is self.listen_sock:
+            self._accept()
+        elif fileobj is self.control:
+            self._on_control()
+        elif hasattr(fileobj, "on_readable_channel"):
+            fileobj.on_readable_channel()
+        else:
+            super().on_special(fileobj)
+
+    def _on_control(self) -> None:
+        try:
+            data = self.control.recv(64)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        # "stop", or end of file because the main process went away: either way, stop.
+        if not data or b"stop" in data:
+            self.begin_stop()
+
+    def _accept(self) -> None:
+        if not self.running:
+            return
+        for _ in range(256):
+            try:
+                sock, addr = self.listen_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(err)
+                else:
+                    log.warning("accept failed: %s", err)
+                return
+            self._new_connection(sock, addr)
+
+    def _pause_accept(self, err: OSError) -> None:
+        """Out of descriptors: rest instead of spinning; pairs already chatting go on."""
+        if not self._fd_warning_logged:
+            log.warning("cannot accept more connections (%s); new ones wait until descriptors free up",
+                        err.strerror)
+            self._fd_warning_logged = True
+        self._accept_paused_until = self.now + ACCEPT_BACKOFF_SECONDS
+        try:
+            self.sel.unregister(self.listen_sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _resume_accept(self) -> None:
+        self._accept_paused_until = 0.0
+        if self.running:
+            self.sel.register(self.listen_sock, selectors_read(), None)
+
+    def _new_connection(self, sock: socket.socket, addr: Any) -> None:
+        sock.setblocking(False)
+        tune_socket(sock)
+        label = format_addr(addr)
+        conn = Conn(sock, next(self._cids), label, self.now)
+        conn.deadline = self.now + self.config.handshake_timeout
+        self.handshaking.add(conn)
+        self.adopt_conn(conn)
+        log.debug("%s: connected", label)
+        self.send(conn, self.banner)
+
+    # -- handshake --------------------------------------------------------------------------
+
+    def on_handshake_readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log.debug("%s: closed during the handshake", conn.label)
+            self.drop(conn, "disconnected")
+            return
+        decoder = conn.decoder
+        if decoder is None:
+            if data[0] == 0:
+                conn.mode = MODE_FRAME
+                decoder = conn.decoder = FrameDecoder(HANDSHAKE_MAX)
+            else:
+                conn.mode = MODE_LINE
+                decoder = conn.decoder = LineDecoder(HANDSHAKE_MAX)
+        decoder.feed(data)
+        try:
+            hello = self._parse_handshake(conn, decoder)
+        except ProtocolError as err:
+            self.fail(conn, err.code, err.message)
+            return
+        if hello is not None:
+            self._complete_handshake(conn, hello)
+
+    def _parse_handshake(self, conn: Conn, decoder: FrameDecoder | LineDecoder) -> Hello | None:
+        if isinstance(decoder, FrameDecoder):
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                return None
+            if isinstance(event, EndOfStream):
+                raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+            return parse_hello(event)  # type: ignore[arg-type]
+        while True:
+            line = decoder.next_line()
+            if line is NEED_DATA:
+                return None
+            if isinstance(line, EndOfStream):
+                raise ProtocolError(ErrorCode.BAD_HELLO, "type your name first")
+            if line.strip():  # type: ignore[union-attr]
+                return parse_name_line(line)  # type: ignore[arg-type]
+
+    def _complete_handshake(self, conn: Conn, hello: Hello) -> None:
+        conn.name, conn.room = hello.name, hello.room
+        conn.deadline = 0.0
+        self.handshaking.discard(conn)
+        if conn.mode == MODE_FRAME:
+            conn.pending = conn.decoder.buffered  # type: ignore[union-attr]
+            conn.decoder = None
+        else:
+            conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
+        log.info("%s: hello%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
+                 "frame" if conn.mode == MODE_FRAME else "line")
+        self.send_event(conn, FrameType.WELCOME, {
+            "version": PROTOCOL_VERSION,
+            "server": f"chatpair/{__version__}",
+            "max_frame": self.config.max_frame,
+            "ping_interval": self.config.ping_interval,
+            "idle_timeout": self.config.idle_timeout,
+        })
+        self._queue(conn, requeued=False)
+
+    # -- the lobby ------------------------------------------------------------------------------
+
+    def _queue(self, conn: Conn, requeued: bool) -> None:
+        result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
+        if isinstance(result, RoomFull):
+            self.fail(conn, ErrorCode.ROOM_FULL,
+                      f"room {conn.room} is full: a pair is already chatting there")
+            return
+        self.waiting[conn.cid] = conn
+        self.send_event(conn, FrameType.WAITING, {"room": conn.room})
+        if isinstance(result, Paired):
+            self._pair(self.waiting[result.waiter], conn)
+        else:
+            self._process_buffered(conn)
+
+    def _process_buffered(self, conn: Conn) -> None:
+        """Act on frames or lines that arrived together with the handshake or hand-back."""
+        if not self.owns(conn):
+            return
+        if conn.mode == MODE_FRAME and len(conn.pending) >= 5:
+            pending = conn.pending
+            self.scratch[: len(pending)] = pending
+            self.scan_frames(conn, len(pending))
+        elif conn.mode == MODE_LINE:
+            self.read_buffered(conn)
+
+    def read_buffered(self, conn: Conn) -> None:
+        from chatpair.protocol import parse_client_line
+
+        while self.owns(conn):
+            try:
+                item = conn.decoder.next_line()  # type: ignore[union-attr]
+            except ProtocolError as err:
+                self.fail(conn, err.code, err.message)
+                return
+            if item is NEED_DATA or not isinstance(item, str):
+                return
+            self.on_line(conn, parse_client_line(item))
+
+    def _pair(self, a: Conn, b: Conn) -> None:
+        for me, peer in ((a, b), (b, a)):
+            del self.waiting[me.cid]
+            self.send_event(me, FrameType.PAIRED, {"peer": peer.name, "room": me.room})
+            self.release_conn(me)
+        relay = min(self.relays, key=lambda r: r.load)
+        log.info("paired %s with %s%s", a.label, b.label, f" in room {a.room}" if a.room else "")
+        relay.submit_pair(a, b)
+
+    def detach(self, conn: Conn, reason: str) -> None:
+        self.handshaking.discard(conn)
+        if self.waiting.pop(conn.cid, None) is not None:
+            log.info("%s: left while waiting (%s)", conn.label, reason)
+        if conn.cid in self.lobby:
+            self.lobby.leave(conn.cid)
+
+    def on_msg_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
+        self.send(conn, undelivered_notices(conn, count, "you have no partner yet"))
+
+    def on_line_msg(self, conn: Conn, text: str) -> None:
+        self.send(conn, undelivered_notices(conn, 1, "you have no partner yet"))
+
+    def on_next(self, conn: Conn) -> None:
+        # Already waiting: NEXT changes nothing, but say where the client stands.
+        self.send_event(conn, FrameType.WAITING, {"room": conn.room})
+
+    # -- clients coming back from relays -------------------------------------------------------
+
+    def post_pair_end(self, end: PairEnd) -> None:
+        """Called from relay threads (or the worker channel): queue it and wake up."""
+        self._ended.append(end)
+        self.wake()
+
+    def on_wake(self) -> None:
+        while self._ended:
+            self.handle_pair_end(self._ended.popleft())
+
+    def handle_pair_end(self, end: PairEnd) -> None:
+        self.lobby.unpair(end.a, end.b, next_by=end.next_by)
+        for cid in end.gone:
+            self.lobby.leave(cid)
+        for conn in end.back:
+            self.adopt_conn(conn)
+            if not self.running:
+                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+                self.lobby.leave(conn.cid)
+                continue
+            self._queue(conn, requeued=True)
+
+    # -- stopping and timers -----------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        if not self.running:
+            return
+        log.info("stopping: telling %d waiting client(s) and every pair", len(self.conns))
+        self.running = False
+        try:
+            self.sel.unregister(self.listen_sock)
+        except (KeyError, ValueError):
+            pass
+        for conn in list(self.conns):
+            if conn.mode:
+                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+            else:
+                self.drop(conn, "disconnected")
+        for relay in self.relays:
+            relay.stop()
+
+    def busy(self) -> bool:
+        return any(getattr(r, "alive", lambda: False)() for r in self.relays)
+
+    def tick(self, now: float) -> None:
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._resume_accept()
+        expired = [c for c in self.handshaking if now >= c.deadline]
+        for conn in expired:
+            if conn.mode:
+                self.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT,
+                          f"no valid hello within {self.config.handshake_timeout:g} seconds")
+            else:
+                log.debug("%s: sent nothing; closed at the handshake deadline", conn.label)
+                self.drop(conn, "disconnected")
+        super().tick(now)
+
+    def join_relays(self, timeout: float = 10.0) -> None:
+        for relay in self.relays:
+            relay.join(timeout)
+
+
+def selectors_read() -> int:
+    import selectors
+
+    return selectors.EVENT_READ
+
+
+def format_addr(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Low latency (no Nagle) and TCP keepalive, which finds dead line-mode peers."""
+    for level, opt, value in (
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_NODELAY", None), 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 60),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 15),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 4),
+    ):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
+
+
+def raise_fd_limit() -> None:
+    """Use every descriptor the system allows this process (POSIX only)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def setup_logging(level: int) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+    )
+
+
+def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig) -> None:
+    """Entry point of the listener process."""
+    # Ctrl-C in a terminal reaches the whole process group; the main process
+    # decides when we stop and tells us through ``control``.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_logging(config.log_level)
+    raise_fd_limit()
+    listener = Listener(listen_sock, control, config)
+    try:
+        listener.run()
+    finally:
+        listener.join_relays()
+        listen_sock.close()
+        control.close()

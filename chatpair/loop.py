@@ -1,0 +1,610 @@
+"""The selector loop shared by the listener and the relay threads.
+
+Both the pairing listener (handshakes and waiting clients) and every room
+relay (paired clients) are one thread running one :class:`ConnLoop`: a
+``selectors`` loop over non-blocking sockets. This module holds what they do
+alike - reading frames and lines, answering PING, queueing output with flow
+control, keepalive, idle and write deadlines, and the polite close that makes
+sure a final ERROR is read before the socket goes away. Subclasses decide what
+a message means (forward it, or answer "undelivered") and what leaving does.
+
+The read path is the hot path of the whole server. For frame mode it reads
+into one scratch buffer per loop, walks the frame headers, and hands *runs* of
+consecutive MSG frames on as one memoryview slice: one UTF-8 check and one
+``send`` per run, not per message. Only control frames are decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import time
+from typing import Any
+
+from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, OutChunk, event_bytes
+from chatpair.protocol import (
+    HEADER,
+    MAX_PING_PAYLOAD,
+    NEED_DATA,
+    EndOfStream,
+    ErrorCode,
+    FrameType,
+    LineCommand,
+    ProtocolError,
+    encode_frame,
+    parse_client_line,
+)
+
+log = logging.getLogger("chatpair")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+#: Stop reading from a client while this much is queued for it or its
+#: partner: a slow reader slows the sender down instead of growing memory.
+HIGH_WATER = 256 * 1024
+#: ...and read again once the backlog is below this.
+LOW_WATER = 64 * 1024
+#: How long a closing connection gets to take its last bytes (ERROR, BYE).
+LINGER_SECONDS = 2.0
+#: Timer resolution: keepalive, deadlines and lingering closes are checked this often.
+TICK_SECONDS = 0.25
+#: One read takes at most this much; big enough to batch thousands of small frames.
+SCRATCH_SIZE = 256 * 1024
+
+_UNPACK_HEADER = HEADER.unpack_from
+_MSG = int(FrameType.MSG)
+_UTF8 = "utf-8"
+
+HELP_LINE = "* commands: /next (new partner), /quit (leave), /help; start a line with // to send one starting with /"
+
+
+class Limits:
+    """The per-connection numbers every loop enforces (picklable)."""
+
+    def __init__(
+        self,
+        max_frame: int,
+        ping_interval: float,
+        idle_timeout: float,
+        write_timeout: float,
+        rate: float = 0.0,
+        burst: int = 0,
+    ) -> None:
+        self.max_frame = max_frame
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
+        self.rate = rate
+        self.burst = burst
+
+
+class ConnLoop:
+    """A selector loop owning a set of connections. Run it in exactly one thread."""
+
+    name = "loop"
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.sel = selectors.DefaultSelector()
+        self.conns: set[Conn] = set()  # owned and not closing
+        self.closing: set[Conn] = set()
+        self.running = True
+        self.now = time.monotonic()
+        self._dead: list[Conn] = []
+        size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
+        self.scratch = bytearray(size)
+        self.scratch_view = memoryview(self.scratch)
+        # A socketpair other threads write one byte to, to wake select().
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, EVENT_READ, None)
+
+    # -- waking the loop from another thread ----------------------------------
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already has a wake-up pending (or we are shutting down)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :attr:`running` goes false and the closing sockets are done."""
+        sel = self.sel
+        next_tick = 0.0
+        try:
+            while self.running or self.closing or self.conns or self.busy():
+                timeout = max(0.0, next_tick - self.now)
+                events = sel.select(timeout)
+                self.now = time.monotonic()
+                for key, mask in events:
+                    conn = key.data
+                    if conn is None:
+                        self.on_special(key.fileobj)  # type: ignore[arg-type]
+                        continue
+                    if mask & EVENT_WRITE and conn.events:
+                        self._on_writable(conn)
+                    if mask & EVENT_READ and conn.events:
+                        self._on_readable(conn)
+                if self._dead:
+                    self._bury_dead()
+                self.after_events()
+                if self.now >= next_tick:
+                    self.tick(self.now)
+                    next_tick = self.now + TICK_SECONDS
+                if not self.running and not self.conns and not self.closing and not self.busy():
+                    break
+        finally:
+            self.close_all()
+
+    def on_special(self, fileobj: Any) -> None:
+        """Readable socket that is not a client (wake-up, listening socket)."""
+        if fileobj is self._wake_r:
+            self._drain_wake()
+            self.on_wake()
+
+    def on_wake(self) -> None:
+        """Another thread asked for attention (commands in an inbox)."""
+
+    def after_events(self) -> None:
+        """Called after each batch of events (post hand-overs here)."""
+
+    def busy(self) -> bool:
+        """Something besides our own sockets still needs the loop (e.g. relays winding down)."""
+        return False
+
+    def close_all(self) -> None:
+        for conn in list(self.conns) + list(self.closing):
+            self._close_now(conn)
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- registration -----------------------------------------------------------
+
+    def adopt_conn(self, conn: Conn) -> None:
+        """Take ownership of ``conn`` (register it with this loop's selector)."""
+        conn.events = 0
+        self.conns.add(conn)
+        self.update_interest(conn)
+
+    def release_conn(self, conn: Conn) -> None:
+        """Give up ownership without closing (the conn moves to another loop)."""
+        self._unregister(conn)
+        self.conns.discard(conn)
+
+    def _unregister(self, conn: Conn) -> None:
+        if conn.events:
+            try:
+                self.sel.unregister(conn.fd)
+            except (KeyError, ValueError, OSError):
+                pass
+            conn.events = 0
+
+    def update_interest(self, conn: Conn) -> None:
+        """Register for what the connection needs now: read unless paused, write if backlog."""
+        if conn.closing:
+            want = EVENT_READ | (EVENT_WRITE if conn.out else 0)
+        else:
+            want = 0 if conn.paused else EVENT_READ
+            if conn.out:
+                want |= EVENT_WRITE
+        have = conn.events
+        if want == have:
+            return
+        try:
+            if not have:
+                self.sel.register(conn.fd, want, conn)
+            elif not want:
+                self.sel.unregister(conn.fd)
+            else:
+                self.sel.modify(conn.fd, want, conn)
+        except (KeyError, ValueError, OSError):
+            self._dead.append(conn)
+            return
+        conn.events = want
+
+    # -- output -------------------------------------------------------------------
+
+    def send(self, conn: Conn, data: bytes | memoryview, msgs: int = 0, framed: bool = True) -> None:
+        """Write now what the socket takes; queue the rest (copied) for later."""
+        if not data:
+            return
+        if conn.out:
+            chunk = OutChunk(bytes(data), msgs, framed)
+            conn.out.append(chunk)
+            conn.out_bytes += len(chunk.data)
+            self.check_backlog(conn)
+            return
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0
+            self._dead.append(conn)
+        if sent == len(data):
+            return
+        chunk = OutChunk(bytes(data), msgs, framed)
+        conn.out.append(chunk)
+        conn.out_off = sent
+        conn.out_bytes += len(chunk.data) - sent
+        conn.write_stalled_since = self.now
+        self.update_interest(conn)
+        self.check_backlog(conn)
+
+    def send_event(self, conn: Conn, ftype: FrameType, obj: dict[str, Any]) -> None:
+        self.send(conn, event_bytes(conn, ftype, obj))
+
+    def send_line(self, conn: Conn, text: str) -> None:
+        """A ``* `` line for a line-mode client (nothing in frame mode)."""
+        if conn.mode == MODE_LINE:
+            self.send(conn, (text + "\n").encode("utf-8"))
+
+    def _on_writable(self, conn: Conn) -> None:
+        out = conn.out
+        sock = conn.sock
+        while out:
+            chunk = out[0]
+            off = conn.out_off
+            try:
+                sent = sock.send(memoryview(chunk.data)[off:] if off else chunk.data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._dead.append(conn)
+                return
+            conn.write_stalled_since = self.now
+            conn.out_bytes -= sent
+            if off + sent < len(chunk.data):
+                conn.out_off = off + sent
+                break
+            out.popleft()
+            conn.out_off = 0
+        if conn.closing and not out:
+            self._shutdown_write(conn)
+        self.update_interest(conn)
+        if conn.out_bytes < LOW_WATER:
+            self.on_drained(conn)
+
+    def check_backlog(self, conn: Conn) -> None:
+        """Pause reading from whoever feeds ``conn`` once its backlog is high."""
+        if conn.out_bytes > HIGH_WATER:
+            self.on_backlog(conn)
+
+    def on_backlog(self, conn: Conn) -> None:
+        """``conn`` has too much queued: stop reading from it (subclasses add its partner)."""
+        self.pause(conn)
+
+    def on_drained(self, conn: Conn) -> None:
+        """``conn``'s backlog went low: resume whoever was paused for it."""
+        self.resume(conn)
+
+    def pause(self, conn: Conn) -> None:
+        if not conn.paused and not conn.closing:
+            conn.paused = True
+            self.update_interest(conn)
+
+    def resume(self, conn: Conn) -> None:
+        if conn.paused and not conn.closing and self.may_read(conn):
+            conn.paused = False
+            conn.last_rx = self.now  # time spent paused was ours, not the client's idleness
+            self.update_interest(conn)
+
+    def may_read(self, conn: Conn) -> bool:
+        return conn.out_bytes < LOW_WATER
+
+    # -- closing --------------------------------------------------------------------
+
+    def finish(self, conn: Conn, last: bytes = b"") -> None:
+        """Close politely: write ``last``, shut our side, drain theirs, then close.
+
+        Closing a socket with unread input makes the kernel send RST, which can
+        destroy the ERROR frame in flight; draining first means the client
+        reads why it was closed.
+        """
+        if conn.closing:
+            return
+        conn.paused = False
+        if last:
+            self.send(conn, last)
+        self.conns.discard(conn)
+        conn.closing = True
+        conn.close_at = self.now + LINGER_SECONDS
+        self.closing.add(conn)
+        if not conn.out:
+            self._shutdown_write(conn)
+        self.update_interest(conn)
+
+    def _shutdown_write(self, conn: Conn) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_now(conn)
+
+    def _close_now(self, conn: Conn) -> None:
+        self._unregister(conn)
+        self.conns.discard(conn)
+        self.closing.discard(conn)
+        conn.closing = True
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _bury_dead(self) -> None:
+        dead, self._dead = self._dead, []
+        for conn in dead:
+            if conn in self.conns:
+                self.drop(conn, "disconnected")
+            elif conn.closing:
+                self._close_now(conn)
+
+    # -- what subclasses decide ---------------------------------------------------------
+
+    def detach(self, conn: Conn, reason: str) -> None:
+        """``conn`` is leaving (``reason`` as in PEER_LEFT): update pairing state."""
+
+    def drop(self, conn: Conn, reason: str) -> None:
+        """The connection is gone or must go now, without a goodbye."""
+        self.detach(conn, reason)
+        self._close_now(conn)
+
+    def fail(self, conn: Conn, code: str | ErrorCode, message: str, reason: str = "error") -> None:
+        """Tell the client what it did wrong, then close."""
+        code = code.value if isinstance(code, ErrorCode) else code
+        log.info("%s: error %s: %s", conn.label, code, message)
+        self.detach(conn, reason)
+        self.finish(conn, event_bytes(conn, FrameType.ERROR, {"code": code, "message": message}))
+
+    def on_msg_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
+        """``count`` valid MSG frames from ``conn``, in ``view[start:end]``."""
+        raise NotImplementedError
+
+    def on_line_msg(self, conn: Conn, text: str) -> None:
+        """One message typed by a line-mode client."""
+        raise NotImplementedError
+
+    def on_next(self, conn: Conn) -> None:
+        raise NotImplementedError
+
+    def on_bye(self, conn: Conn) -> None:
+        log.info("%s: bye", conn.label)
+        self.detach(conn, "bye")
+        self.finish(conn)
+
+    def owns(self, conn: Conn) -> bool:
+        """Still ours to read? (False once it closes or moves to another loop.)"""
+        return conn in self.conns
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _on_readable(self, conn: Conn) -> None:
+        if conn.closing:
+            self._drain_closing(conn)
+        elif conn.mode == MODE_FRAME:
+            self.read_frames(conn)
+        elif conn.mode == MODE_LINE:
+            self.read_lines(conn)
+        else:
+            self.on_handshake_readable(conn)
+
+    def on_handshake_readable(self, conn: Conn) -> None:
+        raise NotImplementedError
+
+    def _drain_closing(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_now(conn)
+
+    def read_frames(self, conn: Conn) -> None:
+        """Read what is there and act on every complete frame."""
+        pending = conn.pending
+        have = len(pending)
+        view = self.scratch_view
+        if have:
+            self.scratch[:have] = pending
+        try:
+            n = conn.sock.recv_into(view[have:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self.drop(conn, "disconnected")
+            return
+        conn.last_rx = self.now
+        conn.pinged = False
+        self.scan_frames(conn, have + n)
+
+    def scan_frames(self, conn: Conn, end: int) -> None:
+        """Walk the frames in ``scratch[:end]``; keep an incomplete tail in ``conn.pending``."""
+        buf = self.scratch
+        view = self.scratch_view
+        max_frame = self.limits.max_frame
+        pos = run = seg = count = 0
+        while end - pos >= 5:
+            length, ftype = _UNPACK_HEADER(buf, pos)
+            if ftype == _MSG and 1 < length <= max_frame:
+                fend = pos + 4 + length
+                if fend > end:
+                    break
+                if length > 127:
+                    # This header has a byte >= 0x80, so it cannot sit inside
+                    # a run that is checked as one UTF-8 string: check the run
+                    # so far, then this payload alone.
+                    if not self._utf8_ok(view, seg, pos) or not self._utf8_ok(view, pos + 5, fend):
+                        self._bad_run(conn, view, run, fend, count + 1)
+                        return
+                    seg = fend
+                count += 1
+                pos = fend
+                continue
+            # Not a plain MSG: first hand on the run before it, in order.
+            if count:
+                if seg < pos and not self._utf8_ok(view, seg, pos):
+                    self._bad_run(conn, view, run, pos, count)
+                    return
+                self.on_msg_run(conn, view, run, pos, count)
+                count = 0
+                if not self.owns(conn):
+                    return
+            if length > max_frame:
+                self.fail(conn, ErrorCode.FRAME_TOO_LARGE,
+                          f"frame of {length} bytes is over the limit of {max_frame}")
+                return
+            if length == 0:
+                self.fail(conn, ErrorCode.BAD_FRAME, "frame length 0 (it must count the type byte)")
+                return
+            if ftype == _MSG:  # length 1: no text
+                self.fail(conn, ErrorCode.BAD_FRAME, "a message cannot be empty")
+                return
+            fend = pos + 4 + length
+            if fend > end:
+                break
+            self.on_control(conn, ftype, bytes(view[pos + 5:fend]))
+            pos = run = seg = fend
+            if not self.owns(conn):
+                conn.pending = bytes(view[pos:end])
+                return
+        if count:
+            if seg < pos and not self._utf8_ok(view, seg, pos):
+                self._bad_run(conn, view, run, pos, count)
+                return
+            self.on_msg_run(conn, view, run, pos, count)
+            if not self.owns(conn):
+                conn.pending = bytes(view[pos:end])
+                return
+        if end - pos >= 4 and int.from_bytes(view[pos:pos + 4], "big") > max_frame:
+            length = int.from_bytes(view[pos:pos + 4], "big")
+            self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes is over the limit of {max_frame}")
+            return
+        conn.pending = bytes(view[pos:end]) if pos < end else b""
+
+    @staticmethod
+    def _utf8_ok(view: memoryview, start: int, end: int) -> bool:
+        try:
+            str(view[start:end], _UTF8)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def _bad_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
+        """A run failed the UTF-8 check: deliver the good messages before the bad one, then refuse."""
+        pos = start
+        good = 0
+        while pos < end:
+            length = int.from_bytes(view[pos:pos + 4], "big")
+            fend = pos + 4 + length
+            if not self._utf8_ok(view, pos + 5, fend):
+                break
+            good += 1
+            pos = fend
+        if good:
+            self.on_msg_run(conn, view, start, pos, good)
+            if not self.owns(conn):
+                return
+        self.fail(conn, ErrorCode.BAD_FRAME, "a message must be valid UTF-8 text")
+
+    def on_control(self, conn: Conn, ftype: int, payload: bytes) -> None:
+        if ftype == FrameType.PING:
+            if len(payload) > MAX_PING_PAYLOAD:
+                self.fail(conn, ErrorCode.BAD_FRAME, f"a PING payload is at most {MAX_PING_PAYLOAD} bytes")
+            else:
+                self.send(conn, encode_frame(FrameType.PONG, payload))
+        elif ftype == FrameType.PONG:
+            pass  # receiving any frame already counts as alive
+        elif ftype == FrameType.NEXT:
+            self.on_next(conn)
+        elif ftype == FrameType.BYE:
+            self.on_bye(conn)
+        elif ftype == FrameType.HELLO:
+            self.fail(conn, ErrorCode.BAD_FRAME, "HELLO is only valid as the first frame")
+        else:
+            self.fail(conn, ErrorCode.BAD_FRAME, f"frame type 0x{ftype:02x} is not one a client may send")
+
+    def read_lines(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.last_rx = self.now
+        decoder = conn.decoder
+        decoder.feed(data)  # type: ignore[union-attr]
+        while self.owns(conn):
+            try:
+                item = decoder.next_line()  # type: ignore[union-attr]
+            except ProtocolError as err:
+                self.fail(conn, err.code, err.message)
+                return
+            if item is NEED_DATA:
+                return
+            if isinstance(item, EndOfStream):
+                self.drop(conn, "disconnected")
+                return
+            self.on_line(conn, parse_client_line(item))  # type: ignore[arg-type]
+
+    def on_line(self, conn: Conn, cmd: LineCommand) -> None:
+        kind = cmd.kind
+        if kind == "msg":
+            self.on_line_msg(conn, cmd.text)
+        elif kind == "next":
+            self.on_next(conn)
+        elif kind == "quit":
+            self.send_line(conn, "* bye")
+            self.on_bye(conn)
+        elif kind == "help":
+            self.send_line(conn, HELP_LINE)
+        elif kind == "unknown":
+            self.send_line(conn, f"* unknown command {cmd.text}: type /help for the commands (nothing was sent)")
+
+    # -- timers --------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Keepalive, idle timeout, write deadline, lingering closes."""
+        for conn in [c for c in self.closing if now >= c.close_at]:
+            self._close_now(conn)
+        lim = self.limits
+        ping_payload = None
+        expired: list[tuple[Conn, str]] = []
+        for conn in self.conns:
+            if conn.out and now - conn.write_stalled_since > lim.write_timeout:
+                expired.append((conn, "write"))
+                continue
+            if conn.mode != MODE_FRAME or conn.paused:
+                continue
+            idle = now - conn.last_rx
+            if idle > lim.idle_timeout:
+                expired.append((conn, "idle"))
+            elif idle > lim.ping_interval and not conn.pinged:
+                if ping_payload is None:
+                    ping_payload = encode_frame(FrameType.PING, b"keepalive")
+                conn.pinged = True
+                self.send(conn, ping_payload)
+        for conn, why in expired:
+            if conn not in self.conns:
+                continue
+            if why == "write":
+                log.info("%s: not reading for %.0fs; dropped", conn.label, lim.write_timeout)
+                self.drop(conn, "timeout")
+            else:
+                self.fail(conn, ErrorCode.TIMEOUT,
+                          f"no frame from you for {lim.idle_timeout:g} seconds", reason="timeout")

@@ -1,0 +1,243 @@
+"""Room relay threads: move messages between two partners, both ways at once.
+
+The teaching demo this grew from ran one thread per chat room that let the
+partners speak in strict turns. chatpair keeps "a room is relayed by a
+thread" but makes it real:
+
+* **full duplex** - each relay thread runs a selector loop (:class:`Relay`),
+  so both partners of every room it serves can send at any time;
+* **many rooms per thread** - a thread blocked in ``select()`` costs nothing,
+  and a few threads over many rooms do not fight over the GIL the way two
+  blocked threads per room do (``docs/performance.md`` has the numbers);
+* **verbatim** - a run of MSG frames goes to the partner with one ``send`` of
+  a memoryview slice, byte for byte; frame <-> line translation only happens
+  when the partners speak different modes.
+
+A relay owns the sockets of the pairs it serves. When a partner leaves, the
+relay tells the one who stays (PEER_LEFT) and hands it back to the listener,
+which queues it again. Hand-backs go through a callback, so the same class
+serves in a thread of the listener process and in a relay worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, line_msg_bytes
+from chatpair.loop import ConnLoop, Limits
+from chatpair.protocol import ErrorCode, FrameType, encode_frame, encode_notice
+
+log = logging.getLogger("chatpair")
+
+
+@dataclass(slots=True)
+class PairEnd:
+    """What a relay reports when a pair ends: who left, who comes back."""
+
+    a: int
+    b: int
+    next_by: int | None = None
+    gone: list[int] = field(default_factory=list)  # connections closed
+    back: list[Conn] = field(default_factory=list)  # connections to queue again
+
+
+def undelivered_notices(conn: Conn, count: int, why: str) -> bytes:
+    """NOTICE ``undelivered`` for ``count`` messages (one line in line mode)."""
+    if conn.mode == MODE_LINE:
+        what = "1 message was" if count == 1 else f"{count} messages were"
+        return f"* {what} not delivered: {why}\n".encode("utf-8")
+    one = encode_notice("undelivered", f"message not delivered: {why}")
+    return one * count
+
+
+class Relay(ConnLoop):
+    """One relay loop: serves any number of pairs, in one thread."""
+
+    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[PairEnd], None]) -> None:
+        super().__init__(limits)
+        self.index = index
+        self.name = f"relay-{index}"
+        self._on_pair_end = on_pair_end
+        self._inbox: deque[tuple[str, object]] = deque()  # filled by other threads
+        self._ended: list[PairEnd] = []
+        self.pairs = 0
+
+    # -- commands from the listener (any thread) -------------------------------------
+
+    def submit_pair(self, a: Conn, b: Conn) -> None:
+        self._inbox.append(("pair", (a, b)))
+        self.wake()
+
+    def submit_stop(self) -> None:
+        self._inbox.append(("stop", None))
+        self.wake()
+
+    def on_wake(self) -> None:
+        while self._inbox:
+            what, arg = self._inbox.popleft()
+            if what == "pair":
+                self.adopt_pair(*arg)  # type: ignore[misc]
+            elif what == "stop":
+                self.stop()
+
+    def adopt_pair(self, a: Conn, b: Conn) -> None:
+        """Start relaying between ``a`` and ``b`` (PAIRED was already queued to both)."""
+        if not self.running:
+            for conn in (a, b):
+                self.adopt_conn(conn)
+                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+            return
+        a.partner, b.partner = b, a
+        a.paused = b.paused = False
+        self.pairs += 1
+        for conn in (a, b):
+            self.adopt_conn(conn)
+        # Bytes that arrived with the handshake (or before the hand-over) are
+        # processed now: the socket will not report them readable again.
+        for conn in (a, b):
+            if self.owns(conn) and conn.mode == MODE_FRAME and len(conn.pending) >= 5:
+                pending = conn.pending
+                self.scratch[: len(pending)] = pending
+                self.scan_frames(conn, len(pending))
+            elif self.owns(conn) and conn.mode == MODE_LINE:
+                self.read_buffered_lines(conn)
+
+    def read_buffered_lines(self, conn: Conn) -> None:
+        from chatpair.protocol import NEED_DATA, ProtocolError, parse_client_line
+
+        while self.owns(conn):
+            try:
+                item = conn.decoder.next_line()  # type: ignore[union-attr]
+            except ProtocolError as err:
+                self.fail(conn, err.code, err.message)
+                return
+            if item is NEED_DATA or not isinstance(item, str):
+                return
+            self.on_line(conn, parse_client_line(item))
+
+    def stop(self) -> None:
+        """Tell every client ``shutdown`` (no PEER_LEFT: everyone hears the same) and wind down."""
+        self.running = False
+        for conn in list(self.conns):
+            conn.partner = None
+            self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+
+    def after_events(self) -> None:
+        if self._ended:
+            ended, self._ended = self._ended, []
+            for end in ended:
+                self._on_pair_end(end)
+
+    # -- messages -----------------------------------------------------------------------
+
+    def on_msg_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
+        partner = conn.partner
+        if partner is None:
+            self.send(conn, undelivered_notices(conn, count, "you have no partner right now"))
+            return
+        if partner.mode == MODE_FRAME:
+            self.send(partner, view[start:end], count)
+        else:
+            pos = start
+            while pos < end:
+                fend = pos + 4 + int.from_bytes(view[pos:pos + 4], "big")
+                self.send(partner, line_msg_bytes(conn.name, str(view[pos + 5:fend], "utf-8")), 1, False)
+                pos = fend
+
+    def on_line_msg(self, conn: Conn, text: str) -> None:
+        partner = conn.partner
+        if partner is None:
+            self.send(conn, undelivered_notices(conn, 1, "you have no partner right now"))
+        elif partner.mode == MODE_FRAME:
+            self.send(partner, encode_frame(FrameType.MSG, text.encode("utf-8")), 1)
+        else:
+            self.send(partner, line_msg_bytes(conn.name, text), 1, False)
+
+    # -- flow control: a partner's backlog pauses the sender ---------------------------------
+
+    def on_backlog(self, conn: Conn) -> None:
+        self.pause(conn)
+        if conn.partner is not None:
+            self.pause(conn.partner)
+
+    def on_drained(self, conn: Conn) -> None:
+        self.resume(conn)
+        if conn.partner is not None:
+            self.resume(conn.partner)
+
+    def may_read(self, conn: Conn) -> bool:
+        partner = conn.partner
+        return conn.out_bytes < HIGH and (partner is None or partner.out_bytes < HIGH)
+
+    # -- leaving ----------------------------------------------------------------------------
+
+    def on_next(self, conn: Conn) -> None:
+        partner = conn.partner
+        if partner is None:
+            return
+        log.info("%s: next (leaves %s)", conn.label, partner.label)
+        self._end_pair(conn, "next", closing=False)
+
+    def detach(self, conn: Conn, reason: str) -> None:
+        if conn.partner is not None:
+            log.info("%s: left (%s); %s is queued again", conn.label, reason, conn.partner.label)
+            self._end_pair(conn, reason, closing=True)
+
+    def _end_pair(self, leaver: Conn, reason: str, closing: bool) -> None:
+        stayer = leaver.partner
+        assert stayer is not None
+        leaver.partner = stayer.partner = None
+        self.pairs -= 1
+        lost = leaver.undelivered_msgs() if closing else 0
+        if lost:
+            self.send(stayer, undelivered_notices(stayer, lost, f"{leaver.name} left"))
+        self.send_event(stayer, FrameType.PEER_LEFT, {"peer": leaver.name, "reason": reason})
+        end = PairEnd(leaver.cid, stayer.cid, next_by=None if closing else leaver.cid)
+        for conn in (stayer,) if closing else (stayer, leaver):
+            conn.paused = False
+            self.release_conn(conn)
+            end.back.append(conn)
+        if closing:
+            end.gone.append(leaver.cid)
+        self._ended.append(end)
+
+
+#: A relay reads from a client only while both its own and its partner's backlog are below this.
+HIGH = 256 * 1024
+
+
+class RelayThread:
+    """A :class:`Relay` running in its own thread; the listener owns and joins it."""
+
+    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[PairEnd], None]) -> None:
+        self.relay = Relay(limits, index, on_pair_end)
+        self.thread = threading.Thread(target=self._run, name=f"chatpair-relay-{index}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.relay.run()
+        except Exception:  # a bug must not pass silently, nor take the process down
+            log.exception("relay %d crashed", self.relay.index)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def load(self) -> int:
+        return self.relay.pairs
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit_pair(self, a: Conn, b: Conn) -> None:
+        self.relay.submit_pair(a, b)
+
+    def stop(self) -> None:
+        self.relay.submit_stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)

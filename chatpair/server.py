@@ -1,0 +1,217 @@
+"""Server lifecycle: bind, start the listener process, supervise it, stop it.
+
+The main process does little on purpose, so it cannot be taken down by what
+clients send:
+
+* it binds the listening socket itself (so the port survives a listener
+  restart and ``listening on HOST:PORT`` can be printed at once);
+* it starts the pairing listener in a separate process
+  (:func:`chatpair.listener.listener_main`, spawn-safe) and hands it the
+  listening socket and one end of a control socket pair;
+* it waits for a reason to stop - any key (when stdin is a terminal in the
+  foreground), Ctrl-C, SIGTERM - and meanwhile restarts the listener if it
+  dies (a crash, ``kill -9``);
+* to stop, it writes ``stop`` on the control socket: the listener tells every
+  client ERROR ``shutdown``, closes, joins its relay threads and exits; the
+  main process joins it and returns 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Callable, TextIO
+
+from chatpair.errors import ChatpairError
+from chatpair.listener import ServerConfig, listener_main, setup_logging
+
+log = logging.getLogger("chatpair")
+
+#: After ``stop`` the listener needs the lingering close (2 s) plus a margin.
+STOP_GRACE_SECONDS = 6.0
+#: A listener that keeps dying is restarted, but not in a tight loop.
+RESTART_BACKOFF_SECONDS = (0.1, 0.5, 1.0, 2.0)
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind and listen; a clear ChatpairError if the address cannot be had."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ChatpairError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    try:
+        sock = socket.create_server(addr, family=family, backlog=4096, reuse_port=False)
+    except OSError as err:
+        raise ChatpairError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """Owns the listening socket and the listener process; start, supervise, stop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.sock = bind_listener(config.host, config.port)
+        self.address = bound_address(self.sock)
+        self.port = self.sock.getsockname()[1]
+        self._ctx = multiprocessing.get_context("spawn")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._control: socket.socket | None = None
+        self._stop = threading.Event()
+        self.restarts = 0
+
+    @property
+    def listener_pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        process = self._ctx.Process(
+            target=listener_main, args=(self.sock, theirs, self.config), name="chatpair-listener", daemon=False
+        )
+        process.start()
+        theirs.close()
+        self._process, self._control = process, ours
+
+    def request_stop(self) -> None:
+        """Thread- and signal-safe: ask :meth:`serve` to stop."""
+        self._stop.set()
+
+    def serve(self, poll: Callable[[], bool] | None = None) -> None:
+        """Run until stopped; restart the listener if it dies. ``poll`` returning True stops."""
+        self.start()
+        crashes: list[float] = []
+        while not self._stop.is_set():
+            assert self._process is not None
+            self._process.join(0.1)
+            if poll is not None and poll():
+                break
+            if self._stop.is_set() or self._process.is_alive():
+                continue
+            code = self._process.exitcode
+            now = time.monotonic()
+            crashes = [t for t in crashes if now - t < 30] + [now]
+            delay = RESTART_BACKOFF_SECONDS[min(len(crashes), len(RESTART_BACKOFF_SECONDS)) - 1]
+            log.error("listener process died (exit code %s); starting a new one in %.1fs", code, delay)
+            self._close_control()
+            if self._stop.wait(delay):
+                break
+            self.restarts += 1
+            self.start()
+        self.stop()
+
+    def stop(self) -> None:
+        """Tell the listener to stop, wait for it, and release the port."""
+        process = self._process
+        if process is not None and process.is_alive() and self._control is not None:
+            try:
+                self._control.sendall(b"stop")
+            except OSError:
+                pass
+            process.join(STOP_GRACE_SECONDS)
+            if process.is_alive():
+                log.warning("listener did not stop in time; terminating it")
+                process.terminate()
+                process.join(2)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        self._close_control()
+        self.sock.close()
+
+    def _close_control(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+
+class KeyWatcher:
+    """'Press any key to stop' for a terminal in the foreground; inert otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.active = False
+        self._fd = -1
+        self._saved: list | None = None
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        if not os.isatty(fd):
+            return
+        if os.name == "nt":
+            self.active = True
+            return
+        try:
+            import termios
+            import tty
+
+            if os.getpgrp() != os.tcgetpgrp(fd):
+                return  # in the background: reading the terminal would stop us (SIGTTIN)
+            self._saved = termios.tcgetattr(fd)
+            tty.setcbreak(fd)  # keys arrive one by one; Ctrl-C still sends SIGINT
+        except (ImportError, OSError):
+            return
+        self._fd = fd
+        self.active = True
+
+    def pressed(self) -> bool:
+        if not self.active:
+            return False
+        if os.name == "nt":
+            import msvcrt
+
+            if msvcrt.kbhit():  # type: ignore[attr-defined]
+                msvcrt.getwch()  # type: ignore[attr-defined]
+                return True
+            return False
+        import select
+
+        ready, _, _ = select.select([self._fd], [], [], 0)
+        if ready:
+            os.read(self._fd, 64)
+            return True
+        return False
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+
+def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
+    """What ``chatpair server`` does. Returns the exit code."""
+    out = out or sys.stdout
+    setup_logging(config.log_level)
+    server = Server(config)  # raises ChatpairError when the port cannot be had
+    print(f"listening on {server.address}", file=out, flush=True)
+    keys = KeyWatcher(sys.stdin)
+    if keys.active:
+        print("press any key (or Ctrl-C) to stop", file=sys.stderr, flush=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        server.request_stop()
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve(poll=keys.pressed)
+    finally:
+        keys.restore()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    log.info("stopped")
+    return 0
