@@ -67,10 +67,15 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
 @click.option("--relay-threads", default=1, show_default=True, type=click.IntRange(1, 64),
               envvar="CHATPAIR_RELAY_THREADS", show_envvar=True,
               help="Room relay threads in the listener process (each serves many pairs).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 64),
+              envvar="CHATPAIR_WORKERS", show_envvar=True,
+              help="Relay worker processes (POSIX): pairs are relayed there, using more cores. "
+                   "0 relays in the listener process.")
 @click.option("-v", "--verbose", count=True, help="More log on stderr (-v: every connection).")
 @click.option("-q", "--quiet", count=True, help="Less log on stderr (-q: warnings only, -qq: errors).")
 def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_interval: float,
-           idle_timeout: float, write_timeout: float, relay_threads: int, verbose: int, quiet: int) -> None:
+           idle_timeout: float, write_timeout: float, relay_threads: int, workers: int, verbose: int,
+           quiet: int) -> None:
     """Run a pairing server.
 
     Prints `listening on HOST:PORT` once ready. Stop it with any key (in a
@@ -79,12 +84,17 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     """
     from chatpair.listener import ServerConfig
     from chatpair.server import run_server
+    from chatpair.workers import workers_supported
+
+    if workers and not workers_supported():
+        raise click.BadParameter("relay worker processes need a POSIX system (they pass sockets with "
+                                 "SCM_RIGHTS); use --relay-threads instead", param_hint="--workers")
 
     level = logging.INFO + 10 * (quiet - verbose)
     config = ServerConfig(
         host=host, port=port, max_frame=max_frame, handshake_timeout=handshake_timeout,
         ping_interval=ping_interval, idle_timeout=idle_timeout, write_timeout=write_timeout,
-        relay_threads=relay_threads, log_level=max(logging.DEBUG, min(level, logging.CRITICAL)),
+        relay_threads=relay_threads, workers=workers, log_level=max(logging.DEBUG, min(level, logging.CRITICAL)),
     )
     sys.exit(run_server(config))
 

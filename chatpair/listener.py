@@ -116,13 +116,18 @@ class Listener(ConnLoop):
         if control is not None:
             control.setblocking(False)
             self.sel.register(control, selectors_read(), None)
-        self.relays: list[RelayHandle] = [
-            RelayThread(self.limits, i, self.post_pair_end) for i in range(max(1, config.relay_threads))
-        ]
+        self._channels: dict[Any, Any] = {}  # worker channel socket -> WorkerHandle
+        self.relays: list[RelayHandle]
         if config.workers:
             from chatpair.workers import start_workers
 
-            self.relays = start_workers(config, self.post_pair_end, self.sel)  # type: ignore[assignment]
+            workers = start_workers(config, self.post_pair_end, self.sel)
+            self._channels = {w.channel.sock: w for w in workers}
+            self.relays = workers  # type: ignore[assignment]
+        else:
+            self.relays = [
+                RelayThread(self.limits, i, self.post_pair_end) for i in range(max(1, config.relay_threads))
+            ]
         for relay in self.relays:
             relay.start()
 
@@ -133,8 +138,8 @@ class Listener(ConnLoop):
             self._accept()
         elif fileobj is self.control:
             self._on_control()
-        elif hasattr(fileobj, "on_readable_channel"):
-            fileobj.on_readable_channel()
+        elif fileobj in self._channels:
+            self._channels[fileobj].on_channel_event()
         else:
             super().on_special(fileobj)
 
@@ -343,7 +348,7 @@ class Listener(ConnLoop):
         for conn in end.back:
             self.adopt_conn(conn)
             if not self.running:
-                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
                 self.lobby.leave(conn.cid)
                 continue
             self._queue(conn, requeued=True)
@@ -361,7 +366,7 @@ class Listener(ConnLoop):
             pass
         for conn in list(self.conns):
             if conn.mode:
-                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
             else:
                 self.drop(conn, "disconnected")
         for relay in self.relays:

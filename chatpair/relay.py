@@ -89,7 +89,7 @@ class Relay(ConnLoop):
         if not self.running:
             for conn in (a, b):
                 self.adopt_conn(conn)
-                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
             return
         a.partner, b.partner = b, a
         a.paused = b.paused = False
@@ -124,7 +124,7 @@ class Relay(ConnLoop):
         self.running = False
         for conn in list(self.conns):
             conn.partner = None
-            self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down")
+            self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
 
     def after_events(self) -> None:
         if self._ended:
