@@ -71,18 +71,35 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
               envvar="CHATPAIR_WORKERS", show_envvar=True,
               help="Relay worker processes (POSIX): pairs are relayed there, using more cores. "
                    "0 relays in the listener process.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="CHATPAIR_TLS_CERT", show_envvar=True,
+              help="PEM certificate (chain): serve TLS only. Its SHA-256 fingerprint is printed at start.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), envvar="CHATPAIR_TLS_KEY", show_envvar=True,
+              help="PEM private key for --tls-cert (if not in the same file).")
+@click.option("--max-clients", default=0, show_default="the descriptor limit minus 100",
+              type=click.IntRange(0), envvar="CHATPAIR_MAX_CLIENTS", show_envvar=True,
+              help="Connections at once; more are told ERROR server_full.")
+@click.option("--max-per-ip", default=None, type=click.IntRange(0), envvar="CHATPAIR_MAX_PER_IP",
+              show_envvar=True, show_default="256, loopback exempt",
+              help="Connections at once from one address (too_many_connections); 0: no limit. "
+                   "Given explicitly, it counts loopback too.")
+@click.option("--rate", default=0.0, show_default="0: off", type=click.FloatRange(0), envvar="CHATPAIR_RATE",
+              show_envvar=True, help="Messages per second per client. Over it the server reads the client "
+                                     "later: it is slowed down, never loses a message.")
+@click.option("--burst", default=100, show_default=True, type=click.IntRange(1), envvar="CHATPAIR_BURST",
+              show_envvar=True, help="Messages a client may send at once before --rate applies.")
 @click.option("-v", "--verbose", count=True, help="More log on stderr (-v: every connection).")
 @click.option("-q", "--quiet", count=True, help="Less log on stderr (-q: warnings only, -qq: errors).")
 def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_interval: float,
-           idle_timeout: float, write_timeout: float, relay_threads: int, workers: int, verbose: int,
-           quiet: int) -> None:
+           idle_timeout: float, write_timeout: float, relay_threads: int, workers: int,
+           tls_cert: str | None, tls_key: str | None, max_clients: int, max_per_ip: int | None,
+           rate: float, burst: int, verbose: int, quiet: int) -> None:
     """Run a pairing server.
 
     Prints `listening on HOST:PORT` once ready. Stop it with any key (in a
     terminal), Ctrl-C or SIGTERM: every client is told the server is
     shutting down, and the exit code is 0.
     """
-    from chatpair.listener import ServerConfig
+    from chatpair.listener import DEFAULT_MAX_PER_IP, ServerConfig
     from chatpair.server import run_server
     from chatpair.workers import workers_supported
 
@@ -94,9 +111,54 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     config = ServerConfig(
         host=host, port=port, max_frame=max_frame, handshake_timeout=handshake_timeout,
         ping_interval=ping_interval, idle_timeout=idle_timeout, write_timeout=write_timeout,
-        relay_threads=relay_threads, workers=workers, log_level=max(logging.DEBUG, min(level, logging.CRITICAL)),
+        relay_threads=relay_threads, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
+        max_clients=max_clients, rate=rate, burst=burst,
+        max_per_ip=DEFAULT_MAX_PER_IP if max_per_ip is None else max_per_ip,
+        per_ip_loopback=max_per_ip is not None, log_level=max(logging.DEBUG, min(level, logging.CRITICAL)),
     )
     sys.exit(run_server(config))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("target", required=False, metavar="[HOST[:PORT]]")
+@click.option("--host", default=None, help="Server host (default 127.0.0.1); same as HOST.")
+@click.option("--port", "-p", default=None, type=click.IntRange(1, 65535),
+              help=f"Server port (default {DEFAULT_PORT}); same as :PORT.")
+@click.option("--name", "-n", default=None,
+              help="Your name: 1-32 letters, digits, '_', '-', '.' (default: your login name).")
+@click.option("--room", "-r", default=None, help="Room code: only clients with the same code are paired.")
+@click.option("--json", "json_mode", is_flag=True, help="One JSON object per event on stdout (for bots).")
+@click.option("--log", "log_path", default=None, metavar="FILE", help="Append a timestamped transcript to FILE.")
+@click.option("--tls", is_flag=True, help="Connect with TLS (verified against the system CAs or --cafile).")
+@click.option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify the server with.")
+@click.option("--fingerprint", default=None, metavar="SHA256:...",
+              help="Pin the server certificate's SHA-256 (hex or base64) instead of CA checks; implies --tls.")
+@click.option("--timeout", default=10.0, show_default=True, type=float, callback=_positive,
+              help="Seconds allowed to connect and complete the handshake.")
+@click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR set in the environment).")
+@click.option("--no-reconnect", is_flag=True, help="Interactive mode: exit when the connection is lost.")
+def client(target: str | None, host: str | None, port: int | None, name: str | None, room: str | None,
+           json_mode: bool, log_path: str | None, tls: bool, cafile: str | None, fingerprint: str | None,
+           timeout: float, no_color: bool, no_reconnect: bool) -> None:
+    """Chat: connect to a server and get paired.
+
+    In a terminal this is a full-screen chat; with stdin or stdout redirected
+    it reads lines (messages, or /next /quit /help /ping) and prints events,
+    one per line. Lines typed before you are paired are held and sent once
+    you are; at end of input the client sends BYE and exits 0.
+    """
+    from chatpair.client import (
+        ClientConfig, check_name_and_room, default_name, parse_fingerprint, parse_target, run_client,
+    )
+
+    host, port = parse_target(target, host, port)
+    name = name if name is not None else default_name()
+    check_name_and_room(name, room)
+    pin = parse_fingerprint(fingerprint) if fingerprint else None
+    config = ClientConfig(name=name, host=host, port=port, room=room, tls=tls or pin is not None,
+                          cafile=cafile, fingerprint=pin, timeout=timeout)
+    sys.exit(run_client(config, json_mode=json_mode, log_path=log_path,
+                        color=False if no_color else None, reconnect=not no_reconnect))
 
 
 def main() -> None:

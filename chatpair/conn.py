@@ -49,7 +49,8 @@ class Conn:
         "decoder", "pending", "out", "out_off", "out_bytes",
         "last_rx", "pinged", "write_stalled_since", "deadline",
         "partner", "events", "closing", "close_at", "paused",
-        "quiet_waiting", "excluded_by_next", "tokens", "token_time",
+        "quiet_waiting", "tokens", "token_time", "throttled_until", "tls_state",
+        "refusal",
     )
 
     def __init__(self, sock: socket.socket, cid: int, addr: str, now: float) -> None:
@@ -78,9 +79,12 @@ class Conn:
         self.paused = False
         #: line mode: PEER_LEFT already said "waiting for a partner"
         self.quiet_waiting = False
-        self.excluded_by_next = False
-        self.tokens = 0.0  # rate limiter bucket
+        self.tokens = 0.0  # rate limiter: messages this client may still send at once
         self.token_time = now
+        self.throttled_until = 0.0  # over its rate: not read again before this time
+        self.tls_state = 0  # TLS handshake in progress: 1 wants to read, 2 wants to write
+        #: (code, message) when a limit refuses this client: said as soon as its mode is known
+        self.refusal: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Conn {self.cid} {self.name or '?'}@{self.addr}>"

@@ -19,12 +19,13 @@ unregistering it here before the relay registers it there.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import logging
 import signal
 import socket
 import sys
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +58,13 @@ log = logging.getLogger("chatpair")
 
 #: How long accept() rests after running out of file descriptors.
 ACCEPT_BACKOFF_SECONDS = 0.5
+#: Connections over a limit are kept just long enough to be told why (at
+#: most this many at once); beyond that they are closed without a word.
+REFUSING_MAX = 256
+#: Descriptors kept free for the server's own use when --max-clients is derived.
+FD_RESERVE = 100
+#: --max-per-ip when not given; by default it spares loopback (the operator's own tools).
+DEFAULT_MAX_PER_IP = 256
 
 
 @dataclass
@@ -73,9 +81,41 @@ class ServerConfig:
     relay_threads: int = 1
     workers: int = 0
     log_level: int = logging.INFO
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_clients: int = 0  # 0: the descriptor limit minus a reserve
+    max_per_ip: int = DEFAULT_MAX_PER_IP  # 0: no limit
+    per_ip_loopback: bool = False  # apply max_per_ip to 127.0.0.0/8 and ::1 too
+    rate: float = 0.0  # messages per second per client; 0: no limit
+    burst: int = 100
 
     def limits(self) -> Limits:
-        return Limits(self.max_frame, self.ping_interval, self.idle_timeout, self.write_timeout)
+        return Limits(self.max_frame, self.ping_interval, self.idle_timeout, self.write_timeout,
+                      self.rate, self.burst)
+
+    def effective_max_clients(self) -> int:
+        if self.max_clients:
+            return self.max_clients
+        try:
+            import resource
+
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        except (ImportError, OSError, ValueError):
+            return 10_000
+        if hard == resource.RLIM_INFINITY:
+            return 100_000
+        return max(16, hard - FD_RESERVE)
+
+    def tls_context(self) -> Any:
+        """An SSLContext for the server, or None without --tls-cert."""
+        if not self.tls_cert:
+            return None
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
+        return ctx
 
 
 class RelayHandle(Protocol):
@@ -111,6 +151,11 @@ class Listener(ConnLoop):
         self._ended: deque[PairEnd] = deque()  # from relay threads
         self._accept_paused_until = 0.0
         self._fd_warning_logged = False
+        self.tls = config.tls_context()
+        self.max_clients = config.effective_max_clients()
+        self.live: dict[int, str] = {}  # cid -> ip of every connection not refused, wherever it is
+        self.per_ip: Counter[str] = Counter()
+        self.refusing = 0
         listen_sock.setblocking(False)
         self.sel.register(listen_sock, selectors_read(), None)
         if control is not None:
@@ -191,12 +236,60 @@ class Listener(ConnLoop):
         sock.setblocking(False)
         tune_socket(sock)
         label = format_addr(addr)
+        ip = str(addr[0]) if isinstance(addr, tuple) else label
+        refusal = self._over_limit(ip)
+        if refusal is not None and self.refusing >= REFUSING_MAX:
+            sock.close()  # a flood: no more sockets spent on saying no
+            return
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                sock.close()
+                return
         conn = Conn(sock, next(self._cids), label, self.now)
         conn.deadline = self.now + self.config.handshake_timeout
+        if refusal is not None:
+            conn.refusal = refusal
+            self.refusing += 1
+            log.info("%s: refused: %s", label, refusal[1])
+        else:
+            self.live[conn.cid] = ip
+            self.per_ip[ip] += 1
         self.handshaking.add(conn)
-        self.adopt_conn(conn)
         log.debug("%s: connected", label)
+        if self.tls is not None:
+            conn.tls_state = 1
+            self.adopt_conn(conn)
+        else:
+            self.adopt_conn(conn)
+            self.send(conn, self.banner)
+
+    def on_tls_ready(self, conn: Conn) -> None:
         self.send(conn, self.banner)
+
+    def _over_limit(self, ip: str) -> tuple[str, str] | None:
+        if len(self.live) >= self.max_clients:
+            return (ErrorCode.SERVER_FULL.value,
+                    f"the server is full ({self.max_clients} clients); try again later")
+        limit = self.config.max_per_ip
+        if limit and self.per_ip[ip] >= limit and (self.config.per_ip_loopback or not _is_loopback(ip)):
+            return (ErrorCode.TOO_MANY_CONNECTIONS.value,
+                    f"too many connections from {ip} (the limit is {limit})")
+        return None
+
+    def on_closed(self, conn: Conn) -> None:
+        self._forget(conn.cid)
+        if conn.refusal is not None:
+            conn.refusal = None
+            self.refusing -= 1
+
+    def _forget(self, cid: int) -> None:
+        ip = self.live.pop(cid, None)
+        if ip is not None:
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
 
     # -- handshake --------------------------------------------------------------------------
 
@@ -219,6 +312,9 @@ class Listener(ConnLoop):
             else:
                 conn.mode = MODE_LINE
                 decoder = conn.decoder = LineDecoder(HANDSHAKE_MAX)
+        if conn.refusal is not None:
+            self.fail(conn, *conn.refusal)
+            return
         decoder.feed(data)
         try:
             hello = self._parse_handshake(conn, decoder)
@@ -248,6 +344,7 @@ class Listener(ConnLoop):
     def _complete_handshake(self, conn: Conn, hello: Hello) -> None:
         conn.name, conn.room = hello.name, hello.room
         conn.deadline = 0.0
+        conn.tokens, conn.token_time = float(self.config.burst), self.now
         self.handshaking.discard(conn)
         if conn.mode == MODE_FRAME:
             conn.pending = conn.decoder.buffered  # type: ignore[union-attr]
@@ -289,20 +386,7 @@ class Listener(ConnLoop):
             self.scratch[: len(pending)] = pending
             self.scan_frames(conn, len(pending))
         elif conn.mode == MODE_LINE:
-            self.read_buffered(conn)
-
-    def read_buffered(self, conn: Conn) -> None:
-        from chatpair.protocol import parse_client_line
-
-        while self.owns(conn):
-            try:
-                item = conn.decoder.next_line()  # type: ignore[union-attr]
-            except ProtocolError as err:
-                self.fail(conn, err.code, err.message)
-                return
-            if item is NEED_DATA or not isinstance(item, str):
-                return
-            self.on_line(conn, parse_client_line(item))
+            self.process_lines(conn)
 
     def _pair(self, a: Conn, b: Conn) -> None:
         for me, peer in ((a, b), (b, a)):
@@ -345,6 +429,7 @@ class Listener(ConnLoop):
         self.lobby.unpair(end.a, end.b, next_by=end.next_by)
         for cid in end.gone:
             self.lobby.leave(cid)
+            self._forget(cid)
         for conn in end.back:
             self.adopt_conn(conn)
             if not self.running:
@@ -391,6 +476,13 @@ class Listener(ConnLoop):
     def join_relays(self, timeout: float = 10.0) -> None:
         for relay in self.relays:
             relay.join(timeout)
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def selectors_read() -> int:

@@ -75,6 +75,10 @@ class Lobby:
     def __contains__(self, cid: int) -> bool:
         return cid in self._room_of
 
+    def rooms(self) -> set[str | None]:
+        """Rooms (``None``: the open lobby) with someone waiting or chatting."""
+        return set(self._rooms)
+
     # -- transitions -------------------------------------------------------
 
     def join(self, cid: int, room: str | None, *, requeued: bool = False) -> Waiting | Paired | RoomFull:
@@ -108,6 +112,8 @@ class Lobby:
         """
         if self._partner.get(a) != b:
             raise ValueError(f"{a} and {b} are not a pair")
+        if next_by is not None and next_by not in (a, b):
+            raise ValueError(f"next_by={next_by} is neither {a} nor {b}")
         room = self._room_of.pop(a)
         self._room_of.pop(b, None)
         del self._partner[a], self._partner[b]

@@ -16,11 +16,20 @@ consecutive MSG frames on as one memoryview slice: one UTF-8 check and one
 
 from __future__ import annotations
 
+import heapq
 import logging
 import selectors
 import socket
 import time
 from typing import Any
+
+try:
+    import ssl
+
+    _SSL_WANT: tuple[type[BaseException], ...] = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+except ImportError:  # Python built without OpenSSL: no TLS, the rest works
+    ssl = None  # type: ignore[assignment]
+    _SSL_WANT = ()
 
 from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, OutChunk, event_bytes
 from chatpair.protocol import (
@@ -52,6 +61,12 @@ LINGER_SECONDS = 2.0
 TICK_SECONDS = 0.25
 #: One read takes at most this much; big enough to batch thousands of small frames.
 SCRATCH_SIZE = 256 * 1024
+
+#: "Try again later" from a non-blocking socket, plain or TLS.
+WOULD_BLOCK: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError, *_SSL_WANT)
+#: While a client is rate limited, one read takes at most this many bytes per
+#: message it may still send, so a burst cannot overshoot by a whole buffer.
+_THROTTLED_READ_PER_TOKEN = 128
 
 _UNPACK_HEADER = HEADER.unpack_from
 _MSG = int(FrameType.MSG)
@@ -93,6 +108,8 @@ class ConnLoop:
         self.running = True
         self.now = time.monotonic()
         self._dead: list[Conn] = []
+        self._again: list[Conn] = []  # TLS: decrypted bytes left inside the SSL object
+        self._throttled: list[tuple[float, int, Conn]] = []  # heap of (resume time, cid, conn)
         size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
         self.scratch = bytearray(size)
         self.scratch_view = memoryview(self.scratch)
@@ -125,8 +142,10 @@ class ConnLoop:
         next_tick = 0.0
         try:
             while self.running or self.closing or self.conns or self.busy():
-                timeout = max(0.0, next_tick - self.now)
-                events = sel.select(timeout)
+                wake_at = next_tick
+                if self._throttled and self._throttled[0][0] < wake_at:
+                    wake_at = self._throttled[0][0]
+                events = sel.select(max(0.0, wake_at - self.now))
                 self.now = time.monotonic()
                 for key, mask in events:
                     conn = key.data
@@ -137,6 +156,13 @@ class ConnLoop:
                         self._on_writable(conn)
                     if mask & EVENT_READ and conn.events:
                         self._on_readable(conn)
+                while self._again:
+                    again, self._again = self._again, []
+                    for conn in again:
+                        if conn.events and not conn.closing:
+                            self._on_readable(conn)
+                if self._throttled and self._throttled[0][0] <= self.now:
+                    self._end_throttles()
                 if self._dead:
                     self._bury_dead()
                 self.after_events()
@@ -194,10 +220,12 @@ class ConnLoop:
 
     def update_interest(self, conn: Conn) -> None:
         """Register for what the connection needs now: read unless paused, write if backlog."""
-        if conn.closing:
+        if conn.tls_state:
+            want = EVENT_WRITE if conn.tls_state == 2 else EVENT_READ
+        elif conn.closing:
             want = EVENT_READ | (EVENT_WRITE if conn.out else 0)
         else:
-            want = 0 if conn.paused else EVENT_READ
+            want = 0 if conn.paused or conn.throttled_until else EVENT_READ
             if conn.out:
                 want |= EVENT_WRITE
         have = conn.events
@@ -229,7 +257,7 @@ class ConnLoop:
             return
         try:
             sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             sent = 0
@@ -253,6 +281,9 @@ class ConnLoop:
             self.send(conn, (text + "\n").encode("utf-8"))
 
     def _on_writable(self, conn: Conn) -> None:
+        if conn.tls_state:
+            self._tls_handshake(conn)
+            return
         out = conn.out
         sock = conn.sock
         while out:
@@ -260,7 +291,7 @@ class ConnLoop:
             off = conn.out_off
             try:
                 sent = sock.send(memoryview(chunk.data)[off:] if off else chunk.data)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 break
             except OSError:
                 self._dead.append(conn)
@@ -305,6 +336,69 @@ class ConnLoop:
     def may_read(self, conn: Conn) -> bool:
         return conn.out_bytes < LOW_WATER
 
+    # -- TLS -------------------------------------------------------------------------
+
+    def _tls_handshake(self, conn: Conn) -> None:
+        """Drive a non-blocking TLS handshake one step; on success, :meth:`on_tls_ready`."""
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            conn.tls_state = 1
+        except ssl.SSLWantWriteError:
+            conn.tls_state = 2
+        except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+            log.info("%s: TLS handshake failed: %s", conn.label, getattr(err, "reason", None) or err)
+            self.drop(conn, "disconnected")
+            return
+        else:
+            conn.tls_state = 0
+            self.update_interest(conn)
+            self.on_tls_ready(conn)
+            return
+        self.update_interest(conn)
+
+    def on_tls_ready(self, conn: Conn) -> None:
+        """The TLS handshake finished (the listener sends the banner now)."""
+
+    def _note_tls_pending(self, conn: Conn) -> None:
+        pending = getattr(conn.sock, "pending", None)
+        if pending is not None and pending():
+            self._again.append(conn)
+
+    # -- rate limit: slow the sender down, never drop -------------------------------------
+
+    def charge(self, conn: Conn, msgs: int) -> None:
+        """Take ``msgs`` from the client's bucket; over its rate, stop reading it for a while."""
+        rate = self.limits.rate
+        if not rate or not msgs or conn.closing:
+            return
+        now = self.now
+        conn.tokens = min(float(self.limits.burst), conn.tokens + (now - conn.token_time) * rate) - msgs
+        conn.token_time = now
+        if conn.tokens < 0 and not conn.throttled_until:
+            conn.throttled_until = now + (-conn.tokens) / rate
+            heapq.heappush(self._throttled, (conn.throttled_until, conn.cid, conn))
+            self.update_interest(conn)
+
+    def read_budget(self, conn: Conn, space: int) -> int:
+        """How many bytes one read may take (less while the client is rate limited)."""
+        if not self.limits.rate:
+            return space
+        tokens = min(float(self.limits.burst), conn.tokens + (self.now - conn.token_time) * self.limits.rate)
+        return max(1024, min(space, int(max(tokens, 1.0) * _THROTTLED_READ_PER_TOKEN)))
+
+    def _end_throttles(self) -> None:
+        heap = self._throttled
+        while heap and heap[0][0] <= self.now:
+            _, _, conn = heapq.heappop(heap)
+            if conn.throttled_until:
+                conn.throttled_until = 0.0
+                conn.last_rx = self.now  # the pause was ours, not the client's idleness
+                if conn in self.conns:
+                    self.update_interest(conn)
+                    if conn.mode == MODE_LINE:
+                        self.process_lines(conn)  # lines already buffered come first
+
     # -- closing --------------------------------------------------------------------
 
     def finish(self, conn: Conn, last: bytes = b"") -> None:
@@ -334,6 +428,7 @@ class ConnLoop:
             self._close_now(conn)
 
     def _close_now(self, conn: Conn) -> None:
+        self.on_closed(conn)
         self._unregister(conn)
         self.conns.discard(conn)
         self.closing.discard(conn)
@@ -342,6 +437,9 @@ class ConnLoop:
             conn.sock.close()
         except OSError:
             pass
+
+    def on_closed(self, conn: Conn) -> None:
+        """The socket is about to be closed by this loop (may be called twice)."""
 
     def _bury_dead(self) -> None:
         dead, self._dead = self._dead, []
@@ -391,7 +489,9 @@ class ConnLoop:
     # -- reading -----------------------------------------------------------------------
 
     def _on_readable(self, conn: Conn) -> None:
-        if conn.closing:
+        if conn.tls_state:
+            self._tls_handshake(conn)
+        elif conn.closing:
             self._drain_closing(conn)
         elif conn.mode == MODE_FRAME:
             self.read_frames(conn)
@@ -406,7 +506,7 @@ class ConnLoop:
     def _drain_closing(self, conn: Conn) -> None:
         try:
             data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return
         except OSError:
             data = b""
@@ -421,8 +521,8 @@ class ConnLoop:
         if have:
             self.scratch[:have] = pending
         try:
-            n = conn.sock.recv_into(view[have:])
-        except (BlockingIOError, InterruptedError):
+            n = conn.sock.recv_into(view[have:], self.read_budget(conn, len(view) - have))
+        except WOULD_BLOCK:
             return
         except OSError:
             n = 0
@@ -431,14 +531,21 @@ class ConnLoop:
             return
         conn.last_rx = self.now
         conn.pinged = False
-        self.scan_frames(conn, have + n)
+        msgs = self.scan_frames(conn, have + n)
+        if conn in self.conns:
+            self.charge(conn, msgs)
+            if conn.tls_state == 0 and conn.sock.__class__ is not socket.socket:
+                self._note_tls_pending(conn)
 
-    def scan_frames(self, conn: Conn, end: int) -> None:
-        """Walk the frames in ``scratch[:end]``; keep an incomplete tail in ``conn.pending``."""
+    def scan_frames(self, conn: Conn, end: int) -> int:
+        """Walk the frames in ``scratch[:end]``; keep an incomplete tail in ``conn.pending``.
+
+        Returns how many MSG frames were handed on (for the rate limit).
+        """
         buf = self.scratch
         view = self.scratch_view
         max_frame = self.limits.max_frame
-        pos = run = seg = count = 0
+        pos = run = seg = count = total = 0
         while end - pos >= 5:
             length, ftype = _UNPACK_HEADER(buf, pos)
             if ftype == _MSG and 1 < length <= max_frame:
@@ -450,8 +557,7 @@ class ConnLoop:
                     # a run that is checked as one UTF-8 string: check the run
                     # so far, then this payload alone.
                     if not self._utf8_ok(view, seg, pos) or not self._utf8_ok(view, pos + 5, fend):
-                        self._bad_run(conn, view, run, fend, count + 1)
-                        return
+                        return total + self._bad_run(conn, view, run, fend)
                     seg = fend
                 count += 1
                 pos = fend
@@ -459,22 +565,23 @@ class ConnLoop:
             # Not a plain MSG: first hand on the run before it, in order.
             if count:
                 if seg < pos and not self._utf8_ok(view, seg, pos):
-                    self._bad_run(conn, view, run, pos, count)
-                    return
+                    return total + self._bad_run(conn, view, run, pos)
                 self.on_msg_run(conn, view, run, pos, count)
+                total += count
                 count = 0
                 if not self.owns(conn):
-                    return
+                    conn.pending = bytes(view[pos:end])
+                    return total
             if length > max_frame:
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE,
                           f"frame of {length} bytes is over the limit of {max_frame}")
-                return
+                return total
             if length == 0:
                 self.fail(conn, ErrorCode.BAD_FRAME, "frame length 0 (it must count the type byte)")
-                return
+                return total
             if ftype == _MSG:  # length 1: no text
                 self.fail(conn, ErrorCode.BAD_FRAME, "a message cannot be empty")
-                return
+                return total
             fend = pos + 4 + length
             if fend > end:
                 break
@@ -482,20 +589,23 @@ class ConnLoop:
             pos = run = seg = fend
             if not self.owns(conn):
                 conn.pending = bytes(view[pos:end])
-                return
+                return total
         if count:
             if seg < pos and not self._utf8_ok(view, seg, pos):
-                self._bad_run(conn, view, run, pos, count)
-                return
+                return total + self._bad_run(conn, view, run, pos)
             self.on_msg_run(conn, view, run, pos, count)
+            total += count
             if not self.owns(conn):
                 conn.pending = bytes(view[pos:end])
-                return
-        if end - pos >= 4 and int.from_bytes(view[pos:pos + 4], "big") > max_frame:
+                return total
+        if end - pos >= 4:
             length = int.from_bytes(view[pos:pos + 4], "big")
-            self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes is over the limit of {max_frame}")
-            return
+            if length > max_frame:
+                self.fail(conn, ErrorCode.FRAME_TOO_LARGE,
+                          f"frame of {length} bytes is over the limit of {max_frame}")
+                return total
         conn.pending = bytes(view[pos:end]) if pos < end else b""
+        return total
 
     @staticmethod
     def _utf8_ok(view: memoryview, start: int, end: int) -> bool:
@@ -505,7 +615,7 @@ class ConnLoop:
             return False
         return True
 
-    def _bad_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
+    def _bad_run(self, conn: Conn, view: memoryview, start: int, end: int) -> int:
         """A run failed the UTF-8 check: deliver the good messages before the bad one, then refuse."""
         pos = start
         good = 0
@@ -519,8 +629,9 @@ class ConnLoop:
         if good:
             self.on_msg_run(conn, view, start, pos, good)
             if not self.owns(conn):
-                return
+                return good
         self.fail(conn, ErrorCode.BAD_FRAME, "a message must be valid UTF-8 text")
+        return good
 
     def on_control(self, conn: Conn, ftype: int, payload: bytes) -> None:
         if ftype == FrameType.PING:
@@ -541,15 +652,22 @@ class ConnLoop:
 
     def read_lines(self, conn: Conn) -> None:
         try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
+            data: bytes | None = conn.sock.recv(self.read_budget(conn, 65536))
+        except WOULD_BLOCK:
+            data = None
         except OSError:
             data = b""
-        conn.last_rx = self.now
+        if data is not None:
+            conn.last_rx = self.now
+            conn.decoder.feed(data)  # type: ignore[union-attr]
+            if data and conn.sock.__class__ is not socket.socket:
+                self._note_tls_pending(conn)
+        self.process_lines(conn)
+
+    def process_lines(self, conn: Conn) -> None:
+        """Act on every complete line buffered for a line-mode client (until it is throttled)."""
         decoder = conn.decoder
-        decoder.feed(data)  # type: ignore[union-attr]
-        while self.owns(conn):
+        while self.owns(conn) and not conn.throttled_until:
             try:
                 item = decoder.next_line()  # type: ignore[union-attr]
             except ProtocolError as err:
@@ -560,7 +678,10 @@ class ConnLoop:
             if isinstance(item, EndOfStream):
                 self.drop(conn, "disconnected")
                 return
-            self.on_line(conn, parse_client_line(item))  # type: ignore[arg-type]
+            cmd = parse_client_line(item)  # type: ignore[arg-type]
+            self.on_line(conn, cmd)
+            if cmd.kind == "msg":
+                self.charge(conn, 1)
 
     def on_line(self, conn: Conn, cmd: LineCommand) -> None:
         kind = cmd.kind
@@ -589,7 +710,7 @@ class ConnLoop:
             if conn.out and now - conn.write_stalled_since > lim.write_timeout:
                 expired.append((conn, "write"))
                 continue
-            if conn.mode != MODE_FRAME or conn.paused:
+            if conn.mode != MODE_FRAME or conn.paused or conn.throttled_until:
                 continue
             idle = now - conn.last_rx
             if idle > lim.idle_timeout:

@@ -223,7 +223,7 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     """A control payload: a UTF-8 JSON object, else ProtocolError bad_frame."""
     try:
         obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: b"[" * 1000
         raise ProtocolError(ErrorCode.BAD_FRAME, "a control frame must carry a JSON object") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "a control frame must carry a JSON object")
@@ -436,10 +436,13 @@ class LineDecoder:
         return bytes(out)
 
     def next_line(self) -> str | EndOfStream | _NeedData:
+        # The limit counts the line's bytes, not its "\r\n" or "\n" ending, so
+        # telnet (CRLF) and netcat (LF) users get the same limit.
         buf = self._buf
         nl = buf.find(b"\n")
         if nl < 0:
-            if len(buf) > self.max_line:
+            n = len(buf)
+            if n > self.max_line + 1 or (n == self.max_line + 1 and buf[-1] != 0x0D):
                 raise ProtocolError(
                     ErrorCode.FRAME_TOO_LARGE, f"line longer than the limit of {self.max_line} bytes"
                 )
@@ -447,15 +450,18 @@ class LineDecoder:
                 if buf:  # a last line without newline still counts
                     raw = bytes(buf)
                     buf.clear()
-                    return raw.rstrip(b"\r").decode("utf-8", "replace")
+                    return self._finish(raw)
                 return EndOfStream()
             return NEED_DATA
-        if nl > self.max_line:
-            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"line longer than the limit of {self.max_line} bytes")
         raw = bytes(buf[:nl])
         del buf[: nl + 1]
+        return self._finish(raw)
+
+    def _finish(self, raw: bytes) -> str:
         if raw.endswith(b"\r"):
             raw = raw[:-1]
+        if len(raw) > self.max_line:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"line longer than the limit of {self.max_line} bytes")
         return raw.decode("utf-8", "replace")
 
     @property

@@ -104,20 +104,7 @@ class Relay(ConnLoop):
                 self.scratch[: len(pending)] = pending
                 self.scan_frames(conn, len(pending))
             elif self.owns(conn) and conn.mode == MODE_LINE:
-                self.read_buffered_lines(conn)
-
-    def read_buffered_lines(self, conn: Conn) -> None:
-        from chatpair.protocol import NEED_DATA, ProtocolError, parse_client_line
-
-        while self.owns(conn):
-            try:
-                item = conn.decoder.next_line()  # type: ignore[union-attr]
-            except ProtocolError as err:
-                self.fail(conn, err.code, err.message)
-                return
-            if item is NEED_DATA or not isinstance(item, str):
-                return
-            self.on_line(conn, parse_client_line(item))
+                self.process_lines(conn)
 
     def stop(self) -> None:
         """Tell every client ``shutdown`` (no PEER_LEFT: everyone hears the same) and wind down."""

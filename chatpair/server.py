@@ -53,6 +53,43 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def certificate_fingerprint(cert_path: str) -> str:
+    """``SHA256:<hex>`` of the first certificate in a PEM file (what clients pin)."""
+    import hashlib
+    import ssl
+
+    with open(cert_path, encoding="ascii", errors="replace") as fh:
+        pem = fh.read()
+    start = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", start)
+    if start < 0 or end < 0:
+        raise ChatpairError(f"{cert_path}: no PEM certificate in this file")
+    der = ssl.PEM_cert_to_DER_cert(pem[start:end + len("-----END CERTIFICATE-----")])
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+def check_tls(config: ServerConfig) -> str | None:
+    """Load the certificate and key once here, so a mistake is one clear line; the fingerprint."""
+    if not config.tls_cert:
+        if config.tls_key:
+            raise ChatpairError("--tls-key needs --tls-cert")
+        return None
+    if config.workers:
+        raise ChatpairError("TLS connections cannot be handed to relay worker processes; "
+                            "use --relay-threads with --tls-cert")
+    for path in (config.tls_cert, config.tls_key):
+        if path and not os.path.isfile(path):
+            raise ChatpairError(f"cannot load TLS: {path}: no such file")
+    try:
+        config.tls_context()
+    except (OSError, ValueError) as err:
+        detail = getattr(err, "reason", None) or err.__class__.__name__
+        key = f" and {config.tls_key}" if config.tls_key else ""
+        raise ChatpairError(f"cannot load TLS from {config.tls_cert}{key}: expected a PEM certificate and "
+                            f"its private key ({detail})") from None
+    return certificate_fingerprint(config.tls_cert)
+
+
 def bound_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -196,8 +233,11 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
     """What ``chatpair server`` does. Returns the exit code."""
     out = out or sys.stdout
     setup_logging(config.log_level)
+    fingerprint = check_tls(config)
     server = Server(config)  # raises ChatpairError when the port cannot be had
-    print(f"listening on {server.address}", file=out, flush=True)
+    print(f"listening on {server.address}" + (" (TLS)" if fingerprint else ""), file=out, flush=True)
+    if fingerprint:
+        print(f"certificate fingerprint {fingerprint}", file=out, flush=True)
     keys = KeyWatcher(sys.stdin)
     if keys.active:
         print("press any key (or Ctrl-C) to stop", file=sys.stderr, flush=True)

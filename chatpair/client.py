@@ -1,0 +1,1087 @@
+"""The chatpair client library, and pipe (script) mode.
+
+What lives here, top to bottom:
+
+* :class:`ClientConfig` and helpers for the command line: ``HOST[:PORT]``
+  parsing, the default name, TLS fingerprints;
+* :func:`connect` - TCP (or TLS), the banner check, HELLO, WELCOME - which
+  turns every way a connection can fail into one :class:`ChatpairError` with
+  a message that names ``host:port``;
+* :class:`Connection` - a handshaken frame-mode connection: ``receive()``
+  returns events (frozen dataclasses), ``send_*`` sends frames, server PINGs
+  are answered with PONG on the spot;
+* :class:`Presenter` - sans-IO: events in, display lines out (``* paired
+  with bob``, ``bob: hi``), every untrusted string sanitized. The pipe mode
+  and the curses UI (:mod:`chatpair.tui`) both use it;
+* :func:`run_pipe` - pipe/script mode: lines from stdin are messages or
+  commands, held until paired, events go to stdout as text or JSON.
+
+Nothing here imports click (the CLI does) or curses (the TUI does).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import collections
+import datetime
+import getpass
+import hashlib
+import json
+import os
+import queue
+import selectors
+import socket
+import ssl
+import sys
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import IO, Any, Union
+
+from chatpair import __version__
+from chatpair.errors import ChatpairError, ConfigError, ConnectError, RefusedError
+from chatpair.protocol import (
+    BANNER_PREFIX,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PORT,
+    MAX_BANNER,
+    MAX_FRAME_CEILING,
+    MAX_NAME,
+    MAX_PING_PAYLOAD,
+    NEED_DATA,
+    EndOfStream,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ProtocolError,
+    encode_frame,
+    encode_hello,
+    sanitize,
+    sanitize_name,
+    validate_name,
+    validate_room,
+)
+
+DEFAULT_HOST = "127.0.0.1"
+#: Seconds for connect + TLS + banner + WELCOME, one deadline for all of it,
+#: so a port that accepts and then says nothing (a TLS port, a tarpit) fails
+#: in bounded time with a clear message.
+DEFAULT_TIMEOUT = 10.0
+#: After BYE, how long to wait for the server to close before we do. The
+#: server closes at once; this only bounds a dead or slow network.
+BYE_DRAIN_TIMEOUT = 3.0
+
+HELP_TEXT = (
+    "commands: /next (leave your partner, find a new one), /quit (leave), "
+    "/ping (round-trip time), /help (this text); start a message with // to send a leading /"
+)
+
+
+# --------------------------------------------------------------------------
+# Configuration helpers
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything needed to reach a server and say hello."""
+
+    name: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    room: str | None = None
+    tls: bool = False
+    cafile: str | None = None
+    #: SHA-256 of the server certificate (DER); when set, CA and hostname
+    #: checks are skipped and only this pin counts (trust on first use).
+    fingerprint: bytes | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def label(self) -> str:
+        """``host:port`` as people write it (IPv6 in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_target(target: str | None, host: str | None, port: int | None) -> tuple[str, int]:
+    """Combine ``[HOST[:PORT]]`` with ``--host``/``--port`` into (host, port).
+
+    ``[::1]:7878`` and a bare ``::1`` are IPv6. Given twice with different
+    values is a :class:`ConfigError` rather than a silent choice.
+    """
+    t_host: str | None = None
+    t_port: int | None = None
+    if target:
+        if target.startswith("["):
+            end = target.find("]")
+            if end < 0:
+                raise ConfigError(f"bad address {target!r}: missing ']'")
+            t_host, rest = target[1:end], target[end + 1:]
+            if rest:
+                if not rest.startswith(":"):
+                    raise ConfigError(f"bad address {target!r}")
+                t_port = _parse_port(rest[1:], target)
+        elif target.count(":") == 1:
+            h, p = target.split(":")
+            t_host, t_port = h or None, _parse_port(p, target)
+        else:
+            t_host = target  # a host name, IPv4, or a bare IPv6 address
+    if t_host and host and t_host != host:
+        raise ConfigError(f"two different hosts given: {t_host} and --host {host}")
+    if t_port is not None and port is not None and t_port != port:
+        raise ConfigError(f"two different ports given: {t_port} and --port {port}")
+    final_port = t_port if t_port is not None else port if port is not None else DEFAULT_PORT
+    return (t_host or host or DEFAULT_HOST), final_port
+
+
+def _parse_port(text: str, target: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"bad port in {target!r}: a port is 1-65535")
+    return int(text)
+
+
+def make_valid_name(raw: str) -> str:
+    """Drop characters a name may not have, truncate, fall back to ``guest``."""
+    keep = [ch for ch in raw if ch in "_-." or unicodedata.category(ch)[0] == "L"
+            or unicodedata.category(ch) == "Nd"]
+    return "".join(keep)[:MAX_NAME] or "guest"
+
+
+def default_name() -> str:
+    """The login name made valid (``getpass.getuser()`` can fail in containers)."""
+    try:
+        raw = getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no passwd entry: any error means "unknown"
+        raw = ""
+    return make_valid_name(raw)
+
+
+def check_name_and_room(name: str, room: str | None) -> None:
+    """Refuse a bad name or room before connecting (same rule as the server)."""
+    try:
+        validate_name(name)
+        validate_room(room)
+    except ProtocolError as err:
+        raise ConfigError(err.message) from None
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """``SHA256:<hex>`` (colons allowed) or ``SHA256:<base64>`` -> 32 bytes."""
+    body = text.strip()
+    if body.upper().startswith("SHA256:"):
+        body = body[7:]
+    hexits = body.replace(":", "")
+    if len(hexits) == 64:
+        try:
+            return bytes.fromhex(hexits)
+        except ValueError:
+            pass
+    try:
+        digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != 32:
+        raise ConfigError(
+            f"bad fingerprint {text!r}: expected SHA256: and 64 hex digits (or SSH-style base64)"
+        )
+    return digest
+
+
+def format_fingerprint(digest: bytes) -> str:
+    return "SHA256:" + digest.hex()
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome:
+    server: str
+    max_frame: int
+    ping_interval: float
+    idle_timeout: float
+    banner: str
+
+
+@dataclass(frozen=True)
+class Waiting:
+    room: str | None
+
+
+@dataclass(frozen=True)
+class Paired:
+    peer: str
+    room: str | None
+
+
+@dataclass(frozen=True)
+class Message:
+    peer: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ServerError:
+    """ERROR from the server; the connection is closed right after it."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Answer to one of our PINGs: round-trip time in seconds."""
+
+    rtt: float
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The connection ended without an ERROR (server gone, network lost)."""
+
+    reason: str
+
+
+Event = Union[Welcome, Waiting, Paired, Message, PeerLeft, Notice, ServerError, Pong, Closed]
+
+
+# --------------------------------------------------------------------------
+# Connecting
+# --------------------------------------------------------------------------
+
+
+def _os_reason(err: OSError) -> str:
+    """``connection refused`` rather than ``[Errno 111] Connection refused``."""
+    if isinstance(err, (socket.timeout, TimeoutError)):
+        return "timed out"
+    text = err.strerror or str(err) or type(err).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _tls_context(config: ClientConfig) -> ssl.SSLContext:
+    if config.fingerprint is not None:
+        # Pinning (like SSH): the certificate is trusted because its hash is
+        # the one we were told, not because a CA signed it for this name.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    try:
+        return ssl.create_default_context(cafile=config.cafile)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load --cafile {config.cafile}: {_os_reason(err) if isinstance(err, OSError) else err}") from None
+
+
+def _peer_fingerprint(config: ClientConfig) -> str | None:
+    """The server certificate's fingerprint, fetched without verification.
+
+    Only used to make a verification error actionable ("if you trust it,
+    pin it with --fingerprint ...").
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((config.host, config.port), timeout=min(config.timeout, 5)) as raw:
+            with ctx.wrap_socket(raw, server_hostname=config.host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+    return format_fingerprint(hashlib.sha256(der).digest()) if der else None
+
+
+def _wrap_tls(sock: socket.socket, config: ClientConfig) -> ssl.SSLSocket:
+    label = config.label
+    ctx = _tls_context(config)
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname=config.host)
+    except ssl.SSLCertVerificationError as err:
+        sock.close()
+        reason = err.verify_message or err.reason or str(err)
+        hint = ""
+        seen = _peer_fingerprint(config)
+        if seen:
+            hint = f"; its fingerprint is {seen} (pin it with --fingerprint if you trust it)"
+        raise ConnectError(f"TLS certificate of {label} not trusted: {reason}{hint}") from None
+    except ssl.SSLError as err:
+        sock.close()
+        reason = err.reason or str(err)
+        raise ConnectError(
+            f"TLS handshake with {label} failed: {reason.lower().replace('_', ' ')} "
+            "(is it a TLS server? try without --tls)"
+        ) from None
+    except (OSError, socket.timeout) as err:
+        sock.close()
+        raise ConnectError(f"TLS handshake with {label} failed: {_os_reason(err)}") from None
+    if config.fingerprint is not None:
+        der = tls.getpeercert(binary_form=True) or b""
+        got = hashlib.sha256(der).digest()
+        if got != config.fingerprint:
+            tls.close()
+            raise ConnectError(
+                f"TLS certificate of {label} does not match the pinned fingerprint: "
+                f"expected {format_fingerprint(config.fingerprint)}, got {format_fingerprint(got)}"
+            )
+    return tls
+
+
+def _read_banner(sock: socket.socket, label: str, deadline: float, tls: bool) -> tuple[str, bytes]:
+    """Read the banner line; return its text and any bytes read after it."""
+    buf = b""
+    while b"\n" not in buf:
+        if len(buf) >= len(BANNER_PREFIX) and not buf.startswith(BANNER_PREFIX) or len(buf) > MAX_BANNER:
+            raise ConnectError(f"{label} is not a chatpair server (it sent {buf[:40]!r})")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            hint = "" if tls else " (a TLS server? try --tls)"
+            raise ConnectError(f"{label} sent no chatpair banner in time: not a chatpair server{hint}")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(MAX_BANNER + 1)
+        except socket.timeout:
+            continue
+        except ssl.SSLError as err:
+            raise ConnectError(f"TLS error from {label}: {err.reason or err}") from None
+        except OSError as err:
+            raise ConnectError(f"connection to {label} failed: {_os_reason(err)}") from None
+        if not chunk:
+            if buf:
+                raise ConnectError(f"{label} is not a chatpair server (it sent {buf[:40]!r})")
+            raise ConnectError(f"{label} closed the connection before its banner: not a chatpair server?")
+        buf += chunk
+        if not BANNER_PREFIX.startswith(buf[: len(BANNER_PREFIX)]):
+            raise ConnectError(f"{label} is not a chatpair server (it sent {buf[:40]!r})")
+    line, rest = buf.split(b"\n", 1)
+    if len(line) + 1 > MAX_BANNER:
+        raise ConnectError(f"{label} is not a chatpair server (banner too long)")
+    return line[len(BANNER_PREFIX):].decode("ascii", "replace").strip(), rest
+
+
+def connect(config: ClientConfig) -> "Connection":
+    """Open a connection and complete the handshake, or raise ChatpairError.
+
+    Returns once WELCOME is in; frames that came with it (WAITING, PAIRED)
+    are returned by the first :meth:`Connection.receive`.
+    """
+    label = config.label
+    deadline = time.monotonic() + config.timeout
+    try:
+        sock: socket.socket = socket.create_connection((config.host, config.port), timeout=config.timeout)
+    except socket.gaierror as err:
+        raise ConnectError(f"cannot connect to {label}: unknown host ({err.strerror})") from None
+    except OSError as err:
+        raise ConnectError(f"cannot connect to {label}: {_os_reason(err)}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # chat lines are small and latency-bound
+        if config.tls:
+            sock = _wrap_tls(sock, config)
+        banner, rest = _read_banner(sock, label, deadline, config.tls)
+        conn = Connection(sock, config, banner, rest)
+        conn.handshake(deadline)
+        return conn
+    except BaseException:
+        sock.close()
+        raise
+
+
+# --------------------------------------------------------------------------
+# A connection
+# --------------------------------------------------------------------------
+
+
+def split_message(text: str, max_bytes: int) -> list[str]:
+    """Cut text into pieces of at most ``max_bytes`` UTF-8 bytes, at character boundaries."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return [text]
+    pieces: list[str] = []
+    start = 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:  # never cut inside a character
+            end -= 1
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+    return pieces
+
+
+class Connection:
+    """A frame-mode connection after the banner. Blocking sends, event reads.
+
+    Not thread-safe: one owner (the pipe loop or the TUI loop) calls
+    everything. ``fileno()`` lets that owner wait on it with a selector; call
+    :meth:`receive` when it is readable.
+    """
+
+    def __init__(self, sock: socket.socket, config: ClientConfig, banner: str, rest: bytes = b"") -> None:
+        self.sock = sock
+        self.config = config
+        self.label = config.label
+        self.banner = banner
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        if rest:
+            self.decoder.feed(rest)
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.peer: str | None = None
+        self.welcome: Welcome | None = None
+        self.closed = False
+        self._pings: dict[bytes, float] = {}
+        self._ping_seq = 0
+        self._early: list[Event] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- handshake ---------------------------------------------------------
+
+    def handshake(self, deadline: float) -> Welcome:
+        """Send HELLO and wait for WELCOME (or ERROR -> RefusedError)."""
+        self._send(encode_hello(self.config.name, self.config.room))
+        while self.welcome is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectError(f"{self.label} did not answer our hello in time")
+            self.sock.settimeout(left)
+            for ev in self._read_events():
+                if isinstance(ev, ServerError):
+                    raise RefusedError(ev.code, f"{self.label} refused: {sanitize(ev.message, False)}")
+                if isinstance(ev, Closed):
+                    raise ConnectError(f"{self.label} closed the connection during the handshake")
+                if self.welcome is None and not isinstance(ev, Welcome):
+                    raise ConnectError(f"{self.label} is not a chatpair server (no WELCOME)")
+                self._early.append(ev)
+        self.sock.settimeout(self.config.timeout)
+        return self.welcome
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive(self) -> list[Event]:
+        """Read what is there (blocks only until something arrives) -> events.
+
+        A ``Closed`` or ``ServerError`` event is always the last one.
+        """
+        if self._early:
+            early, self._early = self._early, []
+            return early
+        if self.closed:
+            return [Closed("connection closed")]
+        return self._read_events()
+
+    def _read_events(self) -> list[Event]:
+        try:
+            data = self.sock.recv(65536)
+            # TLS may hold decrypted bytes the selector cannot see: take them now.
+            while data and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                data += self.sock.recv(self.sock.pending())
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return []
+        except socket.timeout:
+            self.closed = True
+            return [Closed(f"{self.label} stopped answering")]
+        except OSError as err:
+            self.closed = True
+            return [Closed(f"connection to {self.label} lost: {_os_reason(err)}")]
+        self.decoder.feed(data)
+        events: list[Event] = []
+        while True:
+            try:
+                item = self.decoder.next_event()
+            except ProtocolError as err:
+                self.closed = True
+                events.append(Closed(f"{self.label} broke the protocol: {err.message}"))
+                return events
+            if item is NEED_DATA:
+                return events
+            if isinstance(item, EndOfStream):
+                self.closed = True
+                events.append(Closed(f"{self.label} closed the connection"))
+                return events
+            assert isinstance(item, Frame)
+            ev = self._on_frame(item)
+            if ev is not None:
+                events.append(ev)
+                if isinstance(ev, ServerError):
+                    self.closed = True
+                    return events
+
+    def _on_frame(self, frame: Frame) -> Event | None:
+        t = frame.type
+        if t == FrameType.MSG:
+            return Message(self.peer or "?", frame.payload.decode("utf-8", "replace"))
+        if t == FrameType.PING:
+            self._send(encode_frame(FrameType.PONG, frame.payload[:MAX_PING_PAYLOAD]), quiet=True)
+            return None
+        if t == FrameType.PONG:
+            sent = self._pings.pop(frame.payload, None)
+            return Pong(time.monotonic() - sent) if sent is not None else None
+        try:
+            obj = frame.json() if t >= 0x10 else {}
+        except ProtocolError:
+            obj = {}
+        return self._on_control(t, obj)
+
+    def _on_control(self, t: int, obj: dict[str, Any]) -> Event | None:
+        def s(key: str, default: str = "") -> str:
+            value = obj.get(key, default)
+            return value if isinstance(value, str) else str(value)
+
+        def room() -> str | None:
+            value = obj.get("room")
+            return value if isinstance(value, str) else None
+
+        if t == FrameType.WELCOME:
+            max_frame = obj.get("max_frame")
+            if isinstance(max_frame, int) and 1 < max_frame <= MAX_FRAME_CEILING:
+                self.max_frame = max_frame
+                self.decoder.max_frame = max(max_frame, DEFAULT_MAX_FRAME)
+            self.welcome = Welcome(s("server"), self.max_frame, _num(obj.get("ping_interval")),
+                                   _num(obj.get("idle_timeout")), self.banner)
+            return self.welcome
+        if t == FrameType.WAITING:
+            self.peer = None
+            return Waiting(room())
+        if t == FrameType.PAIRED:
+            self.peer = s("peer", "?")
+            return Paired(self.peer, room())
+        if t == FrameType.PEER_LEFT:
+            self.peer = None
+            return PeerLeft(s("peer", "?"), s("reason", "disconnected"))
+        if t == FrameType.NOTICE:
+            return Notice(s("code"), s("message"))
+        if t == FrameType.ERROR:
+            return ServerError(s("code"), s("message", "error"))
+        return None  # reserved or unknown types: ignored, for forward compatibility
+
+    # -- sending -----------------------------------------------------------
+
+    def _send(self, data: bytes, quiet: bool = False) -> None:
+        try:
+            self.sock.sendall(data)
+        except (OSError, ssl.SSLError) as err:
+            self.closed = True
+            if not quiet:
+                raise ConnectError(f"connection to {self.label} lost: {_os_reason(err) if isinstance(err, OSError) else err}") from None
+
+    def send_msg(self, text: str) -> None:
+        """Send text as MSG frames (split if longer than the server's limit)."""
+        if not text:
+            return
+        for piece in split_message(text, self.max_frame - 1):
+            self._send(encode_frame(FrameType.MSG, piece.encode("utf-8")))
+
+    def send_next(self) -> None:
+        self.peer = None
+        self._send(encode_frame(FrameType.NEXT))
+
+    def send_ping(self) -> None:
+        """PING with a token; the matching PONG becomes a :class:`Pong` event."""
+        self._ping_seq += 1
+        token = self._ping_seq.to_bytes(8, "big")
+        self._pings[token] = time.monotonic()
+        if len(self._pings) > 16:  # unanswered pings: keep only the recent ones
+            self._pings.pop(next(iter(self._pings)))
+        self._send(encode_frame(FrameType.PING, token))
+
+    def bye(self) -> None:
+        """Send BYE, let the server close first, then close. Never raises.
+
+        Closing while the server's frames sit unread in our buffer would make
+        the kernel send RST, which can destroy messages we just sent; so we
+        half-close and read until the server's close.
+        """
+        if self.closed:
+            self.close()
+            return
+        try:
+            self.sock.sendall(encode_frame(FrameType.BYE))
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + BYE_DRAIN_TIMEOUT
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if not self.sock.recv(65536):
+                    break
+        except (OSError, ssl.SSLError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+# --------------------------------------------------------------------------
+# Presenting events (shared by pipe mode and the TUI)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line to show. ``kind``: notice, message (partner), self, error."""
+
+    kind: str
+    text: str
+    name: str = ""
+
+    def plain(self) -> str:
+        if self.kind in ("message", "self"):
+            return f"{self.name}: {self.text}"
+        return f"* {self.text}"
+
+
+_LEFT_REASONS = {"bye": "bye", "next": "next", "disconnected": "disconnected",
+                 "timeout": "timed out", "error": "protocol error"}
+
+
+@dataclass
+class Presenter:
+    """Turns events into :class:`Line` s; remembers who the partner is.
+
+    Every string that came from the network goes through ``sanitize`` here,
+    in one place, so no partner or server can put an escape sequence on
+    somebody's terminal.
+    """
+
+    me: str
+    peer: str | None = None
+    paired: bool = False
+    _quiet_waiting: bool = field(default=False, repr=False)
+
+    def lines(self, ev: Event) -> list[Line]:
+        if isinstance(ev, Welcome):
+            return []
+        if isinstance(ev, Waiting):
+            self.paired, self.peer = False, None
+            if self._quiet_waiting:  # already said in the PEER_LEFT or /next line
+                self._quiet_waiting = False
+                return []
+            where = f" in room {sanitize_name(ev.room)}" if ev.room else ""
+            return [Line("notice", f"waiting for a partner{where}")]
+        if isinstance(ev, Paired):
+            self.paired, self.peer = True, sanitize_name(ev.peer)
+            return [Line("notice", f"paired with {self.peer}")]
+        if isinstance(ev, Message):
+            name = sanitize_name(ev.peer)
+            return [Line("message", part, name) for part in sanitize(ev.text).split("\n")]
+        if isinstance(ev, PeerLeft):
+            self.paired, self.peer = False, None
+            self._quiet_waiting = True
+            reason = _LEFT_REASONS.get(ev.reason, sanitize_name(ev.reason))
+            return [Line("notice", f"{sanitize_name(ev.peer)} left ({reason}); waiting for a partner")]
+        if isinstance(ev, Notice):
+            return [Line("notice", sanitize(ev.message, False))]
+        if isinstance(ev, ServerError):
+            self.paired, self.peer = False, None
+            return [Line("error", f"error: {sanitize(ev.message, False)}")]
+        if isinstance(ev, Pong):
+            return [Line("notice", f"round trip {format_rtt(ev.rtt)}")]
+        if isinstance(ev, Closed):
+            self.paired, self.peer = False, None
+            return [Line("error", sanitize(ev.reason, False))]
+        return []
+
+    def left_by_us(self) -> list[Line]:
+        """After /next: the server answers WAITING, which this line already covers."""
+        who = self.peer or "your partner"
+        self.paired, self.peer = False, None
+        self._quiet_waiting = True
+        return [Line("notice", f"you left {who}; waiting for a partner")]
+
+    def own(self, text: str) -> list[Line]:
+        return [Line("self", part, self.me) for part in text.split("\n")]
+
+
+def format_rtt(rtt: float) -> str:
+    ms = rtt * 1000
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def event_json(ev: Event) -> dict[str, Any]:
+    """The ``--json`` form of an event: ``{"event": name, ...fields}``.
+
+    Text is not sanitized here (bots want the real text); json.dumps with
+    ensure_ascii escapes every control character, so stdout stays safe.
+    """
+    if isinstance(ev, Welcome):
+        return {"event": "welcome", "server": ev.server, "banner": ev.banner, "max_frame": ev.max_frame}
+    if isinstance(ev, Waiting):
+        return {"event": "waiting", "room": ev.room}
+    if isinstance(ev, Paired):
+        return {"event": "paired", "peer": ev.peer, "room": ev.room}
+    if isinstance(ev, Message):
+        return {"event": "message", "from": ev.peer, "text": ev.text}
+    if isinstance(ev, PeerLeft):
+        return {"event": "peer_left", "peer": ev.peer, "reason": ev.reason}
+    if isinstance(ev, Notice):
+        return {"event": "notice", "code": ev.code, "message": ev.message}
+    if isinstance(ev, ServerError):
+        return {"event": "error", "code": ev.code, "message": ev.message}
+    if isinstance(ev, Pong):
+        return {"event": "pong", "rtt_ms": round(ev.rtt * 1000, 3)}
+    if isinstance(ev, Closed):
+        return {"event": "closed", "reason": ev.reason}
+    return {"event": "unknown"}
+
+
+class Transcript:
+    """``--log FILE``: every shown line with a timestamp, sanitized, appended."""
+
+    def __init__(self, path: str | None) -> None:
+        self.fh: IO[str] | None = None
+        if path:
+            try:
+                self.fh = open(path, "a", encoding="utf-8", buffering=1)
+            except OSError as err:
+                raise ConfigError(f"cannot open log file {path}: {_os_reason(err)}") from None
+
+    def write(self, line: Line) -> None:
+        if self.fh is None:
+            return
+        stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.fh.write(f"{stamp} {line.plain()}\n")
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+# --------------------------------------------------------------------------
+# Typed lines: messages and commands
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Input:
+    """What one typed line means. ``kind``: msg, next, quit, help, ping, unknown, empty."""
+
+    kind: str
+    text: str = ""
+
+
+COMMANDS = ("next", "quit", "help", "ping")
+
+
+def parse_input(line: str) -> Input:
+    """``/next`` etc. are commands, ``//x`` sends ``/x``, anything else is a message."""
+    if not line.strip():
+        return Input("empty")
+    if line.startswith("//"):
+        return Input("msg", line[1:])
+    if line.startswith("/"):
+        word = line.strip().split()[0][1:].lower()
+        if word in COMMANDS and line.strip().lower() == "/" + word:
+            return Input(word)
+        return Input("unknown", line.strip().split()[0])
+    return Input("msg", line)
+
+
+# --------------------------------------------------------------------------
+# Pipe (script) mode
+# --------------------------------------------------------------------------
+
+
+class LineReader:
+    """Non-blocking-friendly line splitter for a byte stream (stdin).
+
+    Bytes that are not UTF-8 become U+FFFD; a ``\\r`` before ``\\n`` is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = ""
+
+    def feed(self, data: bytes) -> list[str]:
+        """Complete lines in ``data``; ``b""`` (EOF) flushes a last unterminated line."""
+        text = self._partial + self._dec.decode(data, final=not data)
+        parts = text.split("\n")
+        self._partial = parts.pop()
+        if not data and self._partial:
+            parts.append(self._partial)
+            self._partial = ""
+        return [p[:-1] if p.endswith("\r") else p for p in parts]
+
+
+class StdinSource:
+    """Lines from a file descriptor, waited on with a selector.
+
+    POSIX ``select`` works for terminals, pipes, sockets and regular files.
+    Where it does not (Windows consoles and pipes), a reader thread owned by
+    this object feeds a queue and wakes the selector through a socketpair;
+    :meth:`close` stops waiting for it and joins it if it has finished (a
+    thread blocked in a console read cannot be interrupted: it ends at the
+    next line or at exit).
+    """
+
+    def __init__(self, fd: int, sel: selectors.BaseSelector) -> None:
+        self.fd = fd
+        self.sel = sel
+        self.reader = LineReader()
+        self.eof = False
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[bytes] = queue.Queue()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        try:
+            sel.register(fd, selectors.EVENT_READ, self)
+        except (OSError, ValueError):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self)
+        self._thread = threading.Thread(target=self._pump, name="chatpair-stdin", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:
+                data = b""
+            self._queue.put(data)
+            try:
+                assert self._wake_w is not None
+                self._wake_w.send(b"x")
+            except OSError:
+                return
+            if not data:
+                return
+
+    def read_lines(self) -> list[str]:
+        """Call when the selector says readable; sets ``eof`` at end of input."""
+        if self._thread is None:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return []
+            except OSError:
+                data = b""
+            chunks = [data]
+        else:
+            assert self._wake_r is not None
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+            chunks = []
+            while not self._queue.empty():
+                chunks.append(self._queue.get_nowait())
+        lines: list[str] = []
+        for data in chunks:
+            lines += self.reader.feed(data)
+            if not data:
+                self._at_eof()
+                break
+        return lines
+
+    def _at_eof(self) -> None:
+        self.eof = True
+        self._unregister()
+
+    def _unregister(self) -> None:
+        for obj in (self.fd, self._wake_r):
+            if obj is None:
+                continue
+            try:
+                self.sel.unregister(obj)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def close(self) -> None:
+        self._unregister()
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        if self._thread is not None:
+            self._thread.join(timeout=0.1)
+
+
+def _new_selector() -> selectors.BaseSelector:
+    # select() handles regular files (always readable) where epoll refuses them,
+    # and we only ever watch two or three descriptors.
+    return selectors.SelectSelector()
+
+
+class PipeClient:
+    """Pipe/script mode: stdin lines in, events out on stdout.
+
+    Lines (and commands) are kept in order in ``pending``. A message waits
+    at the head of the queue until we are paired, so ``printf 'hi\\n' |
+    chatpair client`` delivers ``hi`` once a partner arrives. End of input
+    becomes a final /quit in the same queue: BYE goes out only after every
+    held line was sent. If nothing is held, end of input quits at once.
+    """
+
+    def __init__(self, conn: Connection, out: IO[bytes], json_mode: bool = False,
+                 transcript: Transcript | None = None, stdin_fd: int = 0) -> None:
+        self.conn = conn
+        self.out = out
+        self.json_mode = json_mode
+        self.transcript = transcript or Transcript(None)
+        self.stdin_fd = stdin_fd
+        self.presenter = Presenter(conn.config.name)
+        self.pending: collections.deque[Input] = collections.deque()
+        self.done = False
+
+    # -- output --------------------------------------------------------------
+
+    def emit_lines(self, lines: list[Line]) -> None:
+        for line in lines:
+            self.transcript.write(line)
+            if not self.json_mode and line.kind != "self":
+                self._write(line.plain())
+
+    def emit_json(self, obj: dict[str, Any]) -> None:
+        if self.json_mode:
+            self._write(json.dumps(obj, ensure_ascii=True))
+
+    def _write(self, text: str) -> None:
+        self.out.write(text.encode("utf-8", "replace") + b"\n")
+        self.out.flush()
+
+    # -- input ---------------------------------------------------------------
+
+    def take_line(self, line: str) -> None:
+        cmd = parse_input(line)
+        if cmd.kind == "empty":
+            return
+        if cmd.kind == "unknown":
+            self.say(f"unknown command {cmd.text}; {HELP_TEXT}", code="unknown_command")
+            return
+        if cmd.kind == "help":
+            self.say(HELP_TEXT, code="help")
+            return
+        self.pending.append(cmd)
+
+    def say(self, text: str, code: str = "info") -> None:
+        self.emit_lines([Line("notice", text)])
+        self.emit_json({"event": "notice", "code": code, "message": text, "local": True})
+
+    def flush_pending(self) -> None:
+        """Send queued inputs in order, stopping at a message while unpaired."""
+        while self.pending and not self.done:
+            cmd = self.pending[0]
+            if cmd.kind == "msg" and not self.presenter.paired:
+                return
+            self.pending.popleft()
+            if cmd.kind == "msg":
+                self.conn.send_msg(cmd.text)
+                self.emit_lines(self.presenter.own(cmd.text))
+                self.emit_json({"event": "sent", "text": cmd.text})
+            elif cmd.kind == "next":
+                self.conn.send_next()
+                self.emit_lines(self.presenter.left_by_us())
+                self.emit_json({"event": "next"})
+            elif cmd.kind == "ping":
+                self.conn.send_ping()
+            elif cmd.kind == "quit":
+                self.done = True
+
+    # -- events --------------------------------------------------------------
+
+    def on_event(self, ev: Event) -> None:
+        self.emit_json(event_json(ev))
+        self.emit_lines(self.presenter.lines(ev))
+        if isinstance(ev, ServerError):
+            raise RefusedError(ev.code, f"{self.conn.label}: {sanitize(ev.message, False)}")
+        if isinstance(ev, Closed):
+            raise ConnectError(sanitize(ev.reason, False))
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        sel = _new_selector()
+        stdin = StdinSource(self.stdin_fd, sel)
+        sel.register(self.conn.sock, selectors.EVENT_READ, self.conn)
+        try:
+            for ev in self.conn.receive():  # WELCOME (and maybe more) from the handshake
+                self.on_event(ev)
+            while not self.done:
+                self.flush_pending()
+                if self.done:
+                    break
+                for key, _ in sel.select(None):
+                    if key.data is self.conn:
+                        for ev in self.conn.receive():
+                            self.on_event(ev)
+                    else:
+                        for line in stdin.read_lines():
+                            self.take_line(line)
+                        if stdin.eof:
+                            self.pending.append(Input("quit"))
+            self.emit_json({"event": "bye"})
+            self.conn.bye()
+            return 0
+        finally:
+            stdin.close()
+            sel.close()
+            self.conn.close()
+
+
+def run_pipe(config: ClientConfig, json_mode: bool = False, log_path: str | None = None,
+             stdin_fd: int = 0, out: IO[bytes] | None = None) -> int:
+    """Connect and run pipe mode; returns the exit code (errors raise ChatpairError)."""
+    transcript = Transcript(log_path)
+    try:
+        conn = connect(config)
+        client = PipeClient(conn, out or sys.stdout.buffer, json_mode, transcript, stdin_fd)
+        return client.run()
+    finally:
+        transcript.close()
+
+
+def run_client(config: ClientConfig, *, json_mode: bool = False, log_path: str | None = None,
+               color: bool | None = None, reconnect: bool = True, interactive: bool | None = None) -> int:
+    """Entry point for ``chatpair client``: pick the curses UI or pipe mode."""
+    if interactive is None:
+        interactive = is_interactive()
+    if interactive and not json_mode:
+        from chatpair import tui
+
+        if tui.available():
+            return tui.run_tui(config, log_path=log_path, color=color, reconnect=reconnect)
+    return run_pipe(config, json_mode=json_mode, log_path=log_path)
+
+
+def is_interactive() -> bool:
+    """Both ends are terminals and the terminal can do more than print lines."""
+    try:
+        ttys = os.isatty(sys.stdin.fileno()) and os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ttys and os.environ.get("TERM", "") not in ("", "dumb")
+
+
+__all__ = [
+    "ClientConfig", "Connection", "connect", "run_client", "run_pipe", "Presenter", "Line",
+    "parse_target", "default_name", "parse_fingerprint", "parse_input", "split_message",
+    "Welcome", "Waiting", "Paired", "Message", "PeerLeft", "Notice", "ServerError", "Pong", "Closed",
+    "ChatpairError", "__version__",
+]
