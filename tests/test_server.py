@@ -1,0 +1,145 @@
+"""The server as a user runs it: a real ``chatpair server`` subprocess on port 0."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, RawClient, ServerProcess
+
+WAITING, PAIRED, PEER_LEFT, NOTICE, ERROR, WELCOME, MSG = 0x11, 0x12, 0x13, 0x14, 0x1F, 0x10, 0x02
+
+
+def pair(port: int, a: str = "alice", b: str = "bob", room: str | None = None) -> tuple[RawClient, RawClient]:
+    first, second = RawClient(port), RawClient(port)
+    first.hello(a, room)
+    first.expect(WELCOME)
+    first.expect(WAITING)
+    second.hello(b, room)
+    second.expect(WELCOME)
+    second.expect(WAITING)
+    assert second.expect(PAIRED)["peer"] == a
+    assert first.expect(PAIRED)["peer"] == b
+    return first, second
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_pair_chat_and_sigterm(start_server, workers: str) -> None:
+    server = start_server("--workers", workers)
+    alice, bob = pair(server.port)
+    waiting = RawClient(server.port)
+    waiting.hello("carol")
+    waiting.expect(WELCOME)
+    waiting.expect(WAITING)
+    alice.send_frame(MSG, "hello bob ✓".encode())
+    assert bob.expect(MSG) == "hello bob ✓".encode()
+    bob.send_frame(MSG, b"hi alice")
+    assert alice.expect(MSG) == b"hi alice"
+    if workers != "0":
+        assert len(server.children()) >= 3  # listener + 2 relay workers
+    assert server.stop() == 0
+    for client in (alice, bob, waiting):
+        err = client.expect(ERROR)
+        assert err["code"] == "shutdown"  # and no PEER_LEFT came first
+        assert client.at_eof()
+    assert "Traceback" not in server.stderr_text
+
+
+@pytest.mark.timeout(30)
+def test_line_and_frame_partners_translate(server: ServerProcess) -> None:
+    alice = RawClient(server.port)
+    alice.hello("alice")
+    alice.expect(WELCOME)
+    alice.expect(WAITING)
+    nc = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    reader = nc.makefile("rb")
+    assert reader.readline().startswith(b"CHATPAIR/1 ")
+    nc.sendall(b"bob\r\n")
+    assert reader.readline() == b"* waiting for a partner\n"
+    assert reader.readline() == b"* paired with alice\n"
+    assert alice.expect(PAIRED)["peer"] == "bob"
+    alice.send_frame(MSG, b"two\nlines \x1b]0;pwned\x07 \xc2\x9b1m")
+    assert reader.readline() == b"alice: two\n"
+    assert reader.readline() == b"alice: lines ^[]0;pwned^G \\x9b1m\n"
+    nc.sendall(b"hi from nc\n/help\n/nope\n//slash\n\n")
+    assert alice.expect(MSG) == b"hi from nc"
+    assert reader.readline().startswith(b"* commands:")
+    assert reader.readline().startswith(b"* unknown command /nope")
+    assert alice.expect(MSG) == b"/slash"
+    nc.sendall(b"/next\n")
+    assert alice.expect(PEER_LEFT) == {"peer": "bob", "reason": "next"}
+    assert alice.expect(WAITING) == {"room": None}
+    assert reader.readline() == b"* waiting for a partner\n"
+    nc.close()
+
+
+@pytest.mark.timeout(30)
+def test_vanished_partner_and_waiting_messages_are_reported(server: ServerProcess) -> None:
+    alice = RawClient(server.port)
+    alice.hello("alice")
+    alice.expect(WELCOME)
+    alice.expect(WAITING)
+    alice.send_frame(MSG, b"anyone?")
+    notice = alice.expect(NOTICE)
+    assert notice["code"] == "undelivered"
+    bob = RawClient(server.port)
+    bob.hello("bob")
+    bob.expect(WELCOME)
+    bob.expect(WAITING)
+    bob.expect(PAIRED)
+    alice.expect(PAIRED)
+    bob.sock.close()
+    assert alice.expect(PEER_LEFT) == {"peer": "bob", "reason": "disconnected"}
+    assert alice.expect(WAITING) == {"room": None}
+
+
+@pytest.mark.timeout(30)
+def test_bad_frame_cuts_off_only_the_offender(server: ServerProcess) -> None:
+    alice, bob = pair(server.port)
+    bystanders = pair(server.port, "carol", "dave")
+    bob.send_frame(0x07)
+    assert bob.expect(ERROR)["code"] == "bad_frame"
+    assert alice.expect(PEER_LEFT) == {"peer": "bob", "reason": "error"}
+    carol, dave = bystanders
+    carol.send_frame(MSG, b"still here")
+    assert dave.expect(MSG) == b"still here"
+
+
+@pytest.mark.timeout(30)
+def test_port_in_use_is_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "chatpair", "server", "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True, text=True, timeout=20, cwd=ROOT, stdin=subprocess.DEVNULL,
+        )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_environment_variables_configure_the_server(start_server) -> None:
+    server = start_server(env={"CHATPAIR_MAX_FRAME": "2048", "CHATPAIR_PING_INTERVAL": "7"})
+    client = RawClient(server.port)
+    client.hello("alice")
+    welcome = client.expect(WELCOME)
+    assert welcome["max_frame"] == 2048 and welcome["ping_interval"] == 7
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("args", [["--help"], ["server", "--help"], ["--version"]])
+def test_help_reads_well(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "chatpair", *args], capture_output=True, text=True,
+                            timeout=20, cwd=ROOT, env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "Traceback" not in result.stderr
