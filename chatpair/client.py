@@ -949,6 +949,9 @@ class PipeClient:
         self.presenter = Presenter(conn.config.name)
         self.pending: collections.deque[Input] = collections.deque()
         self.done = False
+        #: A /ping holds the queue until its PONG: a script's "/ping" then
+        #: end of input should print the round trip before leaving.
+        self.awaiting_pong = False
 
     # -- output --------------------------------------------------------------
 
@@ -986,7 +989,7 @@ class PipeClient:
 
     def flush_pending(self) -> None:
         """Send queued inputs in order, stopping at a message while unpaired."""
-        while self.pending and not self.done:
+        while self.pending and not self.done and not self.awaiting_pong:
             cmd = self.pending[0]
             if cmd.kind == "msg" and not self.presenter.paired:
                 return
@@ -1001,12 +1004,15 @@ class PipeClient:
                 self.emit_json({"event": "next"})
             elif cmd.kind == "ping":
                 self.conn.send_ping()
+                self.awaiting_pong = True
             elif cmd.kind == "quit":
                 self.done = True
 
     # -- events --------------------------------------------------------------
 
     def on_event(self, ev: Event) -> None:
+        if isinstance(ev, Pong):
+            self.awaiting_pong = False
         self.emit_json(event_json(ev))
         self.emit_lines(self.presenter.lines(ev))
         if isinstance(ev, ServerError):
