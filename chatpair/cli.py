@@ -148,12 +148,11 @@ def client(target: str | None, host: str | None, port: int | None, name: str | N
     you are; at end of input the client sends BYE and exits 0.
     """
     from chatpair.client import (
-        ClientConfig, check_name_and_room, default_name, parse_fingerprint, parse_target, run_client,
+        ClientConfig, default_name, parse_fingerprint, parse_target, run_client,
     )
 
     host, port = parse_target(target, host, port)
-    name = name if name is not None else default_name()
-    check_name_and_room(name, room)
+    name = name if name is not None else default_name()  # a bad name is the server's to refuse
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     config = ClientConfig(name=name, host=host, port=port, room=room, tls=tls or pin is not None,
                           cafile=cafile, fingerprint=pin, timeout=timeout)
