@@ -48,6 +48,7 @@ from chatpair.protocol import (
     Hello,
     LineDecoder,
     ProtocolError,
+    encode_json_frame,
     make_banner,
     parse_hello,
     parse_name_line,
@@ -145,6 +146,13 @@ class Listener(ConnLoop):
         self.control = control
         self.lobby = Lobby()
         self.banner = make_banner(f"chatpair/{__version__}")
+        self.welcome = encode_json_frame(FrameType.WELCOME, {
+            "version": PROTOCOL_VERSION,
+            "server": f"chatpair/{__version__}",
+            "max_frame": config.max_frame,
+            "ping_interval": config.ping_interval,
+            "idle_timeout": config.idle_timeout,
+        })
         self.waiting: dict[int, Conn] = {}  # cid -> conn, queued in the lobby and owned here
         self.handshaking: set[Conn] = set()
         self._cids = itertools.count(1)
@@ -353,28 +361,26 @@ class Listener(ConnLoop):
             conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
         log.info("%s: hello%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
                  "frame" if conn.mode == MODE_FRAME else "line")
-        self.send_event(conn, FrameType.WELCOME, {
-            "version": PROTOCOL_VERSION,
-            "server": f"chatpair/{__version__}",
-            "max_frame": self.config.max_frame,
-            "ping_interval": self.config.ping_interval,
-            "idle_timeout": self.config.idle_timeout,
-        })
-        self._queue(conn, requeued=False)
+        # WELCOME, WAITING (and PAIRED, if a partner is there) leave in one
+        # send: fewer syscalls is most of what connect+pair costs.
+        self._queue(conn, requeued=False, first=self.welcome if conn.mode == MODE_FRAME else b"")
 
     # -- the lobby ------------------------------------------------------------------------------
 
-    def _queue(self, conn: Conn, requeued: bool) -> None:
+    def _queue(self, conn: Conn, requeued: bool, first: bytes = b"") -> None:
+        """Join the lobby; ``first`` is sent ahead of WAITING in the same write."""
         result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
         if isinstance(result, RoomFull):
+            self.send(conn, first)
             self.fail(conn, ErrorCode.ROOM_FULL,
                       f"room {conn.room} is full: a pair is already chatting there")
             return
         self.waiting[conn.cid] = conn
-        self.send_event(conn, FrameType.WAITING, {"room": conn.room})
+        waiting = first + event_bytes(conn, FrameType.WAITING, {"room": conn.room})
         if isinstance(result, Paired):
-            self._pair(self.waiting[result.waiter], conn)
+            self._pair(self.waiting[result.waiter], conn, newcomer_first=waiting)
         else:
+            self.send(conn, waiting)
             self._process_buffered(conn)
 
     def _process_buffered(self, conn: Conn) -> None:
@@ -388,10 +394,10 @@ class Listener(ConnLoop):
         elif conn.mode == MODE_LINE:
             self.process_lines(conn)
 
-    def _pair(self, a: Conn, b: Conn) -> None:
-        for me, peer in ((a, b), (b, a)):
+    def _pair(self, a: Conn, b: Conn, newcomer_first: bytes = b"") -> None:
+        for me, peer, first in ((a, b, b""), (b, a, newcomer_first)):
             del self.waiting[me.cid]
-            self.send_event(me, FrameType.PAIRED, {"peer": peer.name, "room": me.room})
+            self.send(me, first + event_bytes(me, FrameType.PAIRED, {"peer": peer.name, "room": me.room}))
             self.release_conn(me)
         relay = min(self.relays, key=lambda r: r.load)
         log.info("paired %s with %s%s", a.label, b.label, f" in room {a.room}" if a.room else "")

@@ -516,12 +516,20 @@ class ConnLoop:
     def read_frames(self, conn: Conn) -> None:
         """Read what is there and act on every complete frame."""
         pending = conn.pending
-        have = len(pending)
-        view = self.scratch_view
-        if have:
-            self.scratch[:have] = pending
+        rate_limited = self.limits.rate
         try:
-            n = conn.sock.recv_into(view[have:], self.read_budget(conn, len(view) - have))
+            if pending:
+                have = len(pending)
+                self.scratch[:have] = pending
+                space = len(self.scratch) - have
+                n = conn.sock.recv_into(self.scratch_view[have:],
+                                        self.read_budget(conn, space) if rate_limited else space)
+            else:
+                have = 0
+                if rate_limited:
+                    n = conn.sock.recv_into(self.scratch_view, self.read_budget(conn, len(self.scratch)))
+                else:
+                    n = conn.sock.recv_into(self.scratch_view)
         except WOULD_BLOCK:
             return
         except OSError:
@@ -532,10 +540,10 @@ class ConnLoop:
         conn.last_rx = self.now
         conn.pinged = False
         msgs = self.scan_frames(conn, have + n)
-        if conn in self.conns:
+        if rate_limited and conn in self.conns:
             self.charge(conn, msgs)
-            if conn.tls_state == 0 and conn.sock.__class__ is not socket.socket:
-                self._note_tls_pending(conn)
+        if conn.sock.__class__ is not socket.socket and conn in self.conns:
+            self._note_tls_pending(conn)
 
     def scan_frames(self, conn: Conn, end: int) -> int:
         """Walk the frames in ``scratch[:end]``; keep an incomplete tail in ``conn.pending``.
