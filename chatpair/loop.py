@@ -718,8 +718,8 @@ class ConnLoop:
             if conn.out and now - conn.write_stalled_since > lim.write_timeout:
                 expired.append((conn, "write"))
                 continue
-            if conn.mode != MODE_FRAME or conn.paused or conn.throttled_until:
-                continue
+            if conn.mode != MODE_FRAME or conn.paused or conn.throttled_until or conn.deadline:
+                continue  # line mode cannot answer PING; a paused or handshaking client is not idle
             idle = now - conn.last_rx
             if idle > lim.idle_timeout:
                 expired.append((conn, "idle"))

@@ -219,8 +219,10 @@ class ChatLog:
     def layout_line(line: Line, width: int) -> list[Row]:
         text = expand_tabs(line.text)
         if line.kind in ("message", "self"):
-            prefix = f"{line.name}: "
+            # A no-break space after the name: never a row holding just "bob:".
+            prefix = f"{line.name}:\u00a0"
             rows = wrap(prefix + text, width)
+            rows[0] = rows[0].replace("\u00a0", " ", 1)
             first = min(len(prefix), len(rows[0]))
             return [Row(rows[0], line.kind, first)] + [Row(r, line.kind) for r in rows[1:]]
         return [Row(r, line.kind) for r in wrap(f"* {text}", width)]
