@@ -160,6 +160,75 @@ def client(target: str | None, host: str | None, port: int | None, name: str | N
                         color=False if no_color else None, reconnect=not no_reconnect))
 
 
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.option("--mode", "-m", type=click.Choice(["flood", "pingpong", "idle", "churn"]), default="flood",
+              show_default=True, help="flood: all send at once; pingpong: strict turns; idle: open and hold "
+              "pairs; churn: pairs come, chat briefly and go.")
+@click.option("--pairs", "-P", default=10, show_default=True, type=click.IntRange(1), help="Pairs of clients.")
+@click.option("--messages", "-n", default=None, type=click.IntRange(1),
+              help="Messages per client (churn: per client and pair). Default: run for --duration.")
+@click.option("--duration", "-d", default=None, type=click.FloatRange(0),
+              help="Seconds of load (idle: of holding). Default 3 (idle 0).")
+@click.option("--size", "-s", default=64, show_default=True, type=click.IntRange(31, 65535),
+              help="Message size in bytes (seq and send time take the first 31).")
+@click.option("--procs", default=0, show_default="enough for the sockets", type=click.IntRange(0, 256),
+              help="Load-generating processes.")
+@click.option("--window", default=2000, show_default=True, type=click.IntRange(0),
+              help="flood: messages a sender may be ahead of its partner's reading (0: no limit).")
+@click.option("--target", "-t", default=None, metavar="HOST:PORT",
+              help="Measure a running server instead of starting one.")
+@click.option("--server-pid", default=None, type=int, help="With --target: sample this local server's RSS/CPU.")
+@click.option("--tls", is_flag=True, help="Connect with TLS (with --target).")
+@click.option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify a TLS server with.")
+@click.option("--insecure", is_flag=True, help="TLS without verifying the certificate (self-signed servers).")
+@click.option("--json", "json_mode", is_flag=True, help="Print exactly one JSON object on stdout.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False, writable=True),
+              help="Also write the JSON result to this file.")
+@click.option("--timeout", default=600.0, show_default=True, type=float, callback=_positive,
+              help="Give up on the whole run after this many seconds.")
+@click.argument("server_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SERVER OPTIONS]")
+def bench(mode: str, pairs: int, messages: int | None, duration: float | None, size: int, procs: int,
+          window: int, target: str | None, server_pid: int | None, tls: bool, cafile: str | None,
+          insecure: bool, json_mode: bool, out_path: str | None, timeout: float,
+          server_args: tuple[str, ...]) -> None:
+    """Measure a server: throughput, latency, pairing rate, memory.
+
+    Without --target it starts `chatpair server` on a free loopback port
+    (options after `--` go to it, e.g. `chatpair bench -- --workers 2`) and
+    stops it afterwards. Every message carries its sequence number and send
+    time; a lost or reordered message makes the exit code 1.
+    """
+    import json
+
+    from chatpair.bench import BenchConfig, parse_target, run_bench
+    from chatpair.benchreport import ProgressBar, render
+
+    config = BenchConfig(
+        mode=mode, pairs=pairs, messages=messages, duration=duration, size=size, procs=procs, window=window,
+        target=parse_target(target) if target else None, tls=tls, cafile=cafile, insecure=insecure,
+        server_args=tuple(server_args), server_pid=server_pid, timeout=timeout,
+    )
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        result = run_bench(config, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    data = result.to_dict()
+    if out_path:
+        with open(out_path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+    if json_mode:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(render(result))
+    if not result.ok:
+        if json_mode:
+            click.echo("chatpair bench: FAIL: " + "; ".join(result.failures), err=True)
+        sys.exit(1)
+
+
 def main() -> None:
     """Console entry point: run the group, map errors to one line and an exit code."""
     try:
