@@ -41,8 +41,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import IO, Any, Union
 
-from chatpair import __version__
-from chatpair.errors import ChatpairError, ConfigError, ConnectError, RefusedError
+from chatpair.errors import ConfigError, ConnectError, RefusedError
 from chatpair.protocol import (
     BANNER_PREFIX,
     DEFAULT_MAX_FRAME,
@@ -61,8 +60,6 @@ from chatpair.protocol import (
     encode_hello,
     sanitize,
     sanitize_name,
-    validate_name,
-    validate_room,
 )
 
 DEFAULT_HOST = "127.0.0.1"
@@ -158,15 +155,6 @@ def default_name() -> str:
     except Exception:  # no USER/LOGNAME and no passwd entry: any error means "unknown"
         raw = ""
     return make_valid_name(raw)
-
-
-def check_name_and_room(name: str, room: str | None) -> None:
-    """Refuse a bad name or room before connecting (same rule as the server)."""
-    try:
-        validate_name(name)
-        validate_room(room)
-    except ProtocolError as err:
-        raise ConfigError(err.message) from None
 
 
 def parse_fingerprint(text: str) -> bytes:
@@ -1089,5 +1077,4 @@ __all__ = [
     "ClientConfig", "Connection", "connect", "run_client", "run_pipe", "Presenter", "Line",
     "parse_target", "default_name", "parse_fingerprint", "parse_input", "split_message",
     "Welcome", "Waiting", "Paired", "Message", "PeerLeft", "Notice", "ServerError", "Pong", "Closed",
-    "ChatpairError", "__version__",
 ]

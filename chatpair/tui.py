@@ -45,19 +45,16 @@ from chatpair.client import (
     Connection,
     Event,
     Line,
-    Paired,
-    PeerLeft,
     Pong,
     Presenter,
     ServerError,
     Transcript,
-    Waiting,
     Welcome,
     connect,
     format_rtt,
     parse_input,
 )
-from chatpair.errors import ChatpairError
+from chatpair.errors import ChatpairError, ConnectError, RefusedError
 from chatpair.protocol import sanitize
 from chatpair.terminal import char_width, expand_tabs, input_view, str_width, wrap
 
@@ -290,10 +287,7 @@ class Painter:
         self.put(h - 2, 0, status_text + " " * (w - str_width(status_text)), self.attrs["status"])
         room = w - str_width(PROMPT)
         line.offset, col = input_view(line.chars, line.cursor, room, line.offset)
-        shown = "".join(line.chars[line.offset:])
-        visible = wrap(shown, room - 1)[0] if shown else ""
-        # wrap() may break at a space; the input line must be a plain prefix.
-        visible = _prefix_fitting(shown, room - 1) if visible != shown else visible
+        visible = _prefix_fitting("".join(line.chars[line.offset:]), room - 1)
         self.put(h - 1, 0, PROMPT + visible, self.attrs["plain"])
         try:
             self.scr.move(h - 1, min(w - 1, str_width(PROMPT) + col))
@@ -408,8 +402,12 @@ class TuiApp:
 
     def status(self) -> str:
         if self.conn is None:
-            left = max(0.0, (self.retry_at or time.monotonic()) - time.monotonic())
-            partner = "connecting..." if self.reconnector.busy else f"disconnected, retry in {left:.0f}s"
+            if self.reconnector.busy:
+                partner = "connecting..."
+            elif self.retry_at is None:
+                partner = "disconnected"
+            else:
+                partner = f"disconnected, retry in {max(0.0, self.retry_at - time.monotonic()):.0f}s"
         elif self.presenter.paired:
             partner = f"partner: {self.presenter.peer}"
         else:
@@ -444,9 +442,12 @@ class TuiApp:
         self.rtt = None
         fatal = isinstance(ev, ServerError) and ev.code in FATAL_CODES
         if not self.reconnect or fatal:
-            reason = ev.message if isinstance(ev, ServerError) else ev.reason
-            self.failure = ChatpairError(f"{self.config.label}: {sanitize(reason, False)}")
-            self.exit_code = 1
+            # The same error (and exit code) pipe mode would give.
+            if isinstance(ev, ServerError):
+                self.failure = RefusedError(ev.code, f"{self.config.label}: {sanitize(ev.message, False)}")
+            else:
+                self.failure = ConnectError(sanitize(ev.reason, False))
+            self.exit_code = self.failure.exit_code
             self.say("not reconnecting (press any key to leave)" if fatal else
                      "connection lost; not reconnecting (--no-reconnect); press any key to leave", "error")
             self.done_after_key = True
@@ -474,7 +475,7 @@ class TuiApp:
                     self.on_event(ev)
             elif getattr(result, "code", "") in FATAL_CODES:
                 self.failure = result
-                self.exit_code = 1
+                self.exit_code = result.exit_code
                 self.say(f"{result}; not reconnecting (press any key to leave)", "error")
                 self.done_after_key = True
             else:

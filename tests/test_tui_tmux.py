@@ -9,7 +9,6 @@ Skipped when tmux is not installed (.ci/run installs it).
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
