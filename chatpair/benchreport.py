@@ -104,17 +104,20 @@ def render_table(result: BenchResult) -> str:
             rows.append(_latency_row("latency (1-way)", r.latency))
         if r.rtt.total:
             rows.append(_latency_row("round trip", r.rtt))
+    # idle measures connecting and pairing; the others their load phase
+    span = r.connect_elapsed if r.mode == "idle" else r.elapsed
     if r.server_local:
         rows.append(("server RSS", f"{format_bytes(r.server_rss_before)} before, {format_bytes(r.server_rss_peak)} "
                                    f"peak, {format_bytes(r.server_rss_after)} after"))
         if r.memory_per_pair is not None:
             rows.append(("memory per pair", format_bytes(r.memory_per_pair)))
-        if r.server_cpu is not None and r.elapsed:
-            rows.append(("server CPU", f"{r.server_cpu:.2f} s ({100 * r.server_cpu / r.elapsed:.0f}% of a core)"))
+        if r.server_cpu is not None and span:
+            rows.append(("server CPU", f"{r.server_cpu:.2f} s ({100 * r.server_cpu / span:.0f}% of a core)"
+                                       + (" connecting and pairing" if r.mode == "idle" else "")))
         if r.server_fds_after is not None:
             rows.append(("server fds", f"{r.server_fds_before} before, {r.server_fds_after} after"))
-    if r.elapsed:
-        rows.append(("load CPU", f"{r.load_cpu:.2f} s ({100 * r.load_cpu / r.elapsed:.0f}% of a core) "
+    if span:
+        rows.append(("load CPU", f"{r.load_cpu:.2f} s ({100 * r.load_cpu / span:.0f}% of a core) "
                                  f"in the measured phase, {r.load_cpu_total:.2f} s in all"))
     failures = r.failures
     rows.append(("result", "OK" if not failures else "FAIL: " + "; ".join(failures)))
