@@ -1033,6 +1033,9 @@ class PipeClient:
             self.emit_json({"event": "bye"})
             self.conn.bye()
             return 0
+        except KeyboardInterrupt:
+            self.conn.bye()  # Ctrl-C still says goodbye, so the partner sees "left (bye)"
+            return 130
         finally:
             stdin.close()
             sel.close()
