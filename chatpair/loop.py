@@ -272,6 +272,18 @@ class ConnLoop:
         self.update_interest(conn)
         self.check_backlog(conn)
 
+    def enqueue(self, conn: Conn, data: bytes) -> None:
+        """Queue ``data`` behind what is queued, without writing now.
+
+        For a connection about to move to another loop: the new owner writes
+        it, after it has done what the bytes announce.
+        """
+        if data:
+            if not conn.out:
+                conn.write_stalled_since = self.now
+            conn.out.append(OutChunk(bytes(data)))
+            conn.out_bytes += len(data)
+
     def send_event(self, conn: Conn, ftype: FrameType, obj: dict[str, Any]) -> None:
         self.send(conn, event_bytes(conn, ftype, obj))
 
@@ -608,6 +620,9 @@ class ConnLoop:
                 return total
         if end - pos >= 4:
             length = int.from_bytes(view[pos:pos + 4], "big")
+            if length == 0:
+                self.fail(conn, ErrorCode.BAD_FRAME, "frame length 0 (it must count the type byte)")
+                return total
             if length > max_frame:
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE,
                           f"frame of {length} bytes is over the limit of {max_frame}")
@@ -642,13 +657,12 @@ class ConnLoop:
         return good
 
     def on_control(self, conn: Conn, ftype: int, payload: bytes) -> None:
-        if ftype == FrameType.PING:
+        if ftype == FrameType.PING or ftype == FrameType.PONG:
             if len(payload) > MAX_PING_PAYLOAD:
-                self.fail(conn, ErrorCode.BAD_FRAME, f"a PING payload is at most {MAX_PING_PAYLOAD} bytes")
-            else:
+                self.fail(conn, ErrorCode.BAD_FRAME, f"a PING or PONG payload is at most {MAX_PING_PAYLOAD} bytes")
+            elif ftype == FrameType.PING:
                 self.send(conn, encode_frame(FrameType.PONG, payload))
-        elif ftype == FrameType.PONG:
-            pass  # receiving any frame already counts as alive
+            # a PONG needs nothing more: receiving any frame already counts as alive
         elif ftype == FrameType.NEXT:
             self.on_next(conn)
         elif ftype == FrameType.BYE:

@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, line_msg_bytes
+from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
 from chatpair.loop import ConnLoop, Limits
 from chatpair.protocol import ErrorCode, FrameType, encode_frame, encode_notice
 
@@ -180,9 +180,12 @@ class Relay(ConnLoop):
         leaver.partner = stayer.partner = None
         self.pairs -= 1
         lost = leaver.undelivered_msgs() if closing else 0
+        # Queued, not written: the listener writes these after it has put the
+        # stayer back in the lobby, so whoever hears "bob left" and reacts
+        # (a newcomer told by the stayer, say) finds the lobby already updated.
         if lost:
-            self.send(stayer, undelivered_notices(stayer, lost, f"{leaver.name} left"))
-        self.send_event(stayer, FrameType.PEER_LEFT, {"peer": leaver.name, "reason": reason})
+            self.enqueue(stayer, undelivered_notices(stayer, lost, f"{leaver.name} left"))
+        self.enqueue(stayer, event_bytes(stayer, FrameType.PEER_LEFT, {"peer": leaver.name, "reason": reason}))
         end = PairEnd(leaver.cid, stayer.cid, next_by=None if closing else leaver.cid)
         for conn in (stayer,) if closing else (stayer, leaver):
             conn.paused = False

@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +47,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _direct_children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
 class ServerProcess:
     """A running ``python -m chatpair server``; ``port`` is the real port."""
 
@@ -56,13 +65,27 @@ class ServerProcess:
             cwd=ROOT, env={**os.environ, **(env or {})},
         )
         self.port = 0
+        self.stdout_rest = b""  # what the server printed after its first line (TLS fingerprint)
         line = self._read_stdout_line(timeout)
         if not line.startswith(b"listening on "):
             self.proc.kill()
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
             raise RuntimeError(f"server did not start: {line!r} {err}")
-        self.port = int(line.rsplit(b":", 1)[1])
-        self.stderr_text = ""
+        self.port = int(line.split()[2].rsplit(b":", 1)[1])
+        # Drain stderr in the background: a chatty log must never fill the
+        # pipe and block the server.
+        self.stderr_text = ""  # the whole log, once stopped
+        self._stderr_chunks: list[bytes] = []
+        self._stderr_thread = threading.Thread(target=self._collect_stderr, daemon=True)
+        self._stderr_thread.start()
+
+    def _collect_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr]
+            self._stderr_chunks.append(chunk)
+
+    def stderr_so_far(self) -> str:
+        return b"".join(self._stderr_chunks).decode(errors="replace")
 
     def _read_stdout_line(self, timeout: float) -> bytes:
         assert self.proc.stdout is not None
@@ -80,10 +103,25 @@ class ServerProcess:
                 break
             buf += chunk
         sel.close()
-        return buf.split(b"\n", 1)[0]
+        line, _, self.stdout_rest = buf.partition(b"\n")
+        return line
 
     def children(self) -> list[int]:
         return _children(self.proc.pid)
+
+    def listener_pid(self, timeout: float = 10.0) -> int:
+        """The listener process (``listening on`` is printed before it starts: poll for it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in _children(self.proc.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        if b"spawn_main" in fh.read() and pid in _direct_children(self.proc.pid):
+                            return pid
+                except OSError:
+                    continue
+            time.sleep(0.02)
+        raise AssertionError("no listener process appeared")
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM; wait; return the exit code (and check no child is left)."""
@@ -96,8 +134,8 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError("server did not stop within the timeout after SIGTERM")
-        if self.proc.stderr is not None:
-            self.stderr_text = self.proc.stderr.read().decode(errors="replace")
+        self._stderr_thread.join(5)
+        self.stderr_text = self.stderr_so_far()
         deadline = time.monotonic() + 5
         while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.02)
