@@ -70,6 +70,10 @@ DEFAULT_TIMEOUT = 10.0
 #: After BYE, how long to wait for the server to close before we do. The
 #: server closes at once; this only bounds a dead or slow network.
 BYE_DRAIN_TIMEOUT = 3.0
+#: Stop reading stdin while this much is waiting to be sent: the server is
+#: slowing us down (flood control), so reading more would only use memory.
+OUTBOX_HIGH = 1 << 20
+SEND_CHUNK = 1 << 18
 
 HELP_TEXT = (
     "commands: /next (leave your partner, find a new one), /quit (leave), "
@@ -434,6 +438,12 @@ class Connection:
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._early: list[Event] = []
+        #: Bytes not yet taken by the kernel. Sends never block (after the
+        #: handshake): the owner keeps reading while the server slows us
+        #: down, so two clients piping big inputs at each other cannot
+        #: deadlock with both stuck in sendall.
+        self.outbox = bytearray()
+        self._leaving = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -456,7 +466,7 @@ class Connection:
                 if self.welcome is None and not isinstance(ev, Welcome):
                     raise ConnectError(f"{self.label} is not a chatpair server (no WELCOME)")
                 self._early.append(ev)
-        self.sock.settimeout(self.config.timeout)
+        self.sock.setblocking(False)
         return self.welcome
 
     # -- receiving ---------------------------------------------------------
@@ -487,6 +497,9 @@ class Connection:
         except OSError as err:
             self.closed = True
             return [Closed(f"connection to {self.label} lost: {_os_reason(err)}")]
+        return self._decode(data)
+
+    def _decode(self, data: bytes) -> list[Event]:
         self.decoder.feed(data)
         events: list[Event] = []
         while True:
@@ -515,6 +528,8 @@ class Connection:
         if t == FrameType.MSG:
             return Message(self.peer or "?", frame.payload.decode("utf-8", "replace"))
         if t == FrameType.PING:
+            if self._leaving:
+                return None  # our side is shut for writing after BYE
             self._send(encode_frame(FrameType.PONG, frame.payload[:MAX_PING_PAYLOAD]), quiet=True)
             return None
         if t == FrameType.PONG:
@@ -561,12 +576,29 @@ class Connection:
     # -- sending -----------------------------------------------------------
 
     def _send(self, data: bytes, quiet: bool = False) -> None:
-        try:
-            self.sock.sendall(data)
-        except (OSError, ssl.SSLError) as err:
-            self.closed = True
-            if not quiet:
-                raise ConnectError(f"connection to {self.label} lost: {_os_reason(err) if isinstance(err, OSError) else err}") from None
+        self.outbox += data
+        self.flush(quiet)
+
+    @property
+    def wants_write(self) -> bool:
+        """True while bytes wait for the socket to become writable."""
+        return bool(self.outbox) and not self.closed
+
+    def flush(self, quiet: bool = False) -> None:
+        """Send what the kernel takes now; the rest waits for writability."""
+        while self.outbox and not self.closed:
+            try:
+                n = self.sock.send(bytes(self.outbox[:SEND_CHUNK]))
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            except (OSError, ssl.SSLError) as err:
+                self.closed = True
+                self.outbox.clear()
+                if quiet:
+                    return  # the next read reports the loss
+                reason = _os_reason(err) if isinstance(err, OSError) else str(err)
+                raise ConnectError(f"connection to {self.label} lost: {reason}") from None
+            del self.outbox[:n]
 
     def send_msg(self, text: str) -> None:
         """Send text as MSG frames (split if longer than the server's limit)."""
@@ -588,28 +620,37 @@ class Connection:
             self._pings.pop(next(iter(self._pings)))
         self._send(encode_frame(FrameType.PING, token))
 
-    def bye(self) -> None:
+    def bye(self) -> list[Event]:
         """Send BYE, let the server close first, then close. Never raises.
 
         Closing while the server's frames sit unread in our buffer would make
         the kernel send RST, which can destroy messages we just sent; so we
-        half-close and read until the server's close.
+        half-close and read until the server's close. What arrives meanwhile
+        was delivered to us, so it is returned (pipe mode prints it).
         """
+        events: list[Event] = []
         if self.closed:
             self.close()
-            return
+            return events
+        self._leaving = True
         try:
-            self.sock.sendall(encode_frame(FrameType.BYE))
+            self.outbox += encode_frame(FrameType.BYE)
+            self.sock.settimeout(BYE_DRAIN_TIMEOUT)
+            self.sock.sendall(bytes(self.outbox))
+            self.outbox.clear()
             if not isinstance(self.sock, ssl.SSLSocket):
                 self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + BYE_DRAIN_TIMEOUT
             while time.monotonic() < deadline:
                 self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                if not self.sock.recv(65536):
+                data = self.sock.recv(65536)
+                events += [ev for ev in self._decode(data) if not isinstance(ev, Closed)]
+                if not data or self.closed:
                     break
         except (OSError, ssl.SSLError):
             pass
         self.close()
+        return events
 
     def close(self) -> None:
         self.closed = True
@@ -835,10 +876,22 @@ class StdinSource:
         self._queue: queue.Queue[bytes] = queue.Queue()
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        self._registered = False
         try:
             sel.register(fd, selectors.EVENT_READ, self)
+            self._registered = True
         except (OSError, ValueError):
             self._start_thread()
+
+    def set_paused(self, paused: bool) -> None:
+        """Stop (or resume) reading while the connection cannot take more."""
+        if self._thread is not None or self.eof or paused != self._registered:
+            return
+        if paused:
+            self.sel.unregister(self.fd)
+        else:
+            self.sel.register(self.fd, selectors.EVENT_READ, self)
+        self._registered = not paused
 
     def _start_thread(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -894,6 +947,7 @@ class StdinSource:
         self._unregister()
 
     def _unregister(self) -> None:
+        self._registered = False
         for obj in (self.fd, self._wake_r):
             if obj is None:
                 continue
@@ -1017,21 +1071,29 @@ class PipeClient:
         try:
             for ev in self.conn.receive():  # WELCOME (and maybe more) from the handshake
                 self.on_event(ev)
-            while not self.done:
+            while True:
                 self.flush_pending()
-                if self.done:
-                    break
-                for key, _ in sel.select(None):
+                if self.done and not self.conn.wants_write:
+                    break  # everything held was sent (or at least handed to the kernel)
+                write = selectors.EVENT_WRITE if self.conn.wants_write else 0
+                sel.modify(self.conn.sock, selectors.EVENT_READ | write, self.conn)
+                stdin.set_paused(self.done or len(self.conn.outbox) > OUTBOX_HIGH)
+                for key, mask in sel.select(None):
                     if key.data is self.conn:
-                        for ev in self.conn.receive():
-                            self.on_event(ev)
+                        if mask & selectors.EVENT_WRITE:
+                            self.conn.flush()
+                        if mask & selectors.EVENT_READ:
+                            for ev in self.conn.receive():
+                                self.on_event(ev)
                     else:
                         for line in stdin.read_lines():
                             self.take_line(line)
                         if stdin.eof:
                             self.pending.append(Input("quit"))
+            for ev in self.conn.bye():  # what the server sent before it saw our BYE
+                self.emit_json(event_json(ev))
+                self.emit_lines(self.presenter.lines(ev))
             self.emit_json({"event": "bye"})
-            self.conn.bye()
             return 0
         except KeyboardInterrupt:
             self.conn.bye()  # Ctrl-C still says goodbye, so the partner sees "left (bye)"

@@ -604,6 +604,18 @@ class TuiApp:
             self.retry_at = None
             self.reconnector.start()
 
+    def on_conn_ready(self, mask: int) -> None:
+        assert self.conn is not None
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self.conn.flush()
+        except ChatpairError as err:
+            self.on_event(Closed(str(err)))
+            return
+        if mask & selectors.EVENT_READ:
+            for ev in self.conn.receive():
+                self.on_event(ev)
+
     def on_resize(self) -> None:
         self.resized = False
         try:
@@ -629,10 +641,12 @@ class TuiApp:
             if self.retry_at is not None:
                 deadlines.append(self.retry_at)
             timeout = max(0.0, min(deadlines) - time.monotonic())
-            for key, _ in self.sel.select(timeout):
+            if self.conn is not None:
+                write = selectors.EVENT_WRITE if self.conn.wants_write else 0
+                self.sel.modify(self.conn.sock, selectors.EVENT_READ | write, "conn")
+            for key, mask in self.sel.select(timeout):
                 if key.data == "conn" and self.conn is not None:
-                    for ev in self.conn.receive():
-                        self.on_event(ev)
+                    self.on_conn_ready(mask)
                 elif key.data == "wake":
                     try:
                         self._wake_r.recv(4096)

@@ -636,3 +636,38 @@ def test_tls_wrong_host_and_plain_port(tls_server_factory, server, tmp_path):
     # TLS client on a plain chatpair port.
     assert_one_line(run_client("--port", str(server.port), "--name", "c", "--tls"),
                     f"TLS handshake with 127.0.0.1:{server.port} failed")
+
+
+def test_two_pipe_clients_flooding_each_other(server, clients, tmp_path):
+    """Both send 2 MB at once. Sends never block reads, so neither client can
+    stall the other through the server; every line arrives, in order."""
+    lines = "".join(f"{i:05d} {'x' * 1000}\n" for i in range(2000)).encode()
+    big = tmp_path / "big.txt"
+    big.write_bytes(lines)
+    b = clients("--port", str(server.port), "--name", "b")
+    b.wait_for(b"waiting for a partner")
+    with open(big, "rb") as stdin:
+        a = subprocess.Popen([sys.executable, "-m", "chatpair", "client", "--port", str(server.port), "--name", "a"],
+                             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    def feed_b() -> None:
+        try:
+            b.write(lines)
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # b was stopped at the end of the test
+
+    writer = threading.Thread(target=feed_b)  # b may pause reading its stdin: do not block the test
+
+    writer.start()
+    try:
+        a_out, a_err = a.communicate(timeout=40)  # reading a's stdout meanwhile, so a never blocks on it
+        assert (a.returncode, a_err) == (0, b"")
+        out = b.wait_for(b"a: 01999 ", timeout=40)
+    finally:
+        if a.poll() is None:
+            a.kill()
+        b.proc.kill()
+        writer.join(10)
+    got = [line[3:8] for line in out.decode().splitlines() if line.startswith("a: ")]
+    assert got == [f"{i:05d}" for i in range(2000)]
+    from_b = [line[3:8] for line in a_out.decode().splitlines() if line.startswith("b: ")]
+    assert from_b == [f"{i:05d}" for i in range(len(from_b))]  # a prefix, in order: a left when done
