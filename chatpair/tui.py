@@ -700,7 +700,14 @@ def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | 
     old_signals: dict[int, Any] = {}
     scr = None
     try:
-        scr = curses.initscr()
+        try:
+            scr = curses.initscr()
+        except curses.error:
+            # No terminfo entry for this TERM: chat line by line instead.
+            from chatpair.client import PipeClient
+
+            _restore_tty(saved)
+            return PipeClient(conn, sys.stdout.buffer, transcript=transcript).run()
         curses.noecho()
         curses.raw()  # Ctrl-C and Ctrl-Z are keys here: Ctrl-C says BYE instead of dying
         scr.keypad(True)
