@@ -502,6 +502,41 @@ class Poller:
             self._sel.close()  # type: ignore[union-attr]
 
 
+#: Linux: bind() an address but leave the port to connect(), which then only
+#: needs the 4-tuple to be unique (IP_BIND_ADDRESS_NO_PORT from <linux/in.h>).
+_IP_BIND_ADDRESS_NO_PORT = 24
+#: Connections per loopback source address (its own ephemeral port space).
+_CONNECTS_PER_SOURCE = 2_000
+
+
+def spread_sources_possible(host: str) -> bool:
+    """True when connections to ``host`` can come from many loopback addresses.
+
+    Thousands of connections to one address and port from 127.0.0.1 make the
+    kernel search an ever fuller ephemeral port range; past about half of it
+    each connect() costs hundreds of microseconds (measured here: 9,900 pairs
+    paired at 1,200/s instead of 3,900/s). Linux routes all of 127.0.0.0/8 to
+    loopback, so each load process spreads its clients over its own source
+    addresses, each with a fresh port range.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return socket.inet_aton(host)[0] == 127
+    except OSError:
+        return False
+
+
+def spread_source(sock: socket.socket, worker: int, n: int) -> None:
+    """Bind ``sock`` to loopback source address number ``n // 2000`` of load process ``worker``."""
+    k = n // _CONNECTS_PER_SOURCE
+    try:
+        sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((f"127.{100 + worker % 100}.{k // 250}.{1 + k % 250}", 0))
+    except OSError:
+        pass  # fall back to the kernel's choice of 127.0.0.1
+
+
 @dataclass
 class WorkerSpec:
     """What one load process does (pickled into it)."""
@@ -551,6 +586,8 @@ class LoadWorker:
         self.cfg = cfg
         self.mode = cfg.mode
         self.addr = (spec.host, spec.port)
+        self._spread = spread_sources_possible(spec.host)
+        self._connects = 0
         self.msgs = MessageFactory(cfg.size)
         self.F = self.msgs.frame
         self.hdr = self.msgs.header
@@ -645,6 +682,9 @@ class LoadWorker:
             self.on_connected(c)
             return
         sock.setblocking(False)
+        if self._spread:
+            spread_source(sock, self.spec.index, self._connects)
+        self._connects += 1
         err = sock.connect_ex(self.addr)
         c.sock, c.fd = sock, sock.fileno()
         self.clients[c.fd] = c

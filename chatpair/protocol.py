@@ -180,9 +180,13 @@ def encode_frame(ftype: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload) + 1, ftype) + payload
 
 
+#: One encoder made once: ``json.dumps`` with options builds a new encoder per call.
+_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_json_frame(ftype: int, obj: dict[str, Any]) -> bytes:
     """A control frame whose payload is a compact UTF-8 JSON object."""
-    return encode_frame(ftype, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+    return encode_frame(ftype, _JSON_ENCODER.encode(obj).encode())
 
 
 def encode_msg(text: str) -> bytes:
