@@ -56,7 +56,7 @@ from chatpair.client import (
 )
 from chatpair.errors import ChatpairError, ConnectError, RefusedError
 from chatpair.protocol import sanitize
-from chatpair.terminal import char_width, expand_tabs, input_view, str_width, wrap
+from chatpair.terminal import char_width, clip, expand_tabs, input_view, str_width, wrap
 
 try:  # curses is missing on Windows and in some minimal Pythons: pipe mode is the fallback
     import curses
@@ -287,22 +287,13 @@ class Painter:
         self.put(h - 2, 0, status_text + " " * (w - str_width(status_text)), self.attrs["status"])
         room = w - str_width(PROMPT)
         line.offset, col = input_view(line.chars, line.cursor, room, line.offset)
-        visible = _prefix_fitting("".join(line.chars[line.offset:]), room - 1)
+        visible = clip("".join(line.chars[line.offset:]), room - 1)
         self.put(h - 1, 0, PROMPT + visible, self.attrs["plain"])
         try:
             self.scr.move(h - 1, min(w - 1, str_width(PROMPT) + col))
         except curses.error:
             pass
         self.scr.refresh()
-
-
-def _prefix_fitting(text: str, width: int) -> str:
-    used = 0
-    for i, ch in enumerate(text):
-        used += char_width(ch)
-        if used > width:
-            return text[:i]
-    return text
 
 
 # --------------------------------------------------------------------------
