@@ -551,7 +551,20 @@ class ConnLoop:
             return
         conn.last_rx = self.now
         conn.pinged = False
-        msgs = self.scan_frames(conn, have + n)
+        msgs = -1
+        if not have and n > 5:
+            # Fast path for the commonest read of a chat: exactly one message.
+            length, ftype = _UNPACK_HEADER(self.scratch, 0)
+            if ftype == _MSG and length + 4 == n and length <= self.limits.max_frame:
+                try:
+                    str(self.scratch_view[5:n], _UTF8)
+                except UnicodeDecodeError:
+                    pass  # the general path below says what is wrong
+                else:
+                    self.on_msg_run(conn, self.scratch_view, 0, n, 1)
+                    msgs = 1
+        if msgs < 0:
+            msgs = self.scan_frames(conn, have + n)
         if rate_limited and conn in self.conns:
             self.charge(conn, msgs)
         if conn.sock.__class__ is not socket.socket and conn in self.conns:
