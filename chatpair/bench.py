@@ -61,6 +61,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait as mp_wait
@@ -1641,6 +1642,10 @@ class _Run:
         return sum(a[0::2]), sum(a[1::2])
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchResult:
     """Run one benchmark and return what it measured (see the module docstring).
 
@@ -1662,6 +1667,11 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
         host, port = local.host, local.port
         result.server_command = local.command
     run = _Run(cfg, progress)
+    # SIGTERM (timeout, kill, a CI runner) must stop our server too, as Ctrl-C
+    # does: turn it into KeyboardInterrupt so the cleanup below runs.
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         before = server.stats() if server else None
         if before:
@@ -1740,6 +1750,8 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
             code = local.stop()
             if code not in (0, None):
                 result.errors.append(f"the bench server exited with code {code}: {local.log_tail(500)}")
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return result
 
 
