@@ -1093,6 +1093,8 @@ class PipeClient:
             for ev in self.conn.bye():  # what the server sent before it saw our BYE
                 self.emit_json(event_json(ev))
                 self.emit_lines(self.presenter.lines(ev))
+                if isinstance(ev, ServerError):  # refused (room full...) as we were leaving
+                    raise RefusedError(ev.code, f"{self.conn.label}: {sanitize(ev.message, False)}")
             self.emit_json({"event": "bye"})
             return 0
         except KeyboardInterrupt:
