@@ -114,6 +114,12 @@ def parse_target(target: str | None, host: str | None, port: int | None) -> tupl
     ``[::1]:7878`` and a bare ``::1`` are IPv6. Given twice with different
     values is a :class:`ConfigError` rather than a silent choice.
     """
+    if host and (host.startswith("[") or host.count(":") == 1):
+        # --host HOST:PORT means the same as the positional HOST:PORT
+        host, host_port = parse_target(host, None, None)
+        if port is not None and port != host_port:
+            raise ConfigError(f"two different ports given: --host ...:{host_port} and --port {port}")
+        port = host_port
     t_host: str | None = None
     t_port: int | None = None
     if target:

@@ -4,7 +4,7 @@ The lobby knows clients only by an integer id. The listener asks it what to
 do and carries out the answer, so every rule here is tested without a
 socket (tests/test_lobby.py).
 
-Rules (PROTOCOL.md, "Pairing" and "Requeue"):
+Rules (docs/protocol.md, "Pairing" and "Requeue"):
 
 * Clients without a room are paired first come, first served.
 * Clients with the same room code are paired with each other only.

@@ -527,7 +527,7 @@ _SANITIZE_TABLE: Final = _build_sanitize_table()
 
 
 def sanitize(text: str, keep_newlines: bool = True) -> str:
-    """Make untrusted text safe for a terminal (PROTOCOL.md section 5).
+    """Make untrusted text safe for a terminal (docs/protocol.md, section 5).
 
     Every C0/C1 control but tab and newline, DEL, and the bidirectional
     controls become visible text (``^[``, ``\\x9b``, ``<U+202E>``), so nobody

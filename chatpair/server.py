@@ -49,7 +49,9 @@ def bind_listener(host: str, port: int) -> socket.socket:
     try:
         sock = socket.create_server(addr, family=family, backlog=4096, reuse_port=False)
     except OSError as err:
-        raise ChatpairError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        # create_server appends "(while attempting to bind on address ...)": we name the address already
+        reason = (err.strerror or str(err)).split(" (while attempting", 1)[0]
+        raise ChatpairError(f"cannot listen on {host}:{port}: {reason}") from None
     return sock
 
 
