@@ -88,7 +88,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
 @click.option("--burst", default=100, show_default=True, type=click.IntRange(1), envvar="CHATPAIR_BURST",
               show_envvar=True, help="Messages a client may send at once before --rate applies.")
 @click.option("-v", "--verbose", count=True,
-              help="More log on stderr (-v: also every connect and handshake detail).")
+              help="More log on stderr (-v: debug detail). "
+                   "By default it logs connects, pairs, leaves and errors.")
 @click.option("-q", "--quiet", count=True, help="Less log on stderr (-q: warnings only, -qq: errors).")
 def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_interval: float,
            idle_timeout: float, write_timeout: float, relay_threads: int, workers: int,

@@ -271,7 +271,7 @@ class Listener(ConnLoop):
             self.live[conn.cid] = ip
             self.per_ip[ip] += 1
         self.handshaking.add(conn)
-        log.debug("%s: connected", label)
+        log.info("%s: connected", label)
         if self.tls is not None:
             conn.tls_state = 1
             self.adopt_conn(conn)
@@ -315,7 +315,7 @@ class Listener(ConnLoop):
         except OSError:
             data = b""
         if not data:
-            log.debug("%s: closed during the handshake", conn.label)
+            log.info("%s: closed during the handshake", conn.label)
             self.drop(conn, "disconnected")
             return
         decoder = conn.decoder
@@ -481,7 +481,7 @@ class Listener(ConnLoop):
                 self.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT,
                           f"no valid hello within {self.config.handshake_timeout:g} seconds")
             else:
-                log.debug("%s: sent nothing; closed at the handshake deadline", conn.label)
+                log.info("%s: sent nothing; closed at the handshake deadline", conn.label)
                 self.drop(conn, "disconnected")
         super().tick(now)
 
