@@ -771,7 +771,7 @@ class LoadWorker:
         if n_left:
             buf[:n_left] = left
         try:
-            n = sock.recv_into(self.bufmv[n_left:], RECV_SIZE)
+            n = sock.recv_into(self.bufmv[n_left:] if n_left else self.bufmv, RECV_SIZE)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             return 0
         except OSError as err:
