@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait as mp_wait
 from typing import Any, Callable, Iterable
 
-from chatpair.errors import ChatpairError, ConfigError, ConnectError
+from chatpair.errors import ChatpairError, ConfigError
 from chatpair.protocol import (
     BANNER_PREFIX,
     HEADER,

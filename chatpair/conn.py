@@ -115,8 +115,7 @@ class Conn:
             "cid": self.cid, "addr": self.addr, "mode": self.mode, "name": self.name, "room": self.room,
             "pending": self.pending.hex(), "line_buffer": line_buffer.hex(),
             "out": [(c.data.hex(), c.msgs, c.framed) for c in self.out], "out_off": self.out_off,
-            "pinged": self.pinged, "quiet_waiting": self.quiet_waiting,
-            "idle_for": None, "tokens": self.tokens,
+            "pinged": self.pinged, "quiet_waiting": self.quiet_waiting, "tokens": self.tokens,
         }
 
     @classmethod

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from chatpair import __version__
 from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
 from chatpair.lobby import Lobby, Paired, RoomFull
-from chatpair.loop import ConnLoop, Limits
+from chatpair.loop import EVENT_READ, ConnLoop, Limits
 from chatpair.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -134,6 +134,8 @@ class RelayHandle(Protocol):
 
     def join(self, timeout: float | None = None) -> None: ...
 
+    def alive(self) -> bool: ...
+
 
 class Listener(ConnLoop):
     """The listener's selector loop (one thread)."""
@@ -170,10 +172,10 @@ class Listener(ConnLoop):
         # one: set them once here instead of five syscalls per connection.
         tune_socket(listen_sock)
         self._tune_each = not sys.platform.startswith("linux")
-        self.sel.register(listen_sock, selectors_read(), None)
+        self.sel.register(listen_sock, EVENT_READ, None)
         if control is not None:
             control.setblocking(False)
-            self.sel.register(control, selectors_read(), None)
+            self.sel.register(control, EVENT_READ, None)
         self._channels: dict[Any, Any] = {}  # worker channel socket -> WorkerHandle
         self.relays: list[RelayHandle]
         if config.workers:
@@ -243,7 +245,7 @@ class Listener(ConnLoop):
     def _resume_accept(self) -> None:
         self._accept_paused_until = 0.0
         if self.running:
-            self.sel.register(self.listen_sock, selectors_read(), None)
+            self.sel.register(self.listen_sock, EVENT_READ, None)
 
     def _new_connection(self, sock: socket.socket, addr: Any) -> None:
         sock.setblocking(False)
@@ -470,7 +472,7 @@ class Listener(ConnLoop):
             relay.stop()
 
     def busy(self) -> bool:
-        return any(getattr(r, "alive", lambda: False)() for r in self.relays)
+        return any(relay.alive() for relay in self.relays)
 
     def tick(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
@@ -496,12 +498,6 @@ def _is_loopback(ip: str) -> bool:
         return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
-
-
-def selectors_read() -> int:
-    import selectors
-
-    return selectors.EVENT_READ
 
 
 def format_addr(addr: Any) -> str:
