@@ -203,6 +203,9 @@ class ConnLoop:
         """Take ownership of ``conn`` (register it with this loop's selector)."""
         conn.events = 0
         self.conns.add(conn)
+        if conn.throttled_until:
+            # Over its rate when it moved here: this loop must end the pause.
+            heapq.heappush(self._throttled, (conn.throttled_until, conn.cid, conn))
         self.update_interest(conn)
 
     def release_conn(self, conn: Conn) -> None:
@@ -403,13 +406,13 @@ class ConnLoop:
         heap = self._throttled
         while heap and heap[0][0] <= self.now:
             _, _, conn = heapq.heappop(heap)
-            if conn.throttled_until:
+            # A client that moved to another loop meanwhile is that loop's to wake.
+            if conn.throttled_until and conn in self.conns:
                 conn.throttled_until = 0.0
                 conn.last_rx = self.now  # the pause was ours, not the client's idleness
-                if conn in self.conns:
-                    self.update_interest(conn)
-                    if conn.mode == MODE_LINE:
-                        self.process_lines(conn)  # lines already buffered come first
+                self.update_interest(conn)
+                if conn.mode == MODE_LINE:
+                    self.process_lines(conn)  # lines already buffered come first
 
     # -- closing --------------------------------------------------------------------
 

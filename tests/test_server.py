@@ -143,3 +143,27 @@ def test_help_reads_well(args: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_throttled_client_keeps_its_messages_across_a_partner_change(start_server) -> None:
+    """A client over its rate when its partner leaves is still read (and relayed) after requeue."""
+    server = start_server("--rate", "20", "--burst", "5")
+    alice, bob = pair(server.port)
+    for i in range(30):  # 25 over the burst: about 1.25 s of throttling
+        alice.send_frame(MSG, b"m%d " % i + b"x" * 200)
+    assert bob.expect(MSG).startswith(b"m0 ")  # the burst gets through at once
+    bob.send_frame(0x04)  # BYE while alice is throttled
+    assert alice.expect(PEER_LEFT)["reason"] == "bye"
+    assert alice.expect(WAITING) == {"room": None}
+    carol = RawClient(server.port)
+    carol.hello("carol")
+    carol.expect(WELCOME)
+    carol.expect(WAITING)
+    assert carol.expect(PAIRED)["peer"] == "alice"
+    got: list[int] = []
+    while not got or got[-1] != 29:  # what bob did not get goes to carol, in order, once the pause ends
+        ftype, payload = carol.read_frame()
+        if ftype == MSG:
+            got.append(int(payload.split()[0][1:]))
+    assert got == list(range(got[0], 30)) and got[0] > 0
