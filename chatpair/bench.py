@@ -68,6 +68,7 @@ from multiprocessing.connection import Connection, wait as mp_wait
 from typing import Any, Callable, Iterable
 
 from chatpair.errors import ChatpairError, ConfigError
+from chatpair.listener import raise_fd_limit
 from chatpair.protocol import (
     BANNER_PREFIX,
     HEADER,
@@ -1357,24 +1358,6 @@ class ChurnWorker(LoadWorker):
 
 
 _WORKERS = {"flood": FloodWorker, "pingpong": PingPongWorker, "idle": IdleWorker, "churn": ChurnWorker}
-
-
-def raise_fd_limit() -> int:
-    """Soft descriptor limit up to the hard one; returns the soft limit now in force."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return 1 << 16
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def worker_main(spec: WorkerSpec, pipe: Connection, progress: Any) -> None:

@@ -55,9 +55,11 @@ from chatpair.protocol import (
     Frame,
     FrameDecoder,
     FrameType,
+    LineCommand,
     ProtocolError,
     encode_frame,
     encode_hello,
+    parse_client_line,
     sanitize,
     sanitize_name,
 )
@@ -811,29 +813,15 @@ class Transcript:
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Input:
-    """What one typed line means. ``kind``: msg, next, quit, help, ping, unknown, empty."""
-
-    kind: str
-    text: str = ""
-
+#: What one typed line means (``kind``: msg, next, quit, help, ping, unknown, empty).
+Input = LineCommand
 
 COMMANDS = ("next", "quit", "help", "ping")
 
 
 def parse_input(line: str) -> Input:
     """``/next`` etc. are commands, ``//x`` sends ``/x``, anything else is a message."""
-    if not line.strip():
-        return Input("empty")
-    if line.startswith("//"):
-        return Input("msg", line[1:])
-    if line.startswith("/"):
-        word = line.strip().split()[0][1:].lower()
-        if word in COMMANDS and line.strip().lower() == "/" + word:
-            return Input(word)
-        return Input("unknown", line.strip().split()[0])
-    return Input("msg", line)
+    return parse_client_line(line, COMMANDS)
 
 
 # --------------------------------------------------------------------------

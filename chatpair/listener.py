@@ -389,18 +389,7 @@ class Listener(ConnLoop):
             self._pair(self.waiting[result.waiter], conn, newcomer_first=waiting)
         else:
             self.send(conn, waiting)
-            self._process_buffered(conn)
-
-    def _process_buffered(self, conn: Conn) -> None:
-        """Act on frames or lines that arrived together with the handshake or hand-back."""
-        if not self.owns(conn):
-            return
-        if conn.mode == MODE_FRAME and len(conn.pending) >= 5:
-            pending = conn.pending
-            self.scratch[: len(pending)] = pending
-            self.scan_frames(conn, len(pending))
-        elif conn.mode == MODE_LINE:
-            self.process_lines(conn)
+            self.process_buffered(conn)
 
     def _pair(self, a: Conn, b: Conn, newcomer_first: bytes = b"") -> None:
         for me, peer, first in ((a, b, b""), (b, a, newcomer_first)):

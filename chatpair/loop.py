@@ -34,13 +34,14 @@ except ImportError:  # Python built without OpenSSL: no TLS, the rest works
 from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, OutChunk, event_bytes
 from chatpair.protocol import (
     HEADER,
-    MAX_PING_PAYLOAD,
     NEED_DATA,
     EndOfStream,
     ErrorCode,
+    Frame,
     FrameType,
     LineCommand,
     ProtocolError,
+    check_client_frame,
     encode_frame,
     parse_client_line,
 )
@@ -57,8 +58,12 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 #: How long a closing connection gets to take its last bytes (ERROR, BYE).
 LINGER_SECONDS = 2.0
-#: Timer resolution: keepalive, deadlines and lingering closes are checked this often.
+#: Timer resolution: handshake deadlines and lingering closes are checked this often.
 TICK_SECONDS = 0.25
+#: Keepalive, idle and write deadlines walk every connection, so they run less
+#: often: with 20,000 idle connections a walk costs milliseconds, and these
+#: timeouts are tens of seconds.
+SWEEP_SECONDS = 1.0
 #: One read takes at most this much; big enough to batch thousands of small frames.
 SCRATCH_SIZE = 256 * 1024
 
@@ -110,6 +115,7 @@ class ConnLoop:
         self._dead: list[Conn] = []
         self._again: list[Conn] = []  # TLS: decrypted bytes left inside the SSL object
         self._throttled: list[tuple[float, int, Conn]] = []  # heap of (resume time, cid, conn)
+        self._next_sweep = 0.0
         size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
         self.scratch = bytearray(size)
         self.scratch_view = memoryview(self.scratch)
@@ -210,6 +216,7 @@ class ConnLoop:
 
     def release_conn(self, conn: Conn) -> None:
         """Give up ownership without closing (the conn moves to another loop)."""
+        conn.paused = False  # flow control is this loop's bookkeeping; the next owner starts afresh
         self._unregister(conn)
         self.conns.discard(conn)
 
@@ -673,20 +680,19 @@ class ConnLoop:
         return good
 
     def on_control(self, conn: Conn, ftype: int, payload: bytes) -> None:
-        if ftype == FrameType.PING or ftype == FrameType.PONG:
-            if len(payload) > MAX_PING_PAYLOAD:
-                self.fail(conn, ErrorCode.BAD_FRAME, f"a PING or PONG payload is at most {MAX_PING_PAYLOAD} bytes")
-            elif ftype == FrameType.PING:
-                self.send(conn, encode_frame(FrameType.PONG, payload))
-            # a PONG needs nothing more: receiving any frame already counts as alive
+        """A frame that is not a MSG: checked by the protocol's rules, then acted on."""
+        try:
+            check_client_frame(Frame(ftype, payload))
+        except ProtocolError as err:
+            self.fail(conn, err.code, err.message)
+            return
+        if ftype == FrameType.PING:
+            self.send(conn, encode_frame(FrameType.PONG, payload))
         elif ftype == FrameType.NEXT:
             self.on_next(conn)
         elif ftype == FrameType.BYE:
             self.on_bye(conn)
-        elif ftype == FrameType.HELLO:
-            self.fail(conn, ErrorCode.BAD_FRAME, "HELLO is only valid as the first frame")
-        else:
-            self.fail(conn, ErrorCode.BAD_FRAME, f"frame type 0x{ftype:02x} is not one a client may send")
+        # a PONG needs nothing more: receiving any frame already counts as alive
 
     def read_lines(self, conn: Conn) -> None:
         try:
@@ -701,6 +707,24 @@ class ConnLoop:
             if data and conn.sock.__class__ is not socket.socket:
                 self._note_tls_pending(conn)
         self.process_lines(conn)
+
+    def process_buffered(self, conn: Conn) -> None:
+        """Act on input received before this loop owned ``conn``.
+
+        Bytes that came with the handshake, or were read before a hand-over,
+        will not make the socket readable again, so the new owner processes
+        them as soon as it adopts the connection.
+        """
+        if not self.owns(conn):
+            return
+        if conn.mode == MODE_FRAME and len(conn.pending) >= 5:
+            pending = conn.pending
+            self.scratch[: len(pending)] = pending
+            msgs = self.scan_frames(conn, len(pending))
+            if self.limits.rate and conn in self.conns:
+                self.charge(conn, msgs)
+        elif conn.mode == MODE_LINE:
+            self.process_lines(conn)
 
     def process_lines(self, conn: Conn) -> None:
         """Act on every complete line buffered for a line-mode client (until it is throttled)."""
@@ -741,7 +765,12 @@ class ConnLoop:
         """Keepalive, idle timeout, write deadline, lingering closes."""
         for conn in [c for c in self.closing if now >= c.close_at]:
             self._close_now(conn)
+        if now < self._next_sweep:
+            return
         lim = self.limits
+        # ...but never coarser than a quarter of the shortest of those timeouts.
+        self._next_sweep = now + max(TICK_SECONDS, min(
+            SWEEP_SECONDS, lim.ping_interval / 4, lim.idle_timeout / 4, lim.write_timeout / 4))
         ping_payload = None
         expired: list[tuple[Conn, str]] = []
         for conn in self.conns:

@@ -374,7 +374,7 @@ def check_client_frame(frame: Frame) -> None:
         frame.text()
     elif t in (FrameType.PING, FrameType.PONG):
         if len(frame.payload) > MAX_PING_PAYLOAD:
-            raise ProtocolError(ErrorCode.BAD_FRAME, f"PING/PONG payload over {MAX_PING_PAYLOAD} bytes")
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"a PING or PONG payload is at most {MAX_PING_PAYLOAD} bytes")
     elif t in (FrameType.NEXT, FrameType.BYE):
         pass  # payload is ignored: "empty" in the spec, and being lenient costs nothing
     elif t == FrameType.HELLO:
@@ -481,15 +481,23 @@ class LineCommand:
     text: str = ""
 
 
-def parse_client_line(line: str) -> LineCommand:
-    """Interpret one line typed by a line-mode (netcat) user."""
+#: The commands a line-mode (netcat) user may type.
+LINE_COMMANDS: Final = ("next", "quit", "help")
+
+
+def parse_client_line(line: str, commands: tuple[str, ...] = LINE_COMMANDS) -> LineCommand:
+    """Interpret one typed line: ``/command``, ``//x`` (sends ``/x``), a message, or nothing.
+
+    The server knows LINE_COMMANDS; ``chatpair client`` passes its own list
+    (it adds ``/ping``).
+    """
     if not line.strip():
         return LineCommand("empty")
     if line.startswith("//"):
         return LineCommand("msg", line[1:])
     if line.startswith("/"):
         cmd = line.strip().lower()
-        if cmd in ("/next", "/quit", "/help"):
+        if cmd[1:] in commands:
             return LineCommand(cmd[1:])
         return LineCommand("unknown", line.strip().split()[0])
     return LineCommand("msg", line)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
-from chatpair.loop import ConnLoop, Limits
+from chatpair.loop import LOW_WATER, ConnLoop, Limits
 from chatpair.protocol import ErrorCode, FrameType, encode_frame, encode_notice
 
 log = logging.getLogger("chatpair")
@@ -92,19 +92,11 @@ class Relay(ConnLoop):
                 self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
             return
         a.partner, b.partner = b, a
-        a.paused = b.paused = False
         self.pairs += 1
         for conn in (a, b):
             self.adopt_conn(conn)
-        # Bytes that arrived with the handshake (or before the hand-over) are
-        # processed now: the socket will not report them readable again.
         for conn in (a, b):
-            if self.owns(conn) and conn.mode == MODE_FRAME and len(conn.pending) >= 5:
-                pending = conn.pending
-                self.scratch[: len(pending)] = pending
-                self.scan_frames(conn, len(pending))
-            elif self.owns(conn) and conn.mode == MODE_LINE:
-                self.process_lines(conn)
+            self.process_buffered(conn)
 
     def stop(self) -> None:
         """Tell every client ``shutdown`` (no PEER_LEFT: everyone hears the same) and wind down."""
@@ -158,7 +150,7 @@ class Relay(ConnLoop):
 
     def may_read(self, conn: Conn) -> bool:
         partner = conn.partner
-        return conn.out_bytes < HIGH and (partner is None or partner.out_bytes < HIGH)
+        return conn.out_bytes < LOW_WATER and (partner is None or partner.out_bytes < LOW_WATER)
 
     # -- leaving ----------------------------------------------------------------------------
 
@@ -188,16 +180,11 @@ class Relay(ConnLoop):
         self.enqueue(stayer, event_bytes(stayer, FrameType.PEER_LEFT, {"peer": leaver.name, "reason": reason}))
         end = PairEnd(leaver.cid, stayer.cid, next_by=None if closing else leaver.cid)
         for conn in (stayer,) if closing else (stayer, leaver):
-            conn.paused = False
             self.release_conn(conn)
             end.back.append(conn)
         if closing:
             end.gone.append(leaver.cid)
         self._ended.append(end)
-
-
-#: A relay reads from a client only while both its own and its partner's backlog are below this.
-HIGH = 256 * 1024
 
 
 class RelayThread:

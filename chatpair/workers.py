@@ -30,7 +30,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from chatpair.conn import MODE_LINE, Conn
+from chatpair.conn import Conn
 from chatpair.loop import EVENT_READ, EVENT_WRITE
 from chatpair.relay import PairEnd, Relay
 
@@ -301,4 +301,4 @@ def start_workers(config: Any, on_pair_end: Callable[[PairEnd], None], sel: Any)
     return [WorkerHandle(config, i, on_pair_end, sel) for i in range(config.workers)]
 
 
-__all__ = ["Channel", "WorkerHandle", "start_workers", "worker_main", "workers_supported", "MODE_LINE"]
+__all__ = ["Channel", "WorkerHandle", "start_workers", "worker_main", "workers_supported"]

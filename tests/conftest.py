@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -55,73 +55,108 @@ def _direct_children(pid: int) -> list[int]:
         return []
 
 
-class ServerProcess:
-    """A running ``python -m chatpair server``; ``port`` is the real port."""
+def spawned_children(pid: int) -> list[int]:
+    """Live children started by multiprocessing's spawn (not its resource tracker)."""
+    out = []
+    for kid in _direct_children(pid):
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as fh:
+                if b"spawn_main" in fh.read() and pid_alive(kid):
+                    out.append(kid)
+        except OSError:
+            continue
+    return out
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 15.0) -> None:
+
+class ServerProcess:
+    """A running ``python -m chatpair server``; ``port`` is the real port.
+
+    stderr is collected line by line in the background (a chatty log must
+    never fill the pipe and block the server); stdout lines after the first
+    (the TLS fingerprint) are kept for :meth:`stdout_line`.
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 15.0,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         cmd = [sys.executable, "-m", "chatpair", "server", "--host", "127.0.0.1", "--port", "0", *args]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=ROOT, env={**os.environ, **(env or {})},
+            cwd=ROOT, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
         )
         self.port = 0
-        self.stdout_rest = b""  # what the server printed after its first line (TLS fingerprint)
-        line = self._read_stdout_line(timeout)
-        if not line.startswith(b"listening on "):
-            self.proc.kill()
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-            raise RuntimeError(f"server did not start: {line!r} {err}")
-        self.port = int(line.split()[2].rsplit(b":", 1)[1])
-        # Drain stderr in the background: a chatty log must never fill the
-        # pipe and block the server.
         self.stderr_text = ""  # the whole log, once stopped
-        self._stderr_chunks: list[bytes] = []
-        self._stderr_thread = threading.Thread(target=self._collect_stderr, daemon=True)
-        self._stderr_thread.start()
+        self._stdout = b""
+        self._err: list[str] = []
+        self._err_cond = threading.Condition()
+        self._err_thread = threading.Thread(target=self._collect_stderr, daemon=True)
+        self._err_thread.start()
+        try:
+            line = self.stdout_line(timeout)
+        except AssertionError:
+            line = ""
+        if not line.startswith("listening on "):
+            self.kill()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.stderr()}")
+        self.port = int(line.split()[2].rsplit(":", 1)[1])
 
     def _collect_stderr(self) -> None:
         assert self.proc.stderr is not None
-        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr]
-            self._stderr_chunks.append(chunk)
+        for raw in iter(self.proc.stderr.readline, b""):
+            with self._err_cond:
+                self._err.append(raw.decode(errors="replace"))
+                self._err_cond.notify_all()
 
-    def stderr_so_far(self) -> str:
-        return b"".join(self._stderr_chunks).decode(errors="replace")
+    def stderr(self) -> str:
+        """The log so far."""
+        with self._err_cond:
+            return "".join(self._err)
 
-    def _read_stdout_line(self, timeout: float) -> bytes:
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+    def wait_stderr(self, text: str, timeout: float) -> str:
+        """Wait for a log line containing ``text``; return it."""
         deadline = time.monotonic() + timeout
-        buf = b""
+        with self._err_cond:
+            while True:
+                for line in self._err:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {text!r} on the server's stderr within {timeout}s:\n"
+                                         + "".join(self._err[-30:]))
+                self._err_cond.wait(left)
+
+    def stdout_line(self, timeout: float) -> str:
+        """The next line the server printed on stdout (AssertionError at the deadline)."""
+        assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                break
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-        sel.close()
-        line, _, self.stdout_rest = buf.partition(b"\n")
-        return line
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._stdout:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise AssertionError(f"no stdout line from the server within {timeout}s")
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                self._stdout += chunk
+        line, _, self._stdout = self._stdout.partition(b"\n")
+        return line.decode(errors="replace")
 
     def children(self) -> list[int]:
         return _children(self.proc.pid)
 
-    def listener_pid(self, timeout: float = 10.0) -> int:
-        """The listener process (``listening on`` is printed before it starts: poll for it)."""
+    def listener(self, timeout: float = 10.0) -> int:
+        """Pid of the one live listener process (``listening on`` is printed before it starts)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for pid in _children(self.proc.pid):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                        if b"spawn_main" in fh.read() and pid in _direct_children(self.proc.pid):
-                            return pid
-                except OSError:
-                    continue
+        while True:
+            kids = spawned_children(self.proc.pid)
+            if kids:
+                assert len(kids) == 1, f"expected one listener process, found {kids}"
+                return kids[0]
+            if time.monotonic() >= deadline:
+                raise AssertionError("no listener process appeared")
             time.sleep(0.02)
-        raise AssertionError("no listener process appeared")
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM; wait; return the exit code (and check no child is left)."""
@@ -134,8 +169,8 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError("server did not stop within the timeout after SIGTERM")
-        self._stderr_thread.join(5)
-        self.stderr_text = self.stderr_so_far()
+        self._err_thread.join(5)
+        self.stderr_text = self.stderr()
         deadline = time.monotonic() + 5
         while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -565,29 +565,12 @@ def make_cert(directory: Path, name: str, san: str) -> tuple[Path, Path]:
     return cert, key
 
 
-class TlsServerProcess(ServerProcess):
-    """conftest's ServerProcess reads the port from ``listening on H:P``; a TLS
-    server prints ``listening on H:P (TLS)``, so drop that suffix first."""
-
-    def _read_stdout_line(self, timeout: float) -> bytes:
-        return super()._read_stdout_line(timeout).removesuffix(b" (TLS)")
-
-
 @pytest.fixture
-def tls_server_factory():
-    started: list[TlsServerProcess] = []
+def tls_server_factory(start_server):
+    def start(cert: Path, key: Path) -> ServerProcess:
+        return start_server("--tls-cert", str(cert), "--tls-key", str(key))
 
-    def start(cert: Path, key: Path) -> TlsServerProcess:
-        server = TlsServerProcess("--tls-cert", str(cert), "--tls-key", str(key))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        try:
-            server.stop()
-        finally:
-            server.kill()
+    return start
 
 
 def cert_fingerprint(cert: Path) -> str:

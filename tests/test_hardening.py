@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import ROOT, ServerProcess, pid_alive
+from conftest import ROOT, ServerProcess, pid_alive, spawned_children
 
 from chatpair.protocol import FrameType
 
@@ -63,27 +63,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # =====================================================================================
 # /proc helpers
 # =====================================================================================
-
-
-def direct_children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        return []
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
-
-
-def spawned_children(pid: int) -> list[int]:
-    """Children started by multiprocessing's spawn (not its resource tracker)."""
-    return [k for k in direct_children(pid) if b"spawn_main" in cmdline(k) and pid_alive(k)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -153,91 +132,9 @@ def wait_for(what: str, pred: Callable[[], Any], timeout: float, poll: float = 0
 # =====================================================================================
 
 
-class HardServer(ServerProcess):
-    """``python -m chatpair server`` with stderr drained and every stdout line kept."""
-
-    def __init__(self, *args: str, preexec_fn: Callable[[], None] | None = None,
-                 timeout: float = 15.0) -> None:
-        cmd = [sys.executable, "-m", "chatpair", "server", "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=ROOT, preexec_fn=preexec_fn,
-        )
-        self.port = 0
-        self.stderr_text = ""
-        self._stdout = b""
-        self._err: list[str] = []
-        self._err_cond = threading.Condition()
-        self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._err_thread.start()
-        line = self.stdout_line(timeout)
-        if not line.startswith("listening on "):
-            self.kill()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.stderr()}")
-        self.port = int(line.rsplit(":", 1)[1].split()[0])
-
-    def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self._err_cond:
-                self._err.append(raw.decode(errors="replace"))
-                self._err_cond.notify_all()
-
-    def stderr(self) -> str:
-        with self._err_cond:
-            return "".join(self._err)
-
-    def wait_stderr(self, text: str, timeout: float) -> str:
-        """Wait for a stderr line containing ``text``."""
-        deadline = time.monotonic() + timeout
-        with self._err_cond:
-            while True:
-                for line in self._err:
-                    if text in line:
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no {text!r} on the server's stderr within {timeout}s:\n"
-                                         + "".join(self._err[-30:]))
-                self._err_cond.wait(left)
-
-    def stdout_line(self, timeout: float) -> str:
-        """The next stdout line (keeps what was read beyond it)."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while b"\n" not in self._stdout:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise AssertionError(f"no stdout line from the server within {timeout}s")
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                self._stdout += chunk
-        line, _, self._stdout = self._stdout.partition(b"\n")
-        return line.decode(errors="replace")
-
-    def listener(self) -> int:
-        """Pid of the (single, live) listener process."""
-        kids = wait_for("the listener process", lambda: spawned_children(self.proc.pid), 10)
-        assert len(kids) == 1, f"expected one listener process, found {kids}"
-        return kids[0]
-
-    def stop(self, timeout: float = 15.0) -> int:
-        kids = self.children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError("server did not stop within the timeout after SIGTERM") from None
-        self._err_thread.join(5)
-        self.stderr_text = self.stderr()
-        wait_for("every server process to exit", lambda: not any(pid_alive(k) for k in kids), 5)
-        return code
+#: conftest's ServerProcess: stderr drained line by line, every stdout line
+#: kept, ``listener()``, ``wait_stderr()``; the name says what these tests use it for.
+HardServer = ServerProcess
 
 
 @pytest.fixture
