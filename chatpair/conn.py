@@ -50,7 +50,7 @@ class Conn:
         "last_rx", "pinged", "write_stalled_since", "deadline",
         "partner", "events", "closing", "close_at", "paused",
         "quiet_waiting", "tokens", "token_time", "throttled_until", "tls_state",
-        "refusal",
+        "refusal", "owner",
     )
 
     def __init__(self, sock: socket.socket, cid: int, addr: str, now: float) -> None:
@@ -85,6 +85,11 @@ class Conn:
         self.tls_state = 0  # TLS handshake in progress: 1 wants to read, 2 wants to write
         #: (code, message) when a limit refuses this client: said as soon as its mode is known
         self.refusal: tuple[str, str] | None = None
+        #: The one loop that may register, read, write or close this
+        #: connection; None while it is handed from one loop to another.
+        #: Only :meth:`ConnLoop.adopt_conn` and :meth:`ConnLoop.release_conn`
+        #: change it, each on its own loop's thread.
+        self.owner: object | None = None
 
     def __repr__(self) -> str:
         return f"<Conn {self.cid} {self.name or '?'}@{self.addr}>"

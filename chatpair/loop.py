@@ -105,6 +105,9 @@ class ConnLoop:
 
     name = "loop"
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.sel = selectors.DefaultSelector()
@@ -158,14 +161,19 @@ class ConnLoop:
                     if conn is None:
                         self.on_special(key.fileobj)  # type: ignore[arg-type]
                         continue
-                    if mask & EVENT_WRITE and conn.events:
+                    # An event of this batch may be stale: handling an earlier
+                    # one can hand this connection to another loop (or close
+                    # it). Only the owner may touch it, so ask ownership, not
+                    # "registered somewhere" - the new owner may already have
+                    # registered it in its own selector.
+                    if mask & EVENT_WRITE and conn.owner is self and conn.events:
                         self._on_writable(conn)
-                    if mask & EVENT_READ and conn.events:
+                    if mask & EVENT_READ and conn.owner is self and conn.events:
                         self._on_readable(conn)
                 while self._again:
                     again, self._again = self._again, []
                     for conn in again:
-                        if conn.events and not conn.closing:
+                        if conn.owner is self and not conn.closing:
                             self._on_readable(conn)
                 if self._throttled and self._throttled[0][0] <= self.now:
                     self._end_throttles()
@@ -206,7 +214,14 @@ class ConnLoop:
     # -- registration -----------------------------------------------------------
 
     def adopt_conn(self, conn: Conn) -> None:
-        """Take ownership of ``conn`` (register it with this loop's selector)."""
+        """Take ownership of ``conn`` (register it with this loop's selector).
+
+        Only a connection nobody owns can be adopted: the previous owner must
+        have called :meth:`release_conn` first, on its own thread.
+        """
+        if conn.owner is not None:
+            raise RuntimeError(f"{conn!r} is still owned by {conn.owner!r}; it must be released first")
+        conn.owner = self
         conn.events = 0
         self.conns.add(conn)
         if conn.throttled_until:
@@ -215,10 +230,18 @@ class ConnLoop:
         self.update_interest(conn)
 
     def release_conn(self, conn: Conn) -> None:
-        """Give up ownership without closing (the conn moves to another loop)."""
+        """Give up ownership without closing (the conn moves to another loop).
+
+        After this returns, this loop never touches ``conn`` again: stale
+        selector events and queued timers for it are skipped because
+        ``conn.owner`` is no longer this loop.
+        """
+        if conn.owner is not self:
+            raise RuntimeError(f"{self!r} cannot release {conn!r}: it is owned by {conn.owner!r}")
         conn.paused = False  # flow control is this loop's bookkeeping; the next owner starts afresh
         self._unregister(conn)
         self.conns.discard(conn)
+        conn.owner = None
 
     def _unregister(self, conn: Conn) -> None:
         if conn.events:
@@ -414,7 +437,7 @@ class ConnLoop:
         while heap and heap[0][0] <= self.now:
             _, _, conn = heapq.heappop(heap)
             # A client that moved to another loop meanwhile is that loop's to wake.
-            if conn.throttled_until and conn in self.conns:
+            if conn.throttled_until and conn.owner is self and conn in self.conns:
                 conn.throttled_until = 0.0
                 conn.last_rx = self.now  # the pause was ours, not the client's idleness
                 self.update_interest(conn)
@@ -466,6 +489,8 @@ class ConnLoop:
     def _bury_dead(self) -> None:
         dead, self._dead = self._dead, []
         for conn in dead:
+            if conn.owner is not self:
+                continue  # moved to another loop since: its failure is that loop's to see
             if conn in self.conns:
                 self.drop(conn, "disconnected")
             elif conn.closing:
@@ -515,6 +540,11 @@ class ConnLoop:
             self._tls_handshake(conn)
         elif conn.closing:
             self._drain_closing(conn)
+        elif conn.deadline:
+            # Still handshaking: the first byte fixed the mode, but the HELLO
+            # or name line may arrive in several pieces (telnet sends a key
+            # at a time), and every piece belongs to the handshake.
+            self.on_handshake_readable(conn)
         elif conn.mode == MODE_FRAME:
             self.read_frames(conn)
         elif conn.mode == MODE_LINE:

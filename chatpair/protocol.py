@@ -197,6 +197,32 @@ def encode_msg(text: str) -> bytes:
     return encode_frame(FrameType.MSG, data)
 
 
+def split_utf8(text: str, max_bytes: int) -> list[bytes]:
+    """``text`` as UTF-8 pieces of at most ``max_bytes`` bytes, cut between characters.
+
+    Used where one text must become several MSG frames (a line-mode line
+    whose invalid bytes became U+FFFD can be three times the line limit).
+    Always makes progress: a character longer than ``max_bytes`` (only
+    possible with ``max_bytes`` < 4) becomes a piece of its own.
+    """
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return [data] if data else []
+    pieces: list[bytes] = []
+    start, size = 0, len(data)
+    while start < size:
+        end = min(start + max(1, max_bytes), size)
+        while end < size and end > start and (data[end] & 0xC0) == 0x80:  # never inside a character
+            end -= 1
+        if end == start:  # one character wider than max_bytes: keep it whole
+            end = start + 1
+            while end < size and (data[end] & 0xC0) == 0x80:
+                end += 1
+        pieces.append(data[start:end])
+        start = end
+    return pieces
+
+
 def encode_hello(name: str, room: str | None = None) -> bytes:
     return encode_json_frame(FrameType.HELLO, {"version": PROTOCOL_VERSION, "name": name, "room": room})
 
@@ -395,7 +421,8 @@ _WILL_WONT_DO_DONT = range(251, 255)
 class LineDecoder:
     """Splits line-mode input into text lines.
 
-    ``\\r`` before ``\\n`` is dropped, telnet IAC sequences are skipped, bytes
+    ``\\r`` before ``\\n`` is dropped, ``\\r\\0`` (telnet's Enter in character
+    mode) ends a line too, telnet IAC sequences are skipped, bytes
     that are not UTF-8 become U+FFFD (people type; they are not refused for
     it). A line over ``max_line`` bytes raises ``frame_too_large`` as soon as
     that many bytes are buffered without a newline.
@@ -416,6 +443,16 @@ class LineDecoder:
             return
         if _IAC in data or self._iac_state:
             data = self._strip_iac(data)
+        if 0 in data:
+            # telnet in character mode ends a line with CR NUL (RFC 854's
+            # "bare carriage return"), never LF: treat it as the newline it
+            # is to the person typing. The CR may have come in the last feed.
+            start = max(0, len(self._buf) - 1)
+            self._buf += data
+            tail = self._buf[start:]
+            if b"\r\0" in tail:
+                self._buf[start:] = tail.replace(b"\r\0", b"\r\n")
+            return
         self._buf += data
 
     def _strip_iac(self, data: bytes) -> bytes:

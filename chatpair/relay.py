@@ -29,7 +29,7 @@ from typing import Callable
 
 from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
 from chatpair.loop import LOW_WATER, ConnLoop, Limits
-from chatpair.protocol import ErrorCode, FrameType, encode_frame, encode_notice
+from chatpair.protocol import ErrorCode, FrameType, encode_frame, encode_notice, split_utf8
 
 log = logging.getLogger("chatpair")
 
@@ -132,7 +132,14 @@ class Relay(ConnLoop):
         if partner is None:
             self.send(conn, undelivered_notices(conn, 1, "you have no partner right now"))
         elif partner.mode == MODE_FRAME:
-            self.send(partner, encode_frame(FrameType.MSG, text.encode("utf-8")), 1)
+            # A line is at most max_frame - 1 bytes as typed, but each invalid
+            # byte became U+FFFD (3 bytes): cut it into MSG frames that fit.
+            data = text.encode("utf-8")
+            if len(data) < self.limits.max_frame:
+                self.send(partner, encode_frame(FrameType.MSG, data), 1)
+            else:
+                for piece in split_utf8(text, self.limits.max_frame - 1):
+                    self.send(partner, encode_frame(FrameType.MSG, piece), 1)
         else:
             self.send(partner, line_msg_bytes(conn.name, text), 1, False)
 
