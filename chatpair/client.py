@@ -41,7 +41,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import IO, Any, Union
 
-from chatpair.errors import ConfigError, ConnectError, RefusedError
+from chatpair.errors import ChatpairError, ConfigError, ConnectError, RefusedError
 from chatpair.protocol import (
     BANNER_PREFIX,
     DEFAULT_MAX_FRAME,
@@ -64,6 +64,10 @@ from chatpair.protocol import (
     sanitize_name,
 )
 
+#: The frame types a server may send; anything else is ignored.
+_SERVER_TYPES = frozenset({FrameType.MSG, FrameType.PING, FrameType.PONG, FrameType.WELCOME, FrameType.WAITING,
+                           FrameType.PAIRED, FrameType.PEER_LEFT, FrameType.NOTICE, FrameType.ERROR})
+
 DEFAULT_HOST = "127.0.0.1"
 #: Seconds for connect + TLS + banner + WELCOME, one deadline for all of it,
 #: so a port that accepts and then says nothing (a TLS port, a tarpit) fails
@@ -76,6 +80,26 @@ BYE_DRAIN_TIMEOUT = 3.0
 #: slowing us down (flood control), so reading more would only use memory.
 OUTBOX_HIGH = 1 << 20
 SEND_CHUNK = 1 << 18
+#: A WELCOME announcing a ``max_frame`` below this (or one that is not an
+#: integer up to MAX_FRAME_CEILING) comes from a broken server: no useful
+#: message fits, so the client says so and leaves instead of guessing.
+#: (chatpair's own server allows 1,024 at least.)
+MIN_SERVER_MAX_FRAME = 64
+#: PONGs are answered only while less than this waits to be sent. A server
+#: that PINGs without reading our answers gets one coalesced PONG (for its
+#: latest PING) once it reads again, so a PING flood never grows the outbox.
+#: A PONG is not a message; the user's own messages are never held back.
+PONG_ROOM = 4096
+#: A server PINGs a few times a minute. Past this many frames a second that
+#: carry nothing for the user (PINGs, PONGs we did not ask for, reserved
+#: types; after a burst of as many), reading from the server pauses until
+#: the rate is back under it, so a PING flood cannot pin a CPU. Frames the
+#: user sees (MSG...) have no such budget: they are the work itself, and the
+#: server's flow control paces them.
+PING_RATE = 100.0
+#: The longest read pause such a flood causes at a time (and so the most a
+#: message queued behind it is delayed per 64 KiB read).
+PING_PAUSE_MAX = 1.0
 
 HELP_TEXT = (
     "commands: /next (leave your partner, find a new one), /quit (leave), "
@@ -408,7 +432,14 @@ def connect(config: ClientConfig) -> "Connection":
 
 
 def split_message(text: str, max_bytes: int) -> list[str]:
-    """Cut text into pieces of at most ``max_bytes`` UTF-8 bytes, at character boundaries."""
+    """Cut text into pieces of at most ``max_bytes`` UTF-8 bytes, at character boundaries.
+
+    ``max_bytes`` must be at least 4 (one character may take 4 bytes):
+    below that some text cannot be cut at all, and ValueError is raised
+    rather than looping.
+    """
+    if max_bytes < 4:
+        raise ValueError(f"cannot split text into pieces of {max_bytes} bytes: a character may take 4")
     data = text.encode("utf-8")
     if len(data) <= max_bytes:
         return [text]
@@ -418,6 +449,7 @@ def split_message(text: str, max_bytes: int) -> list[str]:
         end = min(start + max_bytes, len(data))
         while end < len(data) and (data[end] & 0xC0) == 0x80:  # never cut inside a character
             end -= 1
+        # start is at a character boundary and max_bytes >= 4, so end > start.
         pieces.append(data[start:end].decode("utf-8"))
         start = end
     return pieces
@@ -428,7 +460,9 @@ class Connection:
 
     Not thread-safe: one owner (the pipe loop or the TUI loop) calls
     everything. ``fileno()`` lets that owner wait on it with a selector; call
-    :meth:`receive` when it is readable.
+    :meth:`receive` when it is readable and :meth:`flush` when it is
+    writable (while :attr:`wants_write`). Before waiting to read, the owner
+    checks :meth:`read_pause`: a server flooding PINGs is read more slowly.
     """
 
     def __init__(self, sock: socket.socket, config: ClientConfig, banner: str, rest: bytes = b"") -> None:
@@ -449,9 +483,22 @@ class Connection:
         #: Bytes not yet taken by the kernel. Sends never block (after the
         #: handshake): the owner keeps reading while the server slows us
         #: down, so two clients piping big inputs at each other cannot
-        #: deadlock with both stuck in sendall.
+        #: deadlock with both stuck in sendall. A send is tried at once only
+        #: when the outbox was empty; otherwise the kernel said "full" and
+        #: the owner flushes when the socket is writable (never a busy loop).
         self.outbox = bytearray()
         self._leaving = False
+        #: The latest PING payload not answered yet because PONG_ROOM was
+        #: used up (the server is not reading us): answered once it is.
+        self._pong_owed: bytes | None = None
+        self._flush_due = False
+        #: Token bucket for frames that carry nothing for the user (PINGs,
+        #: PONGs we did not ask for, reserved types).
+        self._chatter_tokens = PING_RATE
+        self._chatter_clock = time.monotonic()
+        self._read_paused_until = 0.0
+        #: Why a send failed where nobody could be told at once (a PONG).
+        self._lost: str | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -459,23 +506,52 @@ class Connection:
     # -- handshake ---------------------------------------------------------
 
     def handshake(self, deadline: float) -> Welcome:
-        """Send HELLO and wait for WELCOME (or ERROR -> RefusedError)."""
+        """Send HELLO and wait for WELCOME (or ERROR -> RefusedError).
+
+        Every frame that came with the WELCOME in the same read (WAITING,
+        PAIRED, a NOTICE, even an ERROR or a broken frame) is kept, in
+        order, for the first :meth:`receive`. A NOTICE before WELCOME is
+        kept too; if the handshake then fails, the raised error carries the
+        events seen so far in ``early`` so the caller can show them first.
+        """
         self._send(encode_hello(self.config.name, self.config.room))
-        while self.welcome is None:
+        events = self._drain()  # frames that arrived together with the banner
+        while True:
+            for i, ev in enumerate(events):
+                if isinstance(ev, Welcome):
+                    self._early += events[i:]
+                    self.sock.setblocking(False)
+                    return ev
+                if isinstance(ev, ServerError):
+                    raise self._failed(RefusedError(ev.code, f"{self.label} refused: {sanitize(ev.message, False)}"))
+                if isinstance(ev, Closed):
+                    raise self._failed(ConnectError(sanitize(ev.reason, False)))
+                if not isinstance(ev, Notice):
+                    raise self._failed(ConnectError(f"{self.label} is not a chatpair server (no WELCOME)"))
+                self._early.append(ev)
+            events = []
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ConnectError(f"{self.label} did not answer our hello in time")
+                raise self._failed(ConnectError(f"{self.label} did not answer our hello in time"))
+            pause = self.read_pause()
+            if pause:  # a PING flood before WELCOME: read it slowly, within the deadline
+                time.sleep(min(pause, left))
+                continue
             self.sock.settimeout(left)
-            for ev in self._read_events():
-                if isinstance(ev, ServerError):
-                    raise RefusedError(ev.code, f"{self.label} refused: {sanitize(ev.message, False)}")
-                if isinstance(ev, Closed):
-                    raise ConnectError(f"{self.label} closed the connection during the handshake")
-                if self.welcome is None and not isinstance(ev, Welcome):
-                    raise ConnectError(f"{self.label} is not a chatpair server (no WELCOME)")
-                self._early.append(ev)
-        self.sock.setblocking(False)
-        return self.welcome
+            try:
+                data = self._recv()
+            except socket.timeout:
+                continue
+            except ssl.SSLError as err:
+                raise self._failed(ConnectError(f"TLS error from {self.label}: {err.reason or err}")) from None
+            except OSError as err:
+                raise self._failed(ConnectError(
+                    f"connection to {self.label} lost during the handshake: {_os_reason(err)}")) from None
+            events = self._decode(data)
+
+    def _failed(self, err: ChatpairError) -> ChatpairError:
+        err.early = list(self._early)  # type: ignore[attr-defined]
+        return err
 
     # -- receiving ---------------------------------------------------------
 
@@ -488,15 +564,30 @@ class Connection:
             early, self._early = self._early, []
             return early
         if self.closed:
-            return [Closed("connection closed")]
+            return [Closed(self._lost or f"connection to {self.label} closed")]
         return self._read_events()
+
+    def read_pause(self, now: float | None = None) -> float:
+        """Seconds to wait before reading again (0: read now).
+
+        Non-zero only while the server sends more PINGs (and other frames
+        with nothing for the user) than PING_RATE a second: the owner stops
+        watching for readability meanwhile, so a flood costs little CPU.
+        """
+        if now is None:
+            now = time.monotonic()
+        return max(0.0, self._read_paused_until - now)
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        # TLS may hold decrypted bytes the selector cannot see: take them now.
+        while data and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            data += self.sock.recv(self.sock.pending())
+        return data
 
     def _read_events(self) -> list[Event]:
         try:
-            data = self.sock.recv(65536)
-            # TLS may hold decrypted bytes the selector cannot see: take them now.
-            while data and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-                data += self.sock.recv(self.sock.pending())
+            data = self._recv()
         except (ssl.SSLWantReadError, BlockingIOError):
             return []
         except socket.timeout:
@@ -509,45 +600,91 @@ class Connection:
 
     def _decode(self, data: bytes) -> list[Event]:
         self.decoder.feed(data)
+        return self._drain()
+
+    def _drain(self) -> list[Event]:
+        """Every event buffered, in order; stops after the first ERROR or end."""
         events: list[Event] = []
         while True:
             try:
                 item = self.decoder.next_event()
             except ProtocolError as err:
                 self.closed = True
-                events.append(Closed(f"{self.label} broke the protocol: {err.message}"))
-                return events
+                events.append(Closed(self._broken(err)))
+                break
             if item is NEED_DATA:
-                return events
+                break
             if isinstance(item, EndOfStream):
                 self.closed = True
-                events.append(Closed(f"{self.label} closed the connection"))
-                return events
+                during = "" if self.welcome is not None else " during the handshake"
+                events.append(Closed(f"{self.label} closed the connection{during}"))
+                break
             assert isinstance(item, Frame)
             ev = self._on_frame(item)
             if ev is not None:
                 events.append(ev)
-                if isinstance(ev, ServerError):
+                if isinstance(ev, (ServerError, Closed)):
                     self.closed = True
-                    return events
+                    break
+        if self._flush_due:  # PONGs of this read: one send for all of them
+            self._flush_due = False
+            self.flush(quiet=True)
+            if self._lost and not (events and isinstance(events[-1], (ServerError, Closed))):
+                events.append(Closed(self._lost))
+        return events
+
+    def _broken(self, err: ProtocolError) -> str:
+        """The one line for a server that broke the framing."""
+        if err.code == "frame_too_large":
+            size = int.from_bytes(self.decoder.buffered[:4], "big")
+            if self.welcome is not None:
+                return (f"{self.label} sent a frame of {size:,} bytes, over its own limit of "
+                        f"{self.max_frame:,} (a broken server?)")
+            return (f"{self.label} sent a frame of {size:,} bytes before its WELCOME, over the limit of "
+                    f"{self.decoder.max_frame:,}: not a working chatpair server")
+        return f"{self.label} broke the protocol: {err.message}"
+
+    def _chatter(self) -> None:
+        """Count one frame that carries nothing for the user; pause reading past the budget."""
+        now = time.monotonic()
+        tokens = min(PING_RATE, self._chatter_tokens + (now - self._chatter_clock) * PING_RATE) - 1
+        self._chatter_clock = now
+        self._chatter_tokens = max(tokens, -PING_RATE * PING_PAUSE_MAX)
+        if tokens < 0:
+            self._read_paused_until = now - self._chatter_tokens / PING_RATE
 
     def _on_frame(self, frame: Frame) -> Event | None:
         t = frame.type
         if t == FrameType.MSG:
             return Message(self.peer or "?", frame.payload.decode("utf-8", "replace"))
         if t == FrameType.PING:
-            if self._leaving:
-                return None  # our side is shut for writing after BYE
-            self._send(encode_frame(FrameType.PONG, frame.payload[:MAX_PING_PAYLOAD]), quiet=True)
+            self._chatter()
+            if not self._leaving:  # after BYE our side is shut for writing
+                self._pong(frame.payload[:MAX_PING_PAYLOAD])
             return None
         if t == FrameType.PONG:
             sent = self._pings.pop(frame.payload, None)
-            return Pong(time.monotonic() - sent) if sent is not None else None
+            if sent is None:
+                self._chatter()
+                return None
+            return Pong(time.monotonic() - sent)
+        if t not in _SERVER_TYPES:
+            self._chatter()
+            return None  # reserved or unknown types: ignored, for forward compatibility
         try:
-            obj = frame.json() if t >= 0x10 else {}
+            obj = frame.json()
         except ProtocolError:
             obj = {}
         return self._on_control(t, obj)
+
+    def _pong(self, payload: bytes) -> None:
+        """Answer a PING, unless the server is not reading what we already sent."""
+        if len(self.outbox) >= PONG_ROOM:
+            self._pong_owed = payload  # only the latest one is answered, later
+            return
+        if not self.outbox:
+            self._flush_due = True
+        self.outbox += encode_frame(FrameType.PONG, payload)
 
     def _on_control(self, t: int, obj: dict[str, Any]) -> Event | None:
         def s(key: str, default: str = "") -> str:
@@ -559,10 +696,20 @@ class Connection:
             return value if isinstance(value, str) else None
 
         if t == FrameType.WELCOME:
+            if self.welcome is not None:
+                self._chatter()
+                return None  # one WELCOME per connection: a second one changes nothing
             max_frame = obj.get("max_frame")
-            if isinstance(max_frame, int) and 1 < max_frame <= MAX_FRAME_CEILING:
-                self.max_frame = max_frame
-                self.decoder.max_frame = max(max_frame, DEFAULT_MAX_FRAME)
+            if type(max_frame) is not int or not MIN_SERVER_MAX_FRAME <= max_frame <= MAX_FRAME_CEILING:
+                shown = sanitize(repr(max_frame)[:40], False) if "max_frame" in obj else "missing"
+                return Closed(f"{self.label} sent a WELCOME with max_frame {shown}; a working server announces "
+                              f"a whole number from {MIN_SERVER_MAX_FRAME} to {MAX_FRAME_CEILING:,} "
+                              "(a broken server?)")
+            self.max_frame = max_frame
+            # What we accept: the server's limit, but never less than the
+            # default (a server with a small limit may still send longer
+            # control frames, e.g. an ERROR message).
+            self.decoder.max_frame = max(max_frame, DEFAULT_MAX_FRAME)
             self.welcome = Welcome(s("server"), self.max_frame, _num(obj.get("ping_interval")),
                                    _num(obj.get("idle_timeout")), self.banner)
             return self.welcome
@@ -579,13 +726,15 @@ class Connection:
             return Notice(s("code"), s("message"))
         if t == FrameType.ERROR:
             return ServerError(s("code"), s("message", "error"))
-        return None  # reserved or unknown types: ignored, for forward compatibility
+        return None
 
     # -- sending -----------------------------------------------------------
 
     def _send(self, data: bytes, quiet: bool = False) -> None:
+        idle = not self.outbox
         self.outbox += data
-        self.flush(quiet)
+        if idle:
+            self.flush(quiet)
 
     @property
     def wants_write(self) -> bool:
@@ -596,17 +745,22 @@ class Connection:
         """Send what the kernel takes now; the rest waits for writability."""
         while self.outbox and not self.closed:
             try:
-                n = self.sock.send(bytes(self.outbox[:SEND_CHUNK]))
+                with memoryview(self.outbox) as view, view[:SEND_CHUNK] as chunk:
+                    n = self.sock.send(chunk)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return
             except (OSError, ssl.SSLError) as err:
                 self.closed = True
                 self.outbox.clear()
-                if quiet:
-                    return  # the next read reports the loss
                 reason = _os_reason(err) if isinstance(err, OSError) else str(err)
-                raise ConnectError(f"connection to {self.label} lost: {reason}") from None
+                self._lost = f"connection to {self.label} lost: {reason}"
+                if quiet:
+                    return  # the next receive() reports the loss
+                raise ConnectError(self._lost) from None
             del self.outbox[:n]
+            if self._pong_owed is not None and len(self.outbox) < PONG_ROOM:
+                self.outbox += encode_frame(FrameType.PONG, self._pong_owed)
+                self._pong_owed = None
 
     def send_msg(self, text: str) -> None:
         """Send text as MSG frames (split if longer than the server's limit)."""
@@ -959,6 +1113,40 @@ class StdinSource:
             self._thread.join(timeout=0.1)
 
 
+class SocketWatch:
+    """What a selector watches a connection for, changed only when it changes.
+
+    A mask of 0 (reading paused, nothing to write) unregisters the socket:
+    selectors refuse an empty mask, and watching for readability while not
+    reading would make ``select`` return at once, again and again.
+    """
+
+    def __init__(self, conn: Connection, data: Any = None) -> None:
+        self.conn = conn
+        self.data = conn if data is None else data
+        self.mask = 0
+
+    def set(self, sel: selectors.BaseSelector, mask: int) -> None:
+        if mask == self.mask:
+            return
+        if not mask:
+            sel.unregister(self.conn.sock)
+        elif not self.mask:
+            sel.register(self.conn.sock, mask, self.data)
+        else:
+            sel.modify(self.conn.sock, mask, self.data)
+        self.mask = mask
+
+    def clear(self, sel: selectors.BaseSelector) -> None:
+        """Stop watching (before the socket is closed)."""
+        if self.mask:
+            try:
+                sel.unregister(self.conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.mask = 0
+
+
 def _new_selector() -> selectors.BaseSelector:
     # select() handles regular files (always readable) where epoll refuses them,
     # and we only ever watch two or three descriptors.
@@ -1061,7 +1249,7 @@ class PipeClient:
     def run(self) -> int:
         sel = _new_selector()
         stdin = StdinSource(self.stdin_fd, sel)
-        sel.register(self.conn.sock, selectors.EVENT_READ, self.conn)
+        watch = SocketWatch(self.conn)
         try:
             for ev in self.conn.receive():  # WELCOME (and maybe more) from the handshake
                 self.on_event(ev)
@@ -1069,10 +1257,11 @@ class PipeClient:
                 self.flush_pending()
                 if self.done and not self.conn.wants_write:
                     break  # everything held was sent (or at least handed to the kernel)
-                write = selectors.EVENT_WRITE if self.conn.wants_write else 0
-                sel.modify(self.conn.sock, selectors.EVENT_READ | write, self.conn)
+                pause = self.conn.read_pause()
+                watch.set(sel, (0 if pause else selectors.EVENT_READ)
+                          | (selectors.EVENT_WRITE if self.conn.wants_write else 0))
                 stdin.set_paused(self.done or len(self.conn.outbox) > OUTBOX_HIGH)
-                for key, mask in sel.select(None):
+                for key, mask in sel.select(pause or None):
                     if key.data is self.conn:
                         if mask & selectors.EVENT_WRITE:
                             self.conn.flush()
@@ -1104,12 +1293,35 @@ def run_pipe(config: ClientConfig, json_mode: bool = False, log_path: str | None
              stdin_fd: int = 0, out: IO[bytes] | None = None) -> int:
     """Connect and run pipe mode; returns the exit code (errors raise ChatpairError)."""
     transcript = Transcript(log_path)
+    out = out or sys.stdout.buffer
     try:
-        conn = connect(config)
-        client = PipeClient(conn, out or sys.stdout.buffer, json_mode, transcript, stdin_fd)
+        try:
+            conn = connect(config)
+        except ChatpairError as err:
+            show_early(err, out, config.name, json_mode, transcript)
+            raise
+        client = PipeClient(conn, out, json_mode, transcript, stdin_fd)
         return client.run()
     finally:
         transcript.close()
+
+
+def show_early(err: ChatpairError, out: IO[bytes], name: str, json_mode: bool = False,
+               transcript: Transcript | None = None) -> None:
+    """Print what the server said before a failed handshake (a NOTICE), in order.
+
+    The error itself stays the one line on stderr the caller prints.
+    """
+    presenter = Presenter(name)
+    for ev in getattr(err, "early", ()):
+        if json_mode:
+            out.write(json.dumps(event_json(ev), ensure_ascii=True).encode() + b"\n")
+        for line in presenter.lines(ev):
+            if transcript is not None:
+                transcript.write(line)
+            if not json_mode:
+                out.write(line.plain().encode("utf-8", "replace") + b"\n")
+    out.flush()
 
 
 def run_client(config: ClientConfig, *, json_mode: bool = False, log_path: str | None = None,

@@ -48,11 +48,13 @@ from chatpair.client import (
     Pong,
     Presenter,
     ServerError,
+    SocketWatch,
     Transcript,
     Welcome,
     connect,
     format_rtt,
     parse_input,
+    show_early,
 )
 from chatpair.errors import ChatpairError, ConnectError, RefusedError
 from chatpair.protocol import sanitize
@@ -369,6 +371,7 @@ class TuiApp:
         self._wake_w.setblocking(False)
         self.resized = False
         self.reconnector = Reconnector(config, self.wake)
+        self.watch: SocketWatch | None = None
 
     # -- plumbing ------------------------------------------------------------
 
@@ -427,9 +430,7 @@ class TuiApp:
 
     def lost(self, ev: ServerError | Closed) -> None:
         if self.conn is not None:
-            self.sel.unregister(self.conn.sock)
-            self.conn.close()
-            self.conn = None
+            self.detach()
         self.rtt = None
         fatal = isinstance(ev, ServerError) and ev.code in FATAL_CODES
         if not self.reconnect or fatal:
@@ -464,7 +465,10 @@ class TuiApp:
                 self.backoff = BACKOFF_FIRST
                 for ev in result.receive():
                     self.on_event(ev)
-            elif getattr(result, "code", "") in FATAL_CODES:
+                continue
+            for ev in getattr(result, "early", ()):  # what the server said before refusing (a NOTICE)
+                self.show(self.presenter.lines(ev))
+            if getattr(result, "code", "") in FATAL_CODES:
                 self.failure = result
                 self.exit_code = result.exit_code
                 self.say(f"{result}; not reconnecting (press any key to leave)", "error")
@@ -476,7 +480,25 @@ class TuiApp:
         self.conn = conn
         self.retry_at = None
         self.next_ping = time.monotonic() + 1.0
-        self.sel.register(conn.sock, selectors.EVENT_READ, "conn")
+        self.watch = SocketWatch(conn, "conn")
+        self.watch.set(self.sel, selectors.EVENT_READ)
+
+    def detach(self) -> None:
+        """Stop watching the connection and close it."""
+        assert self.conn is not None and self.watch is not None
+        self.watch.clear(self.sel)
+        self.watch = None
+        self.conn.close()
+        self.conn = None
+
+    def watch_conn(self, now: float) -> float | None:
+        """Watch the connection for what it needs; return when to look again if reading is paused."""
+        if self.conn is None or self.watch is None:
+            return None
+        pause = self.conn.read_pause(now)
+        self.watch.set(self.sel, (0 if pause else selectors.EVENT_READ)
+                       | (selectors.EVENT_WRITE if self.conn.wants_write else 0))
+        return now + pause if pause else None
 
     # -- keys ------------------------------------------------------------------
 
@@ -631,10 +653,10 @@ class TuiApp:
             deadlines = [self.next_ping if self.conn else now + 1.0, now + 1.0]
             if self.retry_at is not None:
                 deadlines.append(self.retry_at)
+            resume = self.watch_conn(now)
+            if resume is not None:
+                deadlines.append(resume)
             timeout = max(0.0, min(deadlines) - time.monotonic())
-            if self.conn is not None:
-                write = selectors.EVENT_WRITE if self.conn.wants_write else 0
-                self.sel.modify(self.conn.sock, selectors.EVENT_READ | write, "conn")
             for key, mask in self.sel.select(timeout):
                 if key.data == "conn" and self.conn is not None:
                     self.on_conn_ready(mask)
@@ -654,6 +676,9 @@ class TuiApp:
     def close(self) -> None:
         """Say BYE if connected; stop the reconnect thread; close everything."""
         if self.conn is not None:
+            if self.watch is not None:
+                self.watch.clear(self.sel)
+                self.watch = None
             self.conn.bye()
             self.conn = None
         self.reconnector.stop()
@@ -682,7 +707,11 @@ def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | 
     The first connection is made before curses starts, so a wrong port or a
     refused name is the same one-line error as in pipe mode.
     """
-    conn = connect(config)
+    try:
+        conn = connect(config)
+    except ChatpairError as err:
+        show_early(err, sys.stdout.buffer, config.name)  # curses is not started yet: plain lines
+        raise
     transcript = Transcript(log_path)
     locale.setlocale(locale.LC_ALL, "")  # curses needs it to draw wide characters
     os.environ.setdefault("ESCDELAY", "25")  # a lone ESC should not freeze the input for 1 s
