@@ -98,8 +98,10 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     """Run a pairing server.
 
     Prints `listening on HOST:PORT` once ready. Stop it with any key (in a
-    terminal), Ctrl-C or SIGTERM: every client is told the server is
-    shutting down, and the exit code is 0.
+    terminal), Ctrl-C or SIGTERM (to it or to its process group): every
+    client is told the server is shutting down, and the exit code is 0.
+    SIGHUP stops it too when it runs in a terminal; detached, it is ignored
+    (and logged).
     """
     from chatpair.listener import DEFAULT_MAX_PER_IP, ServerConfig
     from chatpair.server import run_server
@@ -149,11 +151,9 @@ def client(target: str | None, host: str | None, port: int | None, name: str | N
     one per line. Lines typed before you are paired are held and sent once
     you are; at end of input the client sends BYE and exits 0.
     """
-    from chatpair.client import (
-        ClientConfig, default_name, parse_fingerprint, parse_target, run_client,
-    )
+    from chatpair.client import ClientConfig, default_name, parse_fingerprint, resolve_target, run_client
 
-    host, port = parse_target(target, host, port)
+    host, port = resolve_target(target, host, port)
     name = name if name is not None else default_name()  # a bad name is the server's to refuse
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     config = ClientConfig(name=name, host=host, port=port, room=room, tls=tls or pin is not None,
@@ -202,12 +202,11 @@ def bench(mode: str, pairs: int, messages: int | None, duration: float | None, s
     """
     import json
 
-    from chatpair.bench import BenchConfig, parse_target, run_bench
-    from chatpair.benchreport import ProgressBar, render
+    from chatpair.bench import BenchConfig, ProgressBar, render, run_bench, target_address
 
     config = BenchConfig(
         mode=mode, pairs=pairs, messages=messages, duration=duration, size=size, procs=procs, window=window,
-        target=parse_target(target) if target else None, tls=tls, cafile=cafile, insecure=insecure,
+        target=target_address(target) if target else None, tls=tls, cafile=cafile, insecure=insecure,
         server_args=tuple(server_args), server_pid=server_pid, timeout=timeout,
     )
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None

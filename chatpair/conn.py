@@ -141,6 +141,10 @@ class Conn:
             conn.out_bytes += len(chunk.data)
         conn.out_off = st["out_off"]
         conn.out_bytes -= conn.out_off
+        if conn.out:
+            # The write deadline counts from when this process got the bytes
+            # to write, not from the epoch (0.0 would time out at once).
+            conn.write_stalled_since = now
         conn.pinged = st["pinged"]
         conn.quiet_waiting = st["quiet_waiting"]
         conn.tokens = st["tokens"]

@@ -23,12 +23,11 @@ import functools
 import ipaddress
 import itertools
 import logging
-import signal
 import socket
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chatpair import __version__
 from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
@@ -56,6 +55,9 @@ from chatpair.protocol import (
 )
 from chatpair.relay import PairEnd, RelayThread, undelivered_notices
 
+if TYPE_CHECKING:
+    from chatpair.workers import Stranded, WorkerHandle
+
 log = logging.getLogger("chatpair")
 
 #: How long accept() rests after running out of file descriptors.
@@ -67,6 +69,8 @@ REFUSING_MAX = 256
 FD_RESERVE = 100
 #: --max-per-ip when not given; by default it spares loopback (the operator's own tools).
 DEFAULT_MAX_PER_IP = 256
+#: ERROR ``shutdown`` to the clients of a relay worker that died (see handle_worker_lost).
+WORKER_LOST_MESSAGE = "the relay serving you stopped unexpectedly; reconnect to chat again"
 
 
 @dataclass
@@ -176,14 +180,16 @@ class Listener(ConnLoop):
         if control is not None:
             control.setblocking(False)
             self.sel.register(control, EVENT_READ, None)
-        self._channels: dict[Any, Any] = {}  # worker channel socket -> WorkerHandle
+        self.workers: list[WorkerHandle] = []
+        #: With --workers: a relay thread of this process, started the first time
+        #: a pair is made while no worker is available (all dead, restarting).
+        self.fallback: RelayThread | None = None
         self.relays: list[RelayHandle]
         if config.workers:
             from chatpair.workers import start_workers
 
-            workers = start_workers(config, self.post_pair_end, self.sel)
-            self._channels = {w.channel.sock: w for w in workers}
-            self.relays = workers  # type: ignore[assignment]
+            self.workers = start_workers(config, self.post_pair_end, self.handle_worker_lost, self.sel)
+            self.relays = list(self.workers)
         else:
             self.relays = [
                 RelayThread(self.limits, i, self.post_pair_end) for i in range(max(1, config.relay_threads))
@@ -198,9 +204,11 @@ class Listener(ConnLoop):
             self._accept()
         elif fileobj is self.control:
             self._on_control()
-        elif fileobj in self._channels:
-            self._channels[fileobj].on_channel_event()
         else:
+            for worker in self.workers:  # a handful at most; their channels change on restart
+                if worker.owns(fileobj):
+                    worker.on_channel_event()
+                    return
             super().on_special(fileobj)
 
     def _on_control(self) -> None:
@@ -396,9 +404,28 @@ class Listener(ConnLoop):
             del self.waiting[me.cid]
             self.send(me, first + event_bytes(me, FrameType.PAIRED, {"peer": peer.name, "room": me.room}))
             self.release_conn(me)
-        relay = min(self.relays, key=lambda r: r.load)
+        relay = self._pick_relay()
         log.info("paired %s with %s%s", a.label, b.label, f" in room {a.room}" if a.room else "")
         relay.submit_pair(a, b)
+
+    def _pick_relay(self) -> RelayHandle:
+        """The least loaded relay; never a dead worker."""
+        if not self.workers:
+            return min(self.relays, key=lambda r: r.load)
+        ready = [w for w in self.workers if w.available]
+        if ready:
+            return min(ready, key=lambda w: w.load)
+        # Every worker is dead or waiting out its restart backoff. Relay here
+        # rather than hold the pair back: its clients were told PAIRED and
+        # expect to chat now, and a worker that keeps crashing may take long.
+        # The thread serves its pairs until they end; new pairs go to workers
+        # again as soon as one is back.
+        if self.fallback is None:
+            log.warning("no relay worker is running; relaying new pairs in the listener process meanwhile")
+            self.fallback = RelayThread(self.limits, len(self.workers), self.post_pair_end)
+            self.fallback.start()
+            self.relays.append(self.fallback)
+        return self.fallback
 
     def detach(self, conn: Conn, reason: str) -> None:
         self.handshaking.discard(conn)
@@ -441,6 +468,35 @@ class Listener(ConnLoop):
                 continue
             self._queue(conn, requeued=True)
 
+    def handle_worker_lost(self, stranded: list[Stranded]) -> None:
+        """A relay worker died: tell its clients, and forget their pairs and counts.
+
+        Both partners of a pair always live in the same worker, so nobody on
+        another loop needs a PEER_LEFT: every stranded client gets ERROR
+        ``shutdown`` (PROTOCOL.md has no code for "this part of the server
+        failed"; ``shutdown`` is what clients know as "the server ended the
+        chat, not you"; docs/protocol.md records the choice) and is closed.
+        """
+        for held in stranded:
+            if self.lobby.partner_of(held.cid) == held.partner:
+                self.lobby.unpair(held.cid, held.partner)  # the room is free again
+        for held in stranded:
+            self.lobby.leave(held.cid)
+            self._forget(held.cid)
+            if held.sock is None:
+                continue
+            # Through the listener's duplicate of the descriptor, with the
+            # usual polite close (ERROR, shut down our side, read until the
+            # client closes or 2 s pass) so it reads the ERROR, not a reset.
+            # Best effort: the worker may have died in the middle of writing
+            # a frame (or a line) to this client, and then what follows is
+            # misframed; nothing can tell how much it wrote. The client sees
+            # a broken stream and closes, which is the truth of it.
+            conn = Conn(held.sock, held.cid, held.addr, self.now)
+            conn.mode, conn.name = held.mode, held.name
+            self.adopt_conn(conn)
+            self.fail(conn, ErrorCode.SHUTDOWN, WORKER_LOST_MESSAGE)
+
     # -- stopping and timers -----------------------------------------------------------------------
 
     def begin_stop(self) -> None:
@@ -474,6 +530,8 @@ class Listener(ConnLoop):
             else:
                 log.info("%s: sent nothing; closed at the handshake deadline", conn.label)
                 self.drop(conn, "disconnected")
+        for worker in self.workers:
+            worker.tick(now)
         super().tick(now)
 
     def join_relays(self, timeout: float = 10.0) -> None:
@@ -536,9 +594,12 @@ def setup_logging(level: int) -> None:
 
 def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig) -> None:
     """Entry point of the listener process."""
-    # Ctrl-C in a terminal reaches the whole process group; the main process
-    # decides when we stop and tells us through ``control``.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from chatpair.server import ignore_stop_signals, stop_resource_tracker
+
+    # Ctrl-C, a hang-up or SIGTERM to the whole process group reach us too; the
+    # main process decides when we stop and tells us through ``control``. The
+    # worker processes we start inherit the ignoring.
+    ignore_stop_signals()
     setup_logging(config.log_level)
     raise_fd_limit()
     listener = Listener(listen_sock, control, config)
@@ -548,3 +609,6 @@ def listener_main(listen_sock: socket.socket, control: socket.socket, config: Se
         listener.join_relays()
         listen_sock.close()
         control.close()
+        # Workers share the main process's resource tracker; only if it had died
+        # did starting them launch one of ours, which must not outlive us.
+        stop_resource_tracker()

@@ -115,6 +115,24 @@ def holds_socket(pid: int, inode: int) -> bool:
     return False
 
 
+def watches_socket(pid: int, inode: int) -> bool:
+    """Does an epoll instance of ``pid`` watch the socket ``inode`` (is that process serving it)?"""
+    try:
+        names = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as fh:
+                info = fh.read()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("tfd:") and f" ino:{inode:x} " in line + " ":
+                return True
+    return False
+
+
 def wait_for(what: str, pred: Callable[[], Any], timeout: float, poll: float = 0.02) -> Any:
     """Poll ``pred`` (a /proc reading) until it is truthy; AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
@@ -783,11 +801,16 @@ def test_workers_relay_hand_back_and_shut_down(hard_server, peers):
     peers.extend([a, b])
     chat(a, b, "to b")
     chat(b, a, "to a")
-    # Both server-side sockets now live in one worker, and not in the listener.
-    owner = wait_for("a worker to own the pair", lambda: relayed_by(srv, a, workers + [listener]) ==
-                     relayed_by(srv, b, workers + [listener]) and len(relayed_by(srv, a, workers + [listener])) == 1
-                     and relayed_by(srv, a, workers + [listener]), 2)
-    assert owner[0] in workers, "the pair is relayed by the listener, not by a worker"
+    # Both server-side sockets now live in one worker, and the listener does not
+    # serve them (it only parks a duplicate, unwatched, to tell them if the worker dies).
+    owner = wait_for("a worker to own the pair", lambda: relayed_by(srv, a, workers) ==
+                     relayed_by(srv, b, workers) and len(relayed_by(srv, a, workers)) == 1
+                     and relayed_by(srv, a, workers), 2)
+    assert owner[0] in workers
+    for p in (a, b):
+        inode = socket_inode(srv.port, p.sock.getsockname()[1])
+        assert watches_socket(owner[0], inode), "the worker does not serve the pair"
+        assert not watches_socket(listener, inode), "the pair is relayed by the listener, not by a worker"
 
     # BYE: the partner is handed back to the listener and paired with a newcomer.
     a.send_frame(BYE)
@@ -801,8 +824,8 @@ def test_workers_relay_hand_back_and_shut_down(hard_server, peers):
     b.paired("wc")
     chat(b, c, "hi newcomer")
     chat(c, b, "hi b")
-    assert len(relayed_by(srv, c, workers + [listener])) == 1
-    assert relayed_by(srv, c, workers + [listener])[0] in workers
+    assert len(relayed_by(srv, c, workers)) == 1
+    assert not watches_socket(listener, socket_inode(srv.port, c.sock.getsockname()[1]))
 
     # NEXT: both are handed back; neither is paired with the other again.
     c.send_frame(NEXT)
