@@ -2,9 +2,9 @@
 
 The package keeps three things apart, so each can be read on its own:
 
-* :mod:`chatpair.protocol` - the wire format, sans-IO (bytes in, events out);
-* :mod:`chatpair.listener` - the pairing listener process (accept, handshake, lobby);
-* :mod:`chatpair.relay`    - the room relay threads that move messages between partners.
+* :mod:`chatpair.proto` - the wire format, sans-IO (bytes in, events out);
+* :mod:`chatpair.server.listener` - the pairing listener process (accept, handshake, lobby);
+* :mod:`chatpair.server.relay`    - the room relay threads that move messages between partners.
 
 :mod:`chatpair.server` starts and stops the listener process, :mod:`chatpair.client`
 talks to a server, :mod:`chatpair.bench` measures one, and :mod:`chatpair.cli` is the

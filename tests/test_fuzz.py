@@ -33,10 +33,10 @@ import pytest
 
 from conftest import ROOT, pid_alive
 
-from chatpair.conn import MODE_FRAME, Conn, line_msg_bytes, event_bytes, MODE_LINE
-from chatpair.listener import Listener
-from chatpair.loop import ConnLoop, Limits
-from chatpair.protocol import (
+from chatpair.server.conn import MODE_FRAME, Conn, line_msg_bytes, event_bytes, MODE_LINE
+from chatpair.server.listener import Listener
+from chatpair.server.loop import ConnLoop, Limits
+from chatpair.proto import (
     HANDSHAKE_MAX,
     NEED_DATA,
     EndOfStream,
@@ -222,7 +222,7 @@ def test_line_decoder_fuzz(max_line):
                 assert "\xff" not in line
             for line in lines:
                 cmd = parse_client_line(line)  # never raises
-                assert cmd.kind in ("msg", "next", "quit", "help", "unknown", "empty")
+                assert cmd.kind.value in ("msg", "next", "quit", "help", "unknown", "empty")
         assert len(results) == 1, f"the outcome depends on how the bytes were split: {data!r}: {results}"
 
 

@@ -51,7 +51,7 @@ import pytest
 
 from conftest import ROOT, ServerProcess, pid_alive, spawned_children
 
-from chatpair.protocol import FrameType
+from chatpair.proto import FrameType
 
 HELLO, MSG, NEXT, BYE = FrameType.HELLO, FrameType.MSG, FrameType.NEXT, FrameType.BYE
 WELCOME, WAITING, PAIRED = FrameType.WELCOME, FrameType.WAITING, FrameType.PAIRED

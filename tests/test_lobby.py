@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from chatpair.lobby import Lobby, Paired, RoomFull, Waiting
+from chatpair.server.lobby import Lobby, Paired, RoomFull, Waiting
 
 
 @pytest.fixture

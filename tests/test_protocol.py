@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from chatpair.protocol import (
+from chatpair.proto import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_MAX,
     MAX_BANNER,
@@ -28,6 +28,7 @@ from chatpair.protocol import (
     FrameType,
     Hello,
     LineCommand,
+    LineKind,
     LineDecoder,
     ProtocolError,
     check_banner,
@@ -621,24 +622,24 @@ def test_max_line_may_change_between_lines():
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("/next", LineCommand("next")),
-    ("/quit", LineCommand("quit")),
-    ("/help", LineCommand("help")),
-    ("/NEXT", LineCommand("next")),
-    ("/next  ", LineCommand("next")),
-    ("//x", LineCommand("msg", "/x")),
-    ("//next", LineCommand("msg", "/next")),
-    ("//", LineCommand("msg", "/")),
-    ("/nope", LineCommand("unknown", "/nope")),
-    ("/nope with args", LineCommand("unknown", "/nope")),
-    ("/", LineCommand("unknown", "/")),
-    ("", LineCommand("empty")),
-    ("   ", LineCommand("empty")),
-    ("\t", LineCommand("empty")),
-    ("hello", LineCommand("msg", "hello")),
-    ("  hello  ", LineCommand("msg", "  hello  ")),
-    ("a /next", LineCommand("msg", "a /next")),
-    ("héllo 👋", LineCommand("msg", "héllo 👋")),
+    ("/next", LineCommand(LineKind.NEXT)),
+    ("/quit", LineCommand(LineKind.QUIT)),
+    ("/help", LineCommand(LineKind.HELP)),
+    ("/NEXT", LineCommand(LineKind.NEXT)),
+    ("/next  ", LineCommand(LineKind.NEXT)),
+    ("//x", LineCommand(LineKind.MSG, "/x")),
+    ("//next", LineCommand(LineKind.MSG, "/next")),
+    ("//", LineCommand(LineKind.MSG, "/")),
+    ("/nope", LineCommand(LineKind.UNKNOWN, "/nope")),
+    ("/nope with args", LineCommand(LineKind.UNKNOWN, "/nope")),
+    ("/", LineCommand(LineKind.UNKNOWN, "/")),
+    ("", LineCommand(LineKind.EMPTY)),
+    ("   ", LineCommand(LineKind.EMPTY)),
+    ("\t", LineCommand(LineKind.EMPTY)),
+    ("hello", LineCommand(LineKind.MSG, "hello")),
+    ("  hello  ", LineCommand(LineKind.MSG, "  hello  ")),
+    ("a /next", LineCommand(LineKind.MSG, "a /next")),
+    ("héllo 👋", LineCommand(LineKind.MSG, "héllo 👋")),
 ])
 def test_parse_client_line(line, expected):
     assert parse_client_line(line) == expected

@@ -19,7 +19,7 @@ from conftest import RawClient, ServerProcess
 
 WAITING, PAIRED, MSG, WELCOME = 0x11, 0x12, 0x02, 0x10
 
-from chatpair.protocol import split_utf8  # noqa: E402
+from chatpair.proto import split_utf8  # noqa: E402
 
 
 # -- split_utf8 (no socket) ------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Relay worker processes: how chatpair uses more than one core (POSIX).
 
 With ``chatpair server --workers N`` the listener process starts N worker
-processes. Each runs one :class:`~chatpair.relay.Relay` loop, exactly like a
+processes. Each runs one :class:`~chatpair.server.relay.Relay` loop, exactly like a
 relay thread, but with its own interpreter and so its own GIL.
 
 Sockets move between processes over a Unix socket pair (the *channel*) with
@@ -37,9 +37,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from chatpair.conn import Conn
-from chatpair.loop import EVENT_READ, EVENT_WRITE
-from chatpair.relay import PairEnd, Relay
+from chatpair.server.conn import Conn
+from chatpair.server.loop import EVENT_READ, EVENT_WRITE
+from chatpair.server.relay import PairEnd, Relay
 
 log = logging.getLogger("chatpair")
 
@@ -224,8 +224,9 @@ class WorkerRelay(Relay):
 
 def worker_main(channel_sock: socket.socket, config: Any, index: int) -> None:
     """Entry point of a relay worker process (spawn-safe)."""
-    from chatpair.listener import raise_fd_limit, setup_logging
-    from chatpair.server import ignore_stop_signals
+    from chatpair.netutil import raise_fd_limit
+    from chatpair.server.listener import setup_logging
+    from chatpair.server.main import ignore_stop_signals
 
     # Signals to the whole process group are the main process's to act on; we
     # stop on {"op": "stop"} or the channel's end of file.

@@ -3,7 +3,7 @@
 A :class:`Conn` is owned by exactly one loop at a time: the listener while it
 handshakes or waits, a relay while it chats. Ownership moves with the object
 (or, for relay worker processes, with its file descriptor and :meth:`Conn.state`).
-Nothing here does I/O; the loops in :mod:`chatpair.loop` do.
+Nothing here does I/O; the loops in :mod:`chatpair.server.loop` do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 from collections import deque
 from typing import Any
 
-from chatpair.protocol import (
+from chatpair.proto import (
     FrameDecoder,
     FrameType,
     LineDecoder,

@@ -31,8 +31,9 @@ except ImportError:  # Python built without OpenSSL: no TLS, the rest works
     ssl = None  # type: ignore[assignment]
     _SSL_WANT = ()
 
-from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, OutChunk, event_bytes
-from chatpair.protocol import (
+from chatpair.netutil import Waker
+from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, OutChunk, event_bytes
+from chatpair.proto import (
     HEADER,
     NEED_DATA,
     EndOfStream,
@@ -40,6 +41,7 @@ from chatpair.protocol import (
     Frame,
     FrameType,
     LineCommand,
+    LineKind,
     ProtocolError,
     check_client_frame,
     encode_frame,
@@ -122,26 +124,14 @@ class ConnLoop:
         size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
         self.scratch = bytearray(size)
         self.scratch_view = memoryview(self.scratch)
-        # A socketpair other threads write one byte to, to wake select().
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.sel.register(self._wake_r, EVENT_READ, None)
+        # Other threads (the listener handing over a pair) wake select() with it.
+        self.waker = Waker()
+        self.sel.register(self.waker.reader, EVENT_READ, None)
 
     # -- waking the loop from another thread ----------------------------------
 
     def wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already has a wake-up pending (or we are shutting down)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        self.waker.wake()
 
     # -- the loop ---------------------------------------------------------------
 
@@ -190,8 +180,8 @@ class ConnLoop:
 
     def on_special(self, fileobj: Any) -> None:
         """Readable socket that is not a client (wake-up, listening socket)."""
-        if fileobj is self._wake_r:
-            self._drain_wake()
+        if fileobj is self.waker.reader:
+            self.waker.drain()
             self.on_wake()
 
     def on_wake(self) -> None:
@@ -208,8 +198,7 @@ class ConnLoop:
         for conn in list(self.conns) + list(self.closing):
             self._close_now(conn)
         self.sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.waker.close()
 
     # -- registration -----------------------------------------------------------
 
@@ -772,21 +761,21 @@ class ConnLoop:
                 return
             cmd = parse_client_line(item)  # type: ignore[arg-type]
             self.on_line(conn, cmd)
-            if cmd.kind == "msg":
+            if cmd.kind is LineKind.MSG:
                 self.charge(conn, 1)
 
     def on_line(self, conn: Conn, cmd: LineCommand) -> None:
         kind = cmd.kind
-        if kind == "msg":
+        if kind is LineKind.MSG:
             self.on_line_msg(conn, cmd.text)
-        elif kind == "next":
+        elif kind is LineKind.NEXT:
             self.on_next(conn)
-        elif kind == "quit":
+        elif kind is LineKind.QUIT:
             self.send_line(conn, "* bye")
             self.on_bye(conn)
-        elif kind == "help":
+        elif kind is LineKind.HELP:
             self.send_line(conn, HELP_LINE)
-        elif kind == "unknown":
+        elif kind is LineKind.UNKNOWN:
             self.send_line(conn, f"* unknown command {cmd.text}: type /help for the commands (nothing was sent)")
 
     # -- timers --------------------------------------------------------------------------

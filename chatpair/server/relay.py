@@ -27,9 +27,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
-from chatpair.loop import LOW_WATER, ConnLoop, Limits
-from chatpair.protocol import ErrorCode, FrameType, encode_frame, encode_notice, split_utf8
+from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
+from chatpair.server.loop import LOW_WATER, ConnLoop, Limits
+from chatpair.proto import ErrorCode, FrameType, encode_frame, encode_notice, split_utf8
 
 log = logging.getLogger("chatpair")
 

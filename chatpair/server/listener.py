@@ -8,7 +8,7 @@ that process one thread, :class:`Listener`, runs a selector loop that
 2. runs every handshake without blocking the others: each connection has one
    absolute deadline, and before HELLO nothing over 1,024 bytes is accepted;
 3. keeps waiting clients (keepalive, NOTICE ``undelivered`` for their
-   messages) and asks the :class:`~chatpair.lobby.Lobby` whom to pair;
+   messages) and asks the :class:`~chatpair.server.lobby.Lobby` whom to pair;
 4. hands each new pair to a room relay - a thread of this process, or a relay
    worker process - and takes clients back when their partner leaves.
 
@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatpair import __version__
-from chatpair.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
-from chatpair.lobby import Lobby, Paired, RoomFull
-from chatpair.loop import EVENT_READ, ConnLoop, Limits
-from chatpair.protocol import (
+from chatpair.netutil import format_addr, raise_fd_limit
+from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
+from chatpair.server.lobby import Lobby, Paired, RoomFull
+from chatpair.server.loop import EVENT_READ, ConnLoop, Limits
+from chatpair.proto import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_FRAME,
@@ -53,10 +54,10 @@ from chatpair.protocol import (
     parse_hello,
     parse_name_line,
 )
-from chatpair.relay import PairEnd, RelayThread, undelivered_notices
+from chatpair.server.relay import PairEnd, RelayThread, undelivered_notices
 
 if TYPE_CHECKING:
-    from chatpair.workers import Stranded, WorkerHandle
+    from chatpair.server.workers import Stranded, WorkerHandle
 
 log = logging.getLogger("chatpair")
 
@@ -186,7 +187,7 @@ class Listener(ConnLoop):
         self.fallback: RelayThread | None = None
         self.relays: list[RelayHandle]
         if config.workers:
-            from chatpair.workers import start_workers
+            from chatpair.server.workers import start_workers
 
             self.workers = start_workers(config, self.post_pair_end, self.handle_worker_lost, self.sel)
             self.relays = list(self.workers)
@@ -547,13 +548,6 @@ def _is_loopback(ip: str) -> bool:
         return False
 
 
-def format_addr(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
-    return str(addr)
-
-
 def tune_socket(sock: socket.socket) -> None:
     """Low latency (no Nagle) and TCP keepalive, which finds dead line-mode peers."""
     for level, opt, value in (
@@ -571,20 +565,6 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
-def raise_fd_limit() -> None:
-    """Use every descriptor the system allows this process (POSIX only)."""
-    try:
-        import resource
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 def setup_logging(level: int) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr,
@@ -594,7 +574,7 @@ def setup_logging(level: int) -> None:
 
 def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig) -> None:
     """Entry point of the listener process."""
-    from chatpair.server import ignore_stop_signals, stop_resource_tracker
+    from chatpair.server.main import ignore_stop_signals, stop_resource_tracker
 
     # Ctrl-C, a hang-up or SIGTERM to the whole process group reach us too; the
     # main process decides when we stop and tells us through ``control``. The

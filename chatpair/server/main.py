@@ -6,7 +6,7 @@ clients send:
 * it binds the listening socket itself (so the port survives a listener
   restart and ``listening on HOST:PORT`` can be printed at once);
 * it starts the pairing listener in a separate process
-  (:func:`chatpair.listener.listener_main`, spawn-safe) and hands it the
+  (:func:`chatpair.server.listener.listener_main`, spawn-safe) and hands it the
   listening socket and one end of a control socket pair;
 * it waits for a reason to stop - any key (when stdin is a terminal in the
   foreground), Ctrl-C, SIGTERM, SIGHUP when stdin is a terminal - and
@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, TextIO
 
 from chatpair.errors import ChatpairError
-from chatpair.listener import ServerConfig, listener_main, setup_logging
+from chatpair.netutil import format_addr
+from chatpair.server.listener import ServerConfig, listener_main, setup_logging
 
 log = logging.getLogger("chatpair")
 
@@ -105,8 +106,7 @@ def check_tls(config: ServerConfig) -> str | None:
 
 
 def bound_address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_addr(sock.getsockname())
 
 
 #: The signals a terminal or a service manager sends to a whole process group.

@@ -1,0 +1,111 @@
+"""The handshake: the banner, names and rooms, HELLO and the first line.
+
+A connection starts with the server's banner line; the client's first byte
+picks frame mode (``0x00``: the first frame must be HELLO) or line mode (the
+first line is ``NAME`` or ``NAME ROOM``). Both end in a :class:`Hello`.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Final
+
+from chatpair.proto.frames import Frame, decode_json, encode_json_frame
+from chatpair.proto.wire import (
+    BANNER_PREFIX,
+    MAX_BANNER,
+    MAX_NAME,
+    MAX_ROOM,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FrameType,
+    ProtocolError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A validated HELLO (frame mode) or first line (line mode)."""
+
+    name: str
+    room: str | None
+
+
+def encode_hello(name: str, room: str | None = None) -> bytes:
+    return encode_json_frame(FrameType.HELLO, {"version": PROTOCOL_VERSION, "name": name, "room": room})
+
+
+def make_banner(software: str, text: str = "type your name and press Enter") -> bytes:
+    """The server's first line; trimmed so it never exceeds MAX_BANNER bytes."""
+    line = f"CHATPAIR/1 {software} {text}".encode("ascii", "replace")[: MAX_BANNER - 2]
+    return line + b"\r\n"
+
+
+def check_banner(line: bytes) -> str:
+    """Return the banner's text after the prefix, or raise ProtocolError."""
+    if not line.startswith(BANNER_PREFIX):
+        raise ProtocolError("not_chatpair", "not a chatpair server")
+    return line[len(BANNER_PREFIX):].decode("ascii", "replace").strip()
+
+
+NAME_RULE: Final = "a name is 1-32 characters: letters, digits, '_', '-' or '.'"
+ROOM_RULE: Final = "a room is 1-64 characters: letters, digits, '_', '-' or '.'"
+_EXTRA_NAME_CHARS: Final = frozenset("_-.")
+
+
+def _valid_token(text: object, max_len: int) -> bool:
+    if not isinstance(text, str) or not 1 <= len(text) <= max_len:
+        return False
+    for ch in text:
+        if ch in _EXTRA_NAME_CHARS:
+            continue
+        cat = unicodedata.category(ch)
+        if cat[0] != "L" and cat != "Nd":
+            return False
+    return True
+
+
+def validate_name(name: object) -> str:
+    if not _valid_token(name, MAX_NAME):
+        raise ProtocolError(ErrorCode.BAD_HELLO, f"bad name: {NAME_RULE}")
+    return name  # type: ignore[return-value]
+
+
+def validate_room(room: object) -> str | None:
+    if room is None:
+        return None
+    if not _valid_token(room, MAX_ROOM):
+        raise ProtocolError(ErrorCode.BAD_HELLO, f"bad room: {ROOM_RULE}")
+    return room  # type: ignore[return-value]
+
+
+def parse_hello(frame: Frame) -> Hello:
+    """Validate the first frame of a frame-mode connection."""
+    if frame.type != FrameType.HELLO:
+        raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+    try:
+        obj = decode_json(frame.payload)
+    except ProtocolError:
+        raise ProtocolError(ErrorCode.BAD_HELLO, "HELLO must carry a JSON object") from None
+    version = obj.get("version")
+    if type(version) is not int:
+        raise ProtocolError(ErrorCode.BAD_HELLO, 'HELLO needs "version": 1')
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this server speaks version {PROTOCOL_VERSION}",
+        )
+    return Hello(validate_name(obj.get("name")), validate_room(obj.get("room")))
+
+
+def parse_name_line(line: str) -> Hello:
+    """Validate the first line of a line-mode connection: ``NAME`` or ``NAME ROOM``."""
+    parts = line.split()
+    if not parts:
+        raise ProtocolError(ErrorCode.BAD_HELLO, f"type your name first: {NAME_RULE}")
+    if len(parts) > 2:
+        raise ProtocolError(ErrorCode.BAD_HELLO, f"the first line is NAME or NAME ROOM; {NAME_RULE}")
+    return Hello(validate_name(parts[0]), validate_room(parts[1] if len(parts) == 2 else None))
+
+
