@@ -15,7 +15,7 @@ import click
 
 from chatpair import __version__
 from chatpair.errors import ChatpairError
-from chatpair.protocol import (
+from chatpair.proto import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_FRAME,
@@ -103,9 +103,9 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     SIGHUP stops it too when it runs in a terminal; detached, it is ignored
     (and logged).
     """
-    from chatpair.listener import DEFAULT_MAX_PER_IP, ServerConfig
-    from chatpair.server import run_server
-    from chatpair.workers import workers_supported
+    from chatpair.server.config import DEFAULT_MAX_PER_IP, ServerConfig
+    from chatpair.server.main import run_server
+    from chatpair.server.workers import workers_supported
 
     if workers and not workers_supported():
         raise click.BadParameter("relay worker processes need a POSIX system (they pass sockets with "

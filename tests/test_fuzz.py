@@ -35,7 +35,8 @@ from conftest import ROOT, pid_alive
 
 from chatpair.server.conn import MODE_FRAME, Conn, line_msg_bytes, event_bytes, MODE_LINE
 from chatpair.server.listener import Listener
-from chatpair.server.loop import ConnLoop, Limits
+from chatpair.server.config import Limits
+from chatpair.server.loop import ConnLoop
 from chatpair.proto import (
     HANDSHAKE_MAX,
     NEED_DATA,

@@ -26,19 +26,15 @@ import logging
 import socket
 import sys
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatpair import __version__
 from chatpair.netutil import format_addr, raise_fd_limit
 from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
 from chatpair.server.lobby import Lobby, Paired, RoomFull
-from chatpair.server.loop import EVENT_READ, ConnLoop, Limits
+from chatpair.server.config import ServerConfig, setup_logging
+from chatpair.server.loop import EVENT_READ, ConnLoop
 from chatpair.proto import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_FRAME,
-    DEFAULT_PING_INTERVAL,
     HANDSHAKE_MAX,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -66,63 +62,8 @@ ACCEPT_BACKOFF_SECONDS = 0.5
 #: Connections over a limit are kept just long enough to be told why (at
 #: most this many at once); beyond that they are closed without a word.
 REFUSING_MAX = 256
-#: Descriptors kept free for the server's own use when --max-clients is derived.
-FD_RESERVE = 100
-#: --max-per-ip when not given; by default it spares loopback (the operator's own tools).
-DEFAULT_MAX_PER_IP = 256
 #: ERROR ``shutdown`` to the clients of a relay worker that died (see handle_worker_lost).
 WORKER_LOST_MESSAGE = "the relay serving you stopped unexpectedly; reconnect to chat again"
-
-
-@dataclass
-class ServerConfig:
-    """Every server option; plain data so it pickles into the listener process."""
-
-    host: str = "0.0.0.0"
-    port: int = 7878
-    max_frame: int = DEFAULT_MAX_FRAME
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    ping_interval: float = DEFAULT_PING_INTERVAL
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    write_timeout: float = 30.0
-    relay_threads: int = 1
-    workers: int = 0
-    log_level: int = logging.INFO
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_clients: int = 0  # 0: the descriptor limit minus a reserve
-    max_per_ip: int = DEFAULT_MAX_PER_IP  # 0: no limit
-    per_ip_loopback: bool = False  # apply max_per_ip to 127.0.0.0/8 and ::1 too
-    rate: float = 0.0  # messages per second per client; 0: no limit
-    burst: int = 100
-
-    def limits(self) -> Limits:
-        return Limits(self.max_frame, self.ping_interval, self.idle_timeout, self.write_timeout,
-                      self.rate, self.burst)
-
-    def effective_max_clients(self) -> int:
-        if self.max_clients:
-            return self.max_clients
-        try:
-            import resource
-
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        except (ImportError, OSError, ValueError):
-            return 10_000
-        if hard == resource.RLIM_INFINITY:
-            return 100_000
-        return max(16, hard - FD_RESERVE)
-
-    def tls_context(self) -> Any:
-        """An SSLContext for the server, or None without --tls-cert."""
-        if not self.tls_cert:
-            return None
-        import ssl
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
-        return ctx
 
 
 class RelayHandle(Protocol):
@@ -563,13 +504,6 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(level, opt, value)
         except OSError:
             pass
-
-
-def setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-    )
 
 
 def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig) -> None:

@@ -32,6 +32,7 @@ except ImportError:  # Python built without OpenSSL: no TLS, the rest works
     _SSL_WANT = ()
 
 from chatpair.netutil import Waker
+from chatpair.server.config import Limits
 from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, OutChunk, event_bytes
 from chatpair.proto import (
     HEADER,
@@ -80,26 +81,6 @@ _MSG = int(FrameType.MSG)
 _UTF8 = "utf-8"
 
 HELP_LINE = "* commands: /next (new partner), /quit (leave), /help; start a line with // to send one starting with /"
-
-
-class Limits:
-    """The per-connection numbers every loop enforces (picklable)."""
-
-    def __init__(
-        self,
-        max_frame: int,
-        ping_interval: float,
-        idle_timeout: float,
-        write_timeout: float,
-        rate: float = 0.0,
-        burst: int = 0,
-    ) -> None:
-        self.max_frame = max_frame
-        self.ping_interval = ping_interval
-        self.idle_timeout = idle_timeout
-        self.write_timeout = write_timeout
-        self.rate = rate
-        self.burst = burst
 
 
 class ConnLoop:

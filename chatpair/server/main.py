@@ -42,7 +42,8 @@ from typing import Callable, Iterator, TextIO
 
 from chatpair.errors import ChatpairError
 from chatpair.netutil import format_addr
-from chatpair.server.listener import ServerConfig, listener_main, setup_logging
+from chatpair.server.config import ServerConfig, setup_logging
+from chatpair.server.listener import listener_main
 
 log = logging.getLogger("chatpair")
 

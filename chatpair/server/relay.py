@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
-from chatpair.server.loop import LOW_WATER, ConnLoop, Limits
+from chatpair.server.config import Limits
+from chatpair.server.loop import LOW_WATER, ConnLoop
 from chatpair.proto import ErrorCode, FrameType, encode_frame, encode_notice, split_utf8
 
 log = logging.getLogger("chatpair")

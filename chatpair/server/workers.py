@@ -225,7 +225,7 @@ class WorkerRelay(Relay):
 def worker_main(channel_sock: socket.socket, config: Any, index: int) -> None:
     """Entry point of a relay worker process (spawn-safe)."""
     from chatpair.netutil import raise_fd_limit
-    from chatpair.server.listener import setup_logging
+    from chatpair.server.config import setup_logging
     from chatpair.server.main import ignore_stop_signals
 
     # Signals to the whole process group are the main process's to act on; we
