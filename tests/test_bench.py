@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from chatpair.bench import BATCH, BenchConfig, LogHistogram, MessageFactory, run_bench
-from chatpair.benchreport import render, render_histogram
+from chatpair.bench.report import render, render_histogram
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(30)

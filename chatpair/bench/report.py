@@ -1,4 +1,4 @@
-"""Rendering a :class:`~chatpair.bench.BenchResult` for a terminal: text only, no click.
+"""Rendering a :class:`~chatpair.bench.result.BenchResult` for a terminal: text only, no click.
 
 * :func:`render` - the table of figures plus the latency histogram;
 * :func:`render_histogram` - one row per power of two (log scale), bars drawn
@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from chatpair.bench import BenchResult, LogHistogram
+from chatpair.bench.histogram import LogHistogram
+from chatpair.bench.result import BenchResult
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -90,8 +91,8 @@ def render_table(result: BenchResult) -> str:
                  f"({r.pairs_per_s:,.0f} pairs/s)" if r.mode != "churn" and r.connect_elapsed else "")))
     if r.pair_time.total:
         s = r.pair_time.summary()
-        rows.append(("time to pair", f"p50 {format_ns(s['p50'])}  p99 {format_ns(s['p99'])}  "
-                                      f"max {format_ns(s['max'])}"))
+        rows.append(("time to pair", (f"p50 {format_ns(s['p50'])}  p99 {format_ns(s['p99'])}  "
+                                       f"max {format_ns(s['max'])}")))
     if r.mode == "churn":
         rows.append(("pairs completed", f"{r.churn_cycles:,} in {r.elapsed:.2f} s ({r.pairs_per_s:,.0f} pairs/s)"))
     if r.mode != "idle":
@@ -107,8 +108,8 @@ def render_table(result: BenchResult) -> str:
     # idle measures connecting and pairing; the others their load phase
     span = r.connect_elapsed if r.mode == "idle" else r.elapsed
     if r.server_local:
-        rows.append(("server RSS", f"{format_bytes(r.server_rss_before)} before, {format_bytes(r.server_rss_peak)} "
-                                   f"peak, {format_bytes(r.server_rss_after)} after"))
+        rows.append(("server RSS", (f"{format_bytes(r.server_rss_before)} before, {format_bytes(r.server_rss_peak)} "
+                                    f"peak, {format_bytes(r.server_rss_after)} after")))
         if r.memory_per_pair is not None:
             rows.append(("memory per pair", format_bytes(r.memory_per_pair)))
         if r.server_cpu is not None and span:
@@ -117,8 +118,8 @@ def render_table(result: BenchResult) -> str:
         if r.server_fds_after is not None:
             rows.append(("server fds", f"{r.server_fds_before} before, {r.server_fds_after} after"))
     if span:
-        rows.append(("load CPU", f"{r.load_cpu:.2f} s ({100 * r.load_cpu / span:.0f}% of a core) "
-                                 f"in the measured phase, {r.load_cpu_total:.2f} s in all"))
+        rows.append(("load CPU", (f"{r.load_cpu:.2f} s ({100 * r.load_cpu / span:.0f}% of a core) "
+                                  f"in the measured phase, {r.load_cpu_total:.2f} s in all")))
     failures = r.failures
     rows.append(("result", "OK" if not failures else "FAIL: " + "; ".join(failures)))
     width = max(len(k) for k, _ in rows)

@@ -1,0 +1,152 @@
+"""What a load process is told, what it counts, and what it tells back.
+
+:class:`LoadSpec` goes into a load process (pickled), :class:`LoadReport`
+comes out of it over the pipe, and the shared progress array is written a
+few times a second. :class:`LoadAccounts` is the bottom layer of a load
+process (see :mod:`chatpair.bench.load`): the histograms, the errors, the
+report, the progress - nothing that touches a socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatpair.bench.config import BenchConfig
+from chatpair.bench.histogram import LogHistogram
+from chatpair.bench.load_state import CONNECTING, Client, Pair
+from chatpair.bench.result import MessageCounts
+
+#: A load process keeps this many error lines (the first ones tell most).
+MAX_ERRORS = 20
+
+
+@dataclass
+class LoadSpec:
+    """What one load process does (pickled into it)."""
+
+    index: int
+    config: BenchConfig
+    host: str
+    port: int
+    first_pair: int
+    pairs: int
+    run_id: str
+
+    @property
+    def indices(self) -> range:
+        """The numbers of this process's pairs (rooms are named after them)."""
+        return range(self.first_pair, self.first_pair + self.pairs)
+
+
+@dataclass
+class LoadReport(MessageCounts):
+    """What one load process measured, sent to the main process at the end.
+
+    Times are ``time.monotonic_ns()`` (comparable across processes), CPU
+    times ``os.times()`` seconds of this process.
+    """
+
+    # The pairing phase (histograms as LogHistogram counts).
+    paired: int = 0
+    t_connect0: int = 0
+    t_connected: int = 0
+    pair_time: dict[int, int] = field(default_factory=dict)
+    # The measured phase.
+    t_go: int = 0
+    cpu_go: float = 0.0
+    latency: dict[int, int] = field(default_factory=dict)
+    rtt: dict[int, int] = field(default_factory=dict)
+    cycles: int = 0  # churn: pairs that completed a whole cycle
+    t_end: int = 0
+    cpu_end: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def add_client(self, c: Client) -> None:
+        """Add one client's counts; what its partner sent and it never got is lost."""
+        self.sent += c.sent
+        self.delivered += c.received
+        self.out_of_order += c.ooo
+        self.corrupt += c.corrupt
+        self.undelivered_notices += c.undelivered
+        peer = c.peer
+        if peer is not None and peer.state != CONNECTING:
+            self.lost += max(0, peer.sent - c.received)
+
+
+class LoadAccounts:
+    """The bottom layer of a load process: its spec, its counts, its report.
+
+    For subclasses: :meth:`error`, :meth:`record_latency` (hot),
+    :meth:`publish`; override :meth:`progress_count`,
+    :meth:`delivered_so_far` and :meth:`count_open_pairs` where a workload
+    counts otherwise. For the entry point: :meth:`finish_report`.
+    """
+
+    def __init__(self, spec: LoadSpec, progress: Any = None) -> None:
+        self.spec = spec
+        self.cfg = spec.config
+        self.pairs: list[Pair] = []
+        self.paired = 0
+        self.latency = LogHistogram()
+        self.rtt = LogHistogram()
+        self.pair_time = LogHistogram()
+        self.report = LoadReport()
+        self.errors: list[str] = []
+        self.progress = progress  # shared array: [progress_count, delivered] per load process
+        # Bound here: attribute look-ups in the hot loop cost.
+        self._lat_counts = self.latency.counts
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(text)
+
+    def record_latency(self, lat: int, n: int) -> None:
+        # Inlined LogHistogram.add: this runs once per received segment.
+        if lat < 64:
+            i = lat if lat > 0 else 0
+        else:
+            shift = lat.bit_length() - 6
+            i = 64 + (shift - 1) * 32 + ((lat >> shift) - 32)
+        c = self._lat_counts
+        c[i] = c.get(i, 0) + n
+
+    def reset_accounts(self) -> None:
+        """Forget everything counted so far (churn's warm-up cycles are not measured)."""
+        self.report = LoadReport()
+        self.latency = LogHistogram()
+        self._lat_counts = self.latency.counts
+        self.pair_time = LogHistogram()
+        self.pairs = []
+        self.paired = 0
+
+    def publish(self) -> None:
+        """Tell the main process how far this process is (it draws the progress bar)."""
+        if self.progress is not None:
+            base = 2 * self.spec.index
+            self.progress[base] = self.progress_count()
+            self.progress[base + 1] = self.delivered_so_far()
+
+    def progress_count(self) -> int:
+        """The first progress figure: pairs paired (churn: pairs completed)."""
+        return self.paired
+
+    def delivered_so_far(self) -> int:
+        return sum(p.a.received + p.b.received for p in self.pairs if p.a and p.b)
+
+    def count_open_pairs(self, r: LoadReport) -> None:
+        """Add the clients still held at the end to ``r``."""
+        for pair in self.pairs:
+            for c in (pair.a, pair.b):
+                if c is not None:
+                    r.add_client(c)
+
+    def finish_report(self) -> LoadReport:
+        r = self.report
+        self.count_open_pairs(r)
+        r.errors = self.errors
+        r.latency = self.latency.counts
+        r.rtt = self.rtt.counts
+        r.pair_time = self.pair_time.counts
+        r.paired = self.paired
+        return r
