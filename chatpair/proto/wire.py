@@ -54,7 +54,12 @@ HEADER_SIZE: Final = HEADER.size
 
 
 class FrameType(enum.IntEnum):
-    """Frame type codes. 0x07-0x0F and 0x15-0x1E are reserved."""
+    """Frame type codes. 0x09-0x0F and 0x16-0x1E are reserved.
+
+    ACK, RESUME and RESUMED belong to the optional resume extension
+    (PROTOCOL.md section 6): outside a resumable session they are
+    ``bad_frame`` like any type a client may not send.
+    """
 
     HELLO = 0x01
     MSG = 0x02
@@ -62,11 +67,14 @@ class FrameType(enum.IntEnum):
     BYE = 0x04
     PING = 0x05
     PONG = 0x06
+    ACK = 0x07
+    RESUME = 0x08
     WELCOME = 0x10
     WAITING = 0x11
     PAIRED = 0x12
     PEER_LEFT = 0x13
     NOTICE = 0x14
+    RESUMED = 0x15
     ERROR = 0x1F
 
 
@@ -91,6 +99,7 @@ class ErrorCode(str, enum.Enum):
     SERVER_FULL = "server_full"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTDOWN = "shutdown"
+    SESSION_EXPIRED = "session_expired"
 
 
 class ProtocolError(Exception):
