@@ -31,6 +31,10 @@ def _build_sanitize_table() -> dict[int, str]:
     table = {cp: _visible(cp) for cp in range(0x20) if cp not in (0x09, 0x0A)}
     table.update({cp: _visible(cp) for cp in range(0x7F, 0xA0)})
     table.update({cp: _visible(cp) for cp in _BIDI_CONTROLS | _LINE_BREAKERS})
+    # Lone surrogates cannot be written as UTF-8 at all (a JSON escape such as
+    # "\\ud800" in a hostile server's frame makes one): a log file or curses
+    # would raise on them, so they are made visible like the controls.
+    table.update({cp: _visible(cp) for cp in range(0xD800, 0xE000)})
     return table
 
 
