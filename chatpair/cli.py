@@ -10,19 +10,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from chatpair import __version__
 from chatpair.errors import ChatpairError
-from chatpair.proto import (
+from chatpair.proto import DEFAULT_PORT, HANDSHAKE_MAX, MAX_FRAME_CEILING
+
+# The server command's defaults, each from its one home (the protocol's own
+# defaults reach it through the server's config).
+from chatpair.server.config import (
+    DEFAULT_BURST,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_PER_IP,
     DEFAULT_PING_INTERVAL,
-    DEFAULT_PORT,
-    HANDSHAKE_MAX,
-    MAX_FRAME_CEILING,
+    DEFAULT_RATE,
+    DEFAULT_RELAY_THREADS,
+    DEFAULT_WORKERS,
+    DEFAULT_WRITE_TIMEOUT,
+    FD_RESERVE,
+    MAX_RELAY_THREADS,
+    MAX_WORKERS,
 )
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -44,30 +58,33 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
     return value
 
 
+def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callable[[Any], Any]:
+    """A server option in seconds (greater than 0), shown with its default and variable."""
+    return click.option(flag, default=default, show_default=True, type=float, envvar=envvar,
+                        show_envvar=True, callback=_positive, help=help)
+
+
 @cli.command(context_settings=CONTEXT)
-@click.option("--host", default="0.0.0.0", show_default=True, envvar="CHATPAIR_HOST", show_envvar=True,
+@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar="CHATPAIR_HOST", show_envvar=True,
               help="Address to listen on (0.0.0.0: every IPv4 interface; :: for IPv6).")
 @click.option("--port", "-p", default=DEFAULT_PORT, show_default=True, envvar="CHATPAIR_PORT", show_envvar=True,
               type=click.IntRange(0, 65535), help="TCP port; 0 picks a free one (printed at start).")
 @click.option("--max-frame", default=DEFAULT_MAX_FRAME, show_default=True, envvar="CHATPAIR_MAX_FRAME",
               show_envvar=True, type=click.IntRange(HANDSHAKE_MAX, MAX_FRAME_CEILING),
               help="Largest frame a client may send, in bytes (announced in WELCOME).")
-@click.option("--handshake-timeout", default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True, type=float,
-              envvar="CHATPAIR_HANDSHAKE_TIMEOUT", show_envvar=True, callback=_positive,
-              help="Seconds from connect to a valid hello; not extended by trickling bytes.")
-@click.option("--ping-interval", default=DEFAULT_PING_INTERVAL, show_default=True, type=float,
-              envvar="CHATPAIR_PING_INTERVAL", show_envvar=True, callback=_positive,
-              help="Seconds of silence from a client before the server sends PING.")
-@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True, type=float,
-              envvar="CHATPAIR_IDLE_TIMEOUT", show_envvar=True, callback=_positive,
-              help="Seconds without any frame before a frame-mode client is dropped.")
-@click.option("--write-timeout", default=30.0, show_default=True, type=float,
-              envvar="CHATPAIR_WRITE_TIMEOUT", show_envvar=True, callback=_positive,
-              help="Seconds a client may leave its data unread before it is dropped.")
-@click.option("--relay-threads", default=1, show_default=True, type=click.IntRange(1, 64),
+@_server_seconds("--handshake-timeout", DEFAULT_HANDSHAKE_TIMEOUT, "CHATPAIR_HANDSHAKE_TIMEOUT",
+                 "Seconds from connect to a valid hello; not extended by trickling bytes.")
+@_server_seconds("--ping-interval", DEFAULT_PING_INTERVAL, "CHATPAIR_PING_INTERVAL",
+                 "Seconds of silence from a client before the server sends PING.")
+@_server_seconds("--idle-timeout", DEFAULT_IDLE_TIMEOUT, "CHATPAIR_IDLE_TIMEOUT",
+                 "Seconds without any frame before a frame-mode client is dropped.")
+@_server_seconds("--write-timeout", DEFAULT_WRITE_TIMEOUT, "CHATPAIR_WRITE_TIMEOUT",
+                 "Seconds a client may leave its data unread before it is dropped.")
+@click.option("--relay-threads", default=DEFAULT_RELAY_THREADS, show_default=True,
+              type=click.IntRange(1, MAX_RELAY_THREADS),
               envvar="CHATPAIR_RELAY_THREADS", show_envvar=True,
               help="Room relay threads in the listener process (each serves many pairs).")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 64),
+@click.option("--workers", default=DEFAULT_WORKERS, show_default=True, type=click.IntRange(0, MAX_WORKERS),
               envvar="CHATPAIR_WORKERS", show_envvar=True,
               help="Relay worker processes (POSIX): pairs are relayed there, using more cores. "
                    "0 relays in the listener process.")
@@ -75,18 +92,21 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
               help="PEM certificate (chain): serve TLS only. Its SHA-256 fingerprint is printed at start.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), envvar="CHATPAIR_TLS_KEY", show_envvar=True,
               help="PEM private key for --tls-cert (if not in the same file).")
-@click.option("--max-clients", default=0, show_default="the descriptor limit minus 100",
-              type=click.IntRange(0), envvar="CHATPAIR_MAX_CLIENTS", show_envvar=True,
+@click.option("--max-clients", default=DEFAULT_MAX_CLIENTS,
+              show_default=f"the descriptor limit minus {FD_RESERVE}", type=click.IntRange(0),
+              envvar="CHATPAIR_MAX_CLIENTS", show_envvar=True,
               help="Connections at once; more are told ERROR server_full.")
 @click.option("--max-per-ip", default=None, type=click.IntRange(0), envvar="CHATPAIR_MAX_PER_IP",
-              show_envvar=True, show_default="256, loopback exempt",
+              show_envvar=True, show_default=f"{DEFAULT_MAX_PER_IP}, loopback exempt",
               help="Connections at once from one address (too_many_connections); 0: no limit. "
                    "Given explicitly, it counts loopback too.")
-@click.option("--rate", default=0.0, show_default="0: off", type=click.FloatRange(0), envvar="CHATPAIR_RATE",
-              show_envvar=True, help="Messages per second per client. Over it the server reads the client "
-                                     "later: it is slowed down, never loses a message.")
-@click.option("--burst", default=100, show_default=True, type=click.IntRange(1), envvar="CHATPAIR_BURST",
-              show_envvar=True, help="Messages a client may send at once before --rate applies.")
+@click.option("--rate", default=DEFAULT_RATE, show_default="0: off", type=click.FloatRange(0),
+              envvar="CHATPAIR_RATE", show_envvar=True,
+              help="Messages per second per client. Over it the server reads the client "
+                   "later: it is slowed down, never loses a message.")
+@click.option("--burst", default=DEFAULT_BURST, show_default=True, type=click.IntRange(1),
+              envvar="CHATPAIR_BURST", show_envvar=True,
+              help="Messages a client may send at once before --rate applies.")
 @click.option("-v", "--verbose", count=True,
               help="More log on stderr (-v: debug detail). "
                    "By default it logs connects, pairs, leaves and errors.")
@@ -103,7 +123,7 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     SIGHUP stops it too when it runs in a terminal; detached, it is ignored
     (and logged).
     """
-    from chatpair.server.config import DEFAULT_MAX_PER_IP, ServerConfig
+    from chatpair.server.config import ServerConfig
     from chatpair.server.main import run_server
     from chatpair.server.workers import workers_supported
 

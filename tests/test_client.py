@@ -22,27 +22,16 @@ from pathlib import Path
 import pytest
 from conftest import ServerProcess
 
-from chatpair.client import (
-    ClientConfig,
-    Closed,
-    LineReader,
-    Message,
-    Paired,
-    PeerLeft,
-    Presenter,
-    ServerError,
-    Waiting,
-    event_json,
-    format_fingerprint,
-    make_valid_name,
-    parse_fingerprint,
-    parse_input,
-    parse_target,
-    split_message,
-)
+from chatpair.client.commands import parse_input
+from chatpair.client.config import ClientConfig, format_fingerprint, make_valid_name, parse_fingerprint
+from chatpair.client.config import resolve_target as parse_target
+from chatpair.client.present import Presenter, event_json
+from chatpair.client.stdin import LineReader
+from chatpair.client.tui.terminal import char_width, clip, input_view, str_width, wrap
+from chatpair.client.tui.widgets import ChatLog, InputLine
 from chatpair.errors import ConfigError
-from chatpair.terminal import char_width, clip, input_view, str_width, wrap
-from chatpair.tui import ChatLog, InputLine
+from chatpair.proto.clientside import split_message
+from chatpair.proto.events import Closed, Message, Paired, PeerLeft, ServerError, Waiting
 
 ROOT = Path(__file__).resolve().parent.parent
 MSG, NEXT, BYE, PING, PONG = 0x02, 0x03, 0x04, 0x05, 0x06

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from chatpair.client import split_message
+from chatpair.proto.clientside import split_message
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO, MSG, BYE, PING, PONG = 0x01, 0x02, 0x04, 0x05, 0x06
@@ -238,7 +238,7 @@ def assert_one_line(err: str, *needles: str) -> None:
 
 def test_split_message_always_progresses():
     # max_bytes too small for one character used to loop forever appending "".
-    code = ("from chatpair.client import split_message\n"
+    code = ("from chatpair.proto.clientside import split_message\n"
             "for n in (0, 1, 2, 3):\n"
             "    try:\n"
             "        split_message('\u00e9\u20ac\U0001f600', n)\n"
@@ -406,7 +406,8 @@ def test_pongs_never_grow_the_outbox_of_a_server_that_does_not_read():
     latest one is, once the server reads again. Our own messages are never
     dropped, and the PONG path stays linear (no copy of the outbox per PING).
     """
-    from chatpair.client import ClientConfig, Connection
+    from chatpair.client.config import ClientConfig
+    from chatpair.client.session import Connection
 
     ours, theirs = socket.socketpair()
     with ours, theirs:

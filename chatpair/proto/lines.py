@@ -111,8 +111,8 @@ class LineDecoder:
         return bytes(self._buf)
 
 
-class LineKind(enum.Enum):
-    """What a typed line is."""
+class LineKind(str, enum.Enum):
+    """What a typed line is (a str enum: ``LineKind.MSG == "msg"``, for scripts and tests)."""
 
     MSG = "msg"  # text to send
     NEXT = "next"

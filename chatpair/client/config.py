@@ -1,0 +1,117 @@
+"""What the client needs to reach a server, and every default of it, once.
+
+:class:`ClientConfig` is built by the CLI from the command line with the
+helpers here: :func:`resolve_target` for ``[HOST[:PORT]]`` with ``--host``
+and ``--port``, :func:`default_name`, :func:`parse_fingerprint`. Nothing here
+touches the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import getpass
+import unicodedata
+from dataclasses import dataclass
+from typing import TypeVar
+
+from chatpair.errors import ConfigError
+from chatpair.netutil import format_hostport, parse_hostport
+from chatpair.proto import DEFAULT_PORT, MAX_NAME
+
+DEFAULT_HOST = "127.0.0.1"
+#: Seconds for connect + TLS + banner + WELCOME, one deadline for all of it,
+#: so a port that accepts and then says nothing (a TLS port, a tarpit) fails
+#: in bounded time with a clear message.
+DEFAULT_TIMEOUT = 10.0
+#: A name when the login name has nothing a name may have.
+FALLBACK_NAME = "guest"
+
+_T = TypeVar("_T", str, int)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything needed to reach a server and say hello."""
+
+    name: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    room: str | None = None
+    tls: bool = False
+    cafile: str | None = None
+    #: SHA-256 of the server certificate (DER); when set, CA and hostname
+    #: checks are skipped and only this pin counts (trust on first use).
+    fingerprint: bytes | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def label(self) -> str:
+        """``host:port`` as people write it (IPv6 in brackets)."""
+        return format_hostport(self.host, self.port)
+
+
+def resolve_target(target: str | None, host: str | None, port: int | None) -> tuple[str, int]:
+    """Combine ``[HOST[:PORT]]`` with ``--host``/``--port`` into (host, port).
+
+    ``[::1]:7878`` and a bare ``::1`` are IPv6; ``--host HOST:PORT`` means
+    the same as the positional ``HOST:PORT``. Given twice with different
+    values is a :class:`ConfigError` rather than a silent choice.
+    """
+    if host and (host.startswith("[") or host.count(":") == 1):
+        host, host_port = parse_hostport(host)
+        port = _agree("ports", host_port, "--host ...:", port, "--port ")
+    t_host, t_port = parse_hostport(target) if target else (None, None)
+    final_host = _agree("hosts", t_host, "", host or None, "--host ")
+    final_port = _agree("ports", t_port, "", port, "--port ")
+    return final_host or DEFAULT_HOST, DEFAULT_PORT if final_port is None else final_port
+
+
+def _agree(what: str, first: _T | None, first_how: str, second: _T | None, second_how: str) -> _T | None:
+    """The one value given (either may be None); two different ones are a ConfigError."""
+    if first is not None and second is not None and first != second:
+        raise ConfigError(f"two different {what} given: {first_how}{first} and {second_how}{second}")
+    return first if first is not None else second
+
+
+def make_valid_name(raw: str) -> str:
+    """Drop characters a name may not have, truncate, fall back to ``guest``."""
+    keep = [ch for ch in raw if ch in "_-." or unicodedata.category(ch)[0] == "L"
+            or unicodedata.category(ch) == "Nd"]
+    return "".join(keep)[:MAX_NAME] or FALLBACK_NAME
+
+
+def default_name() -> str:
+    """The login name made valid (``getpass.getuser()`` can fail in containers)."""
+    try:
+        raw = getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no passwd entry: any error means "unknown"
+        raw = ""
+    return make_valid_name(raw)
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """``SHA256:<hex>`` (colons allowed) or ``SHA256:<base64>`` -> 32 bytes."""
+    body = text.strip()
+    if body.upper().startswith("SHA256:"):
+        body = body[7:]
+    hexits = body.replace(":", "")
+    if len(hexits) == 64:
+        try:
+            return bytes.fromhex(hexits)
+        except ValueError:
+            pass  # 64 characters that are not hex: maybe base64
+    try:
+        digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != 32:
+        raise ConfigError(
+            f"bad fingerprint {text!r}: expected SHA256: and 64 hex digits (or SSH-style base64)"
+        )
+    return digest
+
+
+def format_fingerprint(digest: bytes) -> str:
+    """How a fingerprint is shown: ``SHA256:`` and 64 hex digits (the server prints the same)."""
+    return "SHA256:" + digest.hex()

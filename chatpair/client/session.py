@@ -1,0 +1,331 @@
+"""A frame-mode conversation over a socket: :func:`connect`, :class:`Connection`, :class:`SocketWatch`.
+
+:class:`Connection` owns the socket and feeds what it reads to a
+:class:`~chatpair.proto.clientside.ClientProtocol`, which owns every rule
+of the protocol; this module adds only what needs a socket or a clock: the
+handshake's deadline, non-blocking sends from the protocol's outbox, reads
+that turn OS errors into :class:`~chatpair.proto.events.Closed` events, and
+a polite BYE. :func:`connect` turns every way a handshake can fail into one
+:class:`~chatpair.errors.ChatpairError` whose message names ``host:port``.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import ssl
+import time
+from typing import Any, Callable
+
+from chatpair.client.config import ClientConfig
+from chatpair.client.transport import open_socket, os_reason
+from chatpair.errors import ChatpairError, ConnectError, RefusedError
+from chatpair.proto import sanitize
+from chatpair.proto.clientside import ClientProtocol, ClientState
+from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Notice, ServerError, Welcome
+
+#: After BYE, how long to wait for the server to close before we do. The
+#: server closes at once; this only bounds a dead or slow network.
+BYE_DRAIN_TIMEOUT = 3.0
+#: At most this much is offered to one ``send`` call.
+SEND_CHUNK = 1 << 18
+RECV_SIZE = 65536
+
+
+def connect(config: ClientConfig, heard: list[Event] | None = None) -> Connection:
+    """Open a connection and complete the handshake, or raise ChatpairError.
+
+    Returns once WELCOME is in; frames that came with it (WAITING, PAIRED)
+    are returned by the first :meth:`Connection.receive`. If the handshake
+    fails, what the server said before (a NOTICE) is appended to ``heard``,
+    in order, so the caller can show it before the error.
+    """
+    deadline = time.monotonic() + config.timeout
+    sock = open_socket(config)
+    conn = Connection(sock, config)
+    try:
+        conn.handshake(deadline)
+    except BaseException:
+        if heard is not None:
+            heard += conn.early
+        conn.close()
+        raise
+    return conn
+
+
+def final_error(label: str, ev: ServerError | Closed) -> ChatpairError:
+    """The error a session ends with after its final event (exit code 3 for ERROR, 2 otherwise)."""
+    if isinstance(ev, ServerError):
+        return RefusedError(ev.code, f"{label}: {sanitize(ev.message, False)}")
+    return ConnectError(sanitize(ev.reason, False))
+
+
+class Connection:
+    """A frame-mode connection. Non-blocking sends, event reads.
+
+    Not thread-safe: one owner (the pipe loop or the TUI loop) calls
+    everything. ``fileno()`` lets that owner wait on it with a selector; call
+    :meth:`receive` when it is readable and :meth:`flush` when it is
+    writable (while :attr:`wants_write`). Before waiting to read, the owner
+    checks :meth:`read_pause`: a server flooding PINGs is read more slowly.
+
+    ``banner``: its text if the caller already read the banner and sent
+    HELLO; otherwise :meth:`handshake` does both.
+    """
+
+    def __init__(self, sock: socket.socket, config: ClientConfig, banner: str | None = None) -> None:
+        self.sock = sock
+        self.config = config
+        self.label = config.label
+        self.proto = ClientProtocol(config.name, config.room, self.label, banner)
+        #: Events of the handshake not returned yet: the first receive() returns them.
+        self.early: list[Event] = []
+        #: True once the socket failed or was closed by us (the protocol may not know).
+        self._down = False
+        #: Why a send failed where nobody could be told at once (a PONG).
+        self._lost: str | None = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._down or self.proto.state is ClientState.CLOSED
+
+    @property
+    def outbox(self) -> bytearray:
+        """Bytes not yet taken by the kernel.
+
+        Sends never block (after the handshake): the owner keeps reading
+        while the server slows us down, so two clients piping big inputs at
+        each other cannot deadlock with both stuck in sendall. A send is
+        tried at once only when the outbox was empty; otherwise the kernel
+        said "full" and the owner flushes when the socket is writable
+        (never a busy loop).
+        """
+        return self.proto.outbox
+
+    # -- handshake ---------------------------------------------------------
+
+    def handshake(self, deadline: float) -> Welcome:
+        """Read the banner, send HELLO and wait for WELCOME (ERROR -> RefusedError).
+
+        Every frame that came with the WELCOME in the same read (WAITING,
+        PAIRED, a NOTICE, even an ERROR or a broken frame) is kept, in
+        order, for the first :meth:`receive`; so is a NOTICE before it. If
+        the handshake fails, :attr:`early` holds what came before.
+        """
+        events = self._take_events(flush_due=True)
+        while True:
+            for i, ev in enumerate(events):
+                if isinstance(ev, Welcome):
+                    self.early += events[i:]
+                    self.sock.setblocking(False)
+                    return ev
+                if isinstance(ev, ServerError):
+                    raise RefusedError(ev.code, f"{self.label} refused: {sanitize(ev.message, False)}")
+                if isinstance(ev, Closed):
+                    raise ConnectError(sanitize(ev.reason, False))
+                assert isinstance(ev, Notice)  # the protocol closes on anything else before WELCOME
+                self.early.append(ev)
+            events = self._handshake_read(deadline)
+
+    def _handshake_read(self, deadline: float) -> list[Event]:
+        """Wait (within the deadline) for more of the banner or the WELCOME."""
+        in_banner = self.proto.state is ClientState.BANNER
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if not in_banner:
+                raise ConnectError(f"{self.label} did not answer our hello in time")
+            hint = "" if self.config.tls else " (a TLS server? try --tls)"
+            raise ConnectError(f"{self.label} sent no chatpair banner in time: not a chatpair server{hint}")
+        pause = self.read_pause()
+        if pause:  # a PING flood before WELCOME: read it slowly, within the deadline
+            time.sleep(min(pause, left))
+            return []
+        self.sock.settimeout(left)
+        try:
+            data = self._recv()
+        except TimeoutError:
+            return []
+        except ssl.SSLError as err:
+            raise ConnectError(f"TLS error from {self.label}: {err.reason or err}") from None
+        except OSError as err:
+            how = "failed" if in_banner else "lost during the handshake"
+            raise ConnectError(f"connection to {self.label} {how}: {os_reason(err)}") from None
+        flush_due = not self.outbox
+        self.proto.receive_data(data, time.monotonic())
+        return self._take_events(flush_due)
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive(self) -> list[Event]:
+        """Read what is there (blocks only until something arrives) -> events.
+
+        A ``Closed`` or ``ServerError`` event is always the last one.
+        """
+        if self.early:
+            early, self.early = self.early, []
+            return early
+        if self.closed:
+            return [Closed(self._lost or f"connection to {self.label} closed")]
+        try:
+            data = self._recv()
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return []
+        except TimeoutError:
+            self._down = True
+            return [Closed(f"{self.label} stopped answering")]
+        except OSError as err:
+            self._down = True
+            return [Closed(f"connection to {self.label} lost: {os_reason(err)}")]
+        flush_due = not self.outbox
+        self.proto.receive_data(data, time.monotonic())
+        return self._take_events(flush_due)
+
+    def read_pause(self, now: float | None = None) -> float:
+        """Seconds to wait before reading again (0: read now); see ClientProtocol.read_pause."""
+        return self.proto.read_pause(time.monotonic() if now is None else now)
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(RECV_SIZE)
+        # TLS may hold decrypted bytes the selector cannot see: take them now.
+        while data and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            data += self.sock.recv(self.sock.pending())
+        return data
+
+    def _take_events(self, flush_due: bool) -> list[Event]:
+        """The protocol's events; what it queued into an empty outbox (PONGs, HELLO) goes in one send."""
+        events = self.proto.events()
+        if flush_due and self.outbox:
+            self.flush(quiet=True)
+            if self._lost and not (events and isinstance(events[-1], FINAL_EVENTS)):
+                events.append(Closed(self._lost))
+        return events
+
+    # -- sending -----------------------------------------------------------
+
+    @property
+    def wants_write(self) -> bool:
+        """True while bytes wait for the socket to become writable."""
+        return bool(self.outbox) and not self.closed
+
+    def flush(self, quiet: bool = False) -> None:
+        """Send what the kernel takes now; the rest waits for writability.
+
+        A failed send is ConnectError, or with ``quiet`` reported by the
+        next :meth:`receive`.
+        """
+        while self.outbox and not self.closed:
+            try:
+                with memoryview(self.outbox) as view, view[:SEND_CHUNK] as chunk:
+                    n = self.sock.send(chunk)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            except OSError as err:  # ssl.SSLError is one too
+                self._down = True
+                self.outbox.clear()
+                self._lost = f"connection to {self.label} lost: {os_reason(err)}"
+                if quiet:
+                    return
+                raise ConnectError(self._lost) from None
+            self.proto.sent(n)
+
+    def _send(self, queue: Callable[..., None], *args: Any) -> None:
+        """Queue frames with the protocol; send at once if nothing was waiting."""
+        idle = not self.outbox
+        queue(*args)
+        if idle:
+            self.flush()
+
+    def send_msg(self, text: str) -> None:
+        """Send text as MSG frames (split if longer than the server's limit)."""
+        self._send(self.proto.send_msg, text)
+
+    def send_next(self) -> None:
+        self._send(self.proto.send_next)
+
+    def send_ping(self) -> None:
+        """PING with a token; the matching PONG becomes a :class:`Pong` event."""
+        self._send(self.proto.send_ping, time.monotonic())
+
+    def bye(self) -> list[Event]:
+        """Send BYE, let the server close first, then close. Never raises.
+
+        Closing while the server's frames sit unread in our buffer would make
+        the kernel send RST, which can destroy messages we just sent; so we
+        half-close and read until the server's close. What arrives meanwhile
+        was delivered to us, so it is returned (pipe mode prints it).
+        """
+        events: list[Event] = []
+        if self.closed:
+            self.close()
+            return events
+        self.proto.send_bye()
+        try:
+            self.sock.settimeout(BYE_DRAIN_TIMEOUT)
+            self.sock.sendall(self.outbox)
+            self.proto.sent(len(self.outbox))
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + BYE_DRAIN_TIMEOUT
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.sock.recv(RECV_SIZE)
+                self.proto.receive_data(data, time.monotonic())
+                events += [ev for ev in self.proto.events() if not isinstance(ev, Closed)]
+                if not data or self.closed:
+                    break
+        except OSError:  # ssl.SSLError is one too: the server is gone, which is what we asked for
+            pass
+        self.close()
+        return events
+
+    def close(self) -> None:
+        self._down = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class SocketWatch:
+    """What a selector watches a connection for, changed only when it changes.
+
+    A mask of 0 (reading paused, nothing to write) unregisters the socket:
+    selectors refuse an empty mask, and watching for readability while not
+    reading would make ``select`` return at once, again and again.
+    """
+
+    def __init__(self, conn: Connection, data: Any = None) -> None:
+        self.conn = conn
+        self.data = conn if data is None else data
+        self.mask = 0
+
+    def set(self, sel: selectors.BaseSelector, mask: int) -> None:
+        if mask == self.mask:
+            return
+        if not mask:
+            sel.unregister(self.conn.sock)
+        elif not self.mask:
+            sel.register(self.conn.sock, mask, self.data)
+        else:
+            sel.modify(self.conn.sock, mask, self.data)
+        self.mask = mask
+
+    def follow(self, sel: selectors.BaseSelector, now: float | None = None) -> float:
+        """Watch for what the connection needs now; return its read pause (0: reading)."""
+        pause = self.conn.read_pause(now)
+        self.set(sel, (0 if pause else selectors.EVENT_READ)
+                 | (selectors.EVENT_WRITE if self.conn.wants_write else 0))
+        return pause
+
+    def clear(self, sel: selectors.BaseSelector) -> None:
+        """Stop watching (before the socket is closed)."""
+        if self.mask:
+            try:
+                sel.unregister(self.conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.mask = 0
+

@@ -1,0 +1,388 @@
+"""The interactive client: the curses chat screen's loop, and :func:`run_tui`.
+
+Everything happens on one thread. A selector waits on the terminal (stdin),
+the server socket and a :class:`~chatpair.netutil.Waker` (poked by SIGWINCH
+and by the reconnect thread); every change redraws the whole screen from
+state (:mod:`.screen`), so a message arriving never touches what the person
+is typing. The state itself (:mod:`.widgets`), the key map (:mod:`.keys`)
+and the connection with its reconnecting (:mod:`.link`) are separate and
+mostly free of curses.
+
+The terminal is always given back: :func:`run_tui` saves the termios modes
+before curses starts and restores them in a ``finally``, after Ctrl-C,
+Ctrl-D, /quit, SIGTERM, or an exception.
+
+Reconnecting: when the connection is lost (server gone, ERROR shutdown or
+timeout), the UI says so and retries with exponential backoff, then says
+hello again with the same name and room. A refusal that would repeat
+(a bad name...) is not retried.
+"""
+
+from __future__ import annotations
+
+import locale
+import os
+import selectors
+import signal
+import sys
+import time
+from typing import Any
+
+from chatpair.client.commands import HELP_TEXT, parse_input
+from chatpair.client.config import ClientConfig
+from chatpair.client.pipe import PipeClient, show_early
+from chatpair.client.present import Line, LineStyle, Presenter, Transcript
+from chatpair.client.session import Connection, connect, final_error
+from chatpair.client.tui.keys import KeyAction, apply_key
+from chatpair.client.tui.link import Failure, Link, is_fatal
+from chatpair.client.tui.screen import Painter, status_line, want_color
+from chatpair.client.tui.widgets import ChatLog, InputLine
+from chatpair.errors import ChatpairError
+from chatpair.netutil import Waker
+from chatpair.proto import LineKind, sanitize
+from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Pong, ServerError, Welcome
+
+try:  # curses is missing on Windows and in some minimal Pythons: pipe mode is the fallback
+    import curses
+except ImportError:  # pragma: no cover - depends on the platform
+    curses = None  # type: ignore[assignment]
+
+#: RTT in the status line is refreshed this often (a PING is 10 bytes).
+PING_EVERY = 10.0
+#: The loop looks at its timers at least this often (the status line's countdown).
+TICK = 1.0
+
+
+def available() -> bool:
+    """True if curses can run here (the caller has already checked for a tty)."""
+    return curses is not None and os.environ.get("TERM", "") not in ("", "dumb")
+
+
+class TuiApp:
+    """The chat screen's loop. ``run()`` returns the exit code; ``close()`` always follows."""
+
+    def __init__(self, scr: Any, conn: Connection, config: ClientConfig, *, color: bool,
+                 reconnect: bool, transcript: Transcript) -> None:
+        self.scr = scr
+        self.first_conn: Connection | None = conn  # attached when run() starts
+        self.config = config
+        self.reconnect = reconnect
+        self.transcript = transcript
+        self.painter = Painter(scr, color)
+        self.log = ChatLog()
+        self.line = InputLine()
+        self.presenter = Presenter(config.name)
+        self.rtt: float | None = None
+        self.show_next_pong = False
+        self.next_ping = time.monotonic() + TICK
+        self.exit_code = 0
+        self.done = False
+        #: After a final error: the next key leaves (so the error can be read first).
+        self.done_after_key = False
+        self.failure: ChatpairError | None = None
+        self.resized = False
+        self.sel = selectors.DefaultSelector()
+        self.waker = Waker()
+        self.link = Link(config, self.sel, self.waker.wake, self.on_conn_ready)
+
+    # -- plumbing ------------------------------------------------------------
+
+    def on_sigwinch(self, signum: int, frame: Any) -> None:
+        self.resized = True
+        self.waker.wake()
+
+    def show(self, lines: list[Line]) -> None:
+        for line in lines:
+            self.log.add(line)
+            self.transcript.write(line)
+
+    def say(self, text: str, kind: LineStyle = LineStyle.NOTICE) -> None:
+        self.show([Line(kind, text)])
+
+    def redraw(self) -> None:
+        if self.link.conn is None:
+            partner = self.link.state(time.monotonic())
+        else:
+            partner = f"partner: {self.presenter.peer}" if self.presenter.paired else "waiting..."
+        rtt = self.rtt if self.link.conn else None
+        self.painter.draw(self.log, status_line(self.config, partner, rtt), self.line)
+
+    # -- events from the server ------------------------------------------------
+
+    def on_event(self, ev: Event) -> None:
+        if isinstance(ev, Pong):
+            self.rtt = ev.rtt
+            if not self.show_next_pong:
+                return
+            self.show_next_pong = False
+        if isinstance(ev, Welcome):
+            return
+        self.show(self.presenter.lines(ev))
+        if isinstance(ev, FINAL_EVENTS):
+            self.lost(ev)
+
+    def lost(self, ev: ServerError | Closed) -> None:
+        self.link.detach()
+        self.rtt = None
+        failure = final_error(self.config.label, ev)  # the error (and exit code) pipe mode gives
+        fatal = is_fatal(failure)
+        if not self.reconnect or fatal:
+            self.give_up(failure, "not reconnecting (press any key to leave)" if fatal else
+                         "connection lost; not reconnecting (--no-reconnect); press any key to leave")
+            return
+        self.schedule_retry()
+
+    def give_up(self, failure: ChatpairError, why: str) -> None:
+        self.failure = failure
+        self.exit_code = failure.exit_code
+        self.say(why, LineStyle.ERROR)
+        self.done_after_key = True
+
+    def schedule_retry(self, why: str = "connection lost") -> None:
+        delay = self.link.schedule_retry(time.monotonic())
+        self.say(f"{why}; reconnecting in {delay:g}s", LineStyle.ERROR)
+
+    def on_wake(self, mask: int) -> None:
+        """The reconnect thread finished an attempt (or a signal woke us)."""
+        self.waker.drain()
+        for result in self.link.results():
+            if self.done:
+                if isinstance(result, Connection):
+                    result.close()
+            elif isinstance(result, Connection):
+                self.attach(result)
+                self.say(f"reconnected to {self.config.label}")
+                for ev in result.receive():
+                    self.on_event(ev)
+            else:
+                self.on_failed_attempt(result)
+
+    def on_failed_attempt(self, failure: Failure) -> None:
+        for ev in failure.heard:  # what the server said before refusing (a NOTICE)
+            self.show(self.presenter.lines(ev))
+        if is_fatal(failure.error):
+            self.give_up(failure.error, f"{failure.error}; not reconnecting (press any key to leave)")
+        else:
+            self.schedule_retry(str(failure.error))
+
+    def attach(self, conn: Connection) -> None:
+        self.link.attach(conn)
+        self.next_ping = time.monotonic() + TICK
+
+    # -- keys ------------------------------------------------------------------
+
+    def on_key(self, key: str | int) -> None:
+        if self.done_after_key:
+            self.done = True
+            return
+        action = apply_key(self.line, key)
+        page = max(1, self.scr.getmaxyx()[0] - 3)
+        if action is KeyAction.ENTER:
+            self.on_enter()
+        elif action is KeyAction.QUIT:
+            self.done = True
+        elif action is KeyAction.REPAINT:
+            self.scr.clear()
+        elif action is KeyAction.PAGE_UP:
+            self.log.scroll += page
+        elif action is KeyAction.PAGE_DOWN:
+            self.log.scroll = max(0, self.log.scroll - page)
+        elif action is KeyAction.RESIZE:
+            self.resized = True
+
+    def on_enter(self) -> None:
+        cmd = parse_input(self.line.text)
+        if cmd.kind in (LineKind.EMPTY, LineKind.HELP, LineKind.UNKNOWN, LineKind.QUIT):
+            self.line.take()
+            if cmd.kind is LineKind.QUIT:
+                self.done = True
+            elif cmd.kind is not LineKind.EMPTY:
+                prefix = f"unknown command {cmd.text}; " if cmd.kind is LineKind.UNKNOWN else ""
+                self.say(prefix + HELP_TEXT)
+            return
+        conn = self.link.conn
+        if conn is None:
+            self.say("not connected; your line is kept", LineStyle.ERROR)
+            return
+        if cmd.kind is LineKind.MSG and not self.presenter.paired:
+            self.say("no partner yet; your line is kept until you are paired")
+            return
+        self.line.take()
+        try:
+            if cmd.kind is LineKind.MSG:
+                conn.send_msg(cmd.text)
+                self.show(self.presenter.own(sanitize(cmd.text)))
+            elif cmd.kind is LineKind.NEXT:
+                conn.send_next()
+                self.show(self.presenter.left_by_us())
+            elif cmd.kind is LineKind.PING:
+                self.show_next_pong = True
+                conn.send_ping()
+        except ChatpairError as err:
+            self.on_event(Closed(str(err)))
+
+    # -- the loop ----------------------------------------------------------------
+
+    def read_keys(self) -> None:
+        while not self.done:
+            try:
+                key = self.scr.get_wch()
+            except curses.error:
+                return  # nothing more typed
+            self.on_key(key)
+
+    def timers(self, now: float) -> None:
+        conn = self.link.conn
+        if conn is not None and now >= self.next_ping:
+            self.next_ping = now + PING_EVERY
+            try:
+                conn.send_ping()
+            except ChatpairError as err:
+                self.on_event(Closed(str(err)))
+        self.link.retry_if_due(now)
+
+    def on_conn_ready(self, mask: int) -> None:
+        conn = self.link.conn
+        if conn is None:
+            return  # lost while handling an earlier event of the same select
+        try:
+            if mask & selectors.EVENT_WRITE:
+                conn.flush()
+        except ChatpairError as err:
+            self.on_event(Closed(str(err)))
+            return
+        if mask & selectors.EVENT_READ:
+            for ev in conn.receive():
+                self.on_event(ev)
+
+    def run(self) -> int:
+        # Keys are read after every select (curses may hold keys it already
+        # read from the fd); the registration is only there to wake us.
+        self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, lambda mask: None)
+        self.sel.register(self.waker.reader, selectors.EVENT_READ, self.on_wake)
+        conn, self.first_conn = self.first_conn, None
+        assert conn is not None, "run() is called once"
+        self.attach(conn)
+        for ev in conn.receive():
+            self.on_event(ev)
+        self.redraw()
+        while not self.done:
+            now = time.monotonic()
+            self.timers(now)
+            deadlines = [self.next_ping if self.link.conn else now + TICK, now + TICK]
+            if self.link.retry_at is not None:
+                deadlines.append(self.link.retry_at)
+            resume = self.link.follow(now)
+            if resume is not None:
+                deadlines.append(resume)
+            timeout = max(0.0, min(deadlines) - time.monotonic())
+            for key, mask in self.sel.select(timeout):
+                key.data(mask)
+            self.read_keys()
+            if self.resized:
+                self.resized = False
+                self.painter.resize()
+            if not self.done:
+                self.redraw()
+        return self.exit_code
+
+    def close(self) -> None:
+        """Say BYE if connected; stop the reconnect thread; close everything."""
+        if self.first_conn is not None:  # run() never started
+            self.first_conn.bye()
+            self.first_conn = None
+        self.link.close()
+        self.sel.close()
+        self.waker.close()
+
+
+def _install_signals(app: TuiApp) -> dict[int, Any]:
+    """SIGWINCH redraws; SIGTERM/SIGHUP leave through the normal path (BYE, restore)."""
+    def leave(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old: dict[int, Any] = {}
+    for name, handler in (("SIGWINCH", app.on_sigwinch), ("SIGTERM", leave), ("SIGHUP", leave)):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | None = None,
+            reconnect: bool = True) -> int:
+    """Connect, then run the curses UI until /quit, Ctrl-C or Ctrl-D.
+
+    The first connection is made before curses starts, so a wrong port or a
+    refused name is the same one-line error as in pipe mode.
+    """
+    heard: list[Event] = []
+    try:
+        conn = connect(config, heard)
+    except ChatpairError:
+        show_early(heard, sys.stdout.buffer, config.name)  # curses is not started yet: plain lines
+        raise
+    transcript = Transcript(log_path)
+    locale.setlocale(locale.LC_ALL, "")  # curses needs it to draw wide characters
+    os.environ.setdefault("ESCDELAY", "25")  # a lone ESC should not freeze the input for 1 s
+    saved = _save_tty()
+    app: TuiApp | None = None
+    old_signals: dict[int, Any] = {}
+    scr = None
+    try:
+        try:
+            scr = curses.initscr()
+        except curses.error:
+            # No terminfo entry for this TERM: chat line by line instead.
+            _restore_tty(saved)
+            return PipeClient(conn, sys.stdout.buffer, transcript=transcript).run()
+        curses.noecho()
+        curses.raw()  # Ctrl-C and Ctrl-Z are keys here: Ctrl-C says BYE instead of dying
+        scr.keypad(True)
+        scr.nodelay(True)
+        app = TuiApp(scr, conn, config, color=want_color(color), reconnect=reconnect, transcript=transcript)
+        old_signals = _install_signals(app)
+        try:
+            code = app.run()
+        except KeyboardInterrupt:
+            code = 0
+        return code
+    finally:
+        if app is not None:
+            app.close()
+        else:
+            conn.bye()
+        if scr is not None:
+            try:
+                scr.keypad(False)
+                curses.noraw()
+                curses.echo()
+                curses.endwin()
+            except curses.error:
+                pass
+        _restore_tty(saved)
+        for sig, handler in old_signals.items():
+            signal.signal(sig, handler)
+        transcript.close()
+        if app is not None and app.failure is not None:
+            raise app.failure
+
+
+def _save_tty() -> Any:
+    try:
+        import termios
+
+        return termios.tcgetattr(sys.stdin.fileno())
+    except Exception:  # not a tty, or no termios (Windows): nothing to restore
+        return None
+
+
+def _restore_tty(saved: Any) -> None:
+    if saved is None:
+        return
+    try:
+        import termios
+
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    except Exception:
+        pass  # the terminal is gone: nothing left to restore

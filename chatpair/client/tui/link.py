@@ -1,0 +1,162 @@
+"""The chat screen's connection, kept up: watched on the app's selector, retried with backoff.
+
+:class:`Link` holds the current :class:`~chatpair.client.session.Connection`
+(or none, while disconnected), keeps the selector watching it for what it
+needs, and knows when to try again: 0.5 s, doubling to 15 s. The attempts
+run on a thread owned by its :class:`Reconnector` (one at a time, joined
+before the next and at exit), which hands back a Connection or a
+:class:`Failure` and wakes the loop. What to tell the user is the app's.
+No curses here.
+"""
+
+from __future__ import annotations
+
+import queue
+import selectors
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from chatpair.client.config import ClientConfig
+from chatpair.client.session import Connection, SocketWatch, connect
+from chatpair.errors import ChatpairError, RefusedError
+from chatpair.proto.events import Event
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 15.0
+#: Error codes after which trying again cannot help: the same hello would be
+#: refused the same way.
+FATAL_CODES = frozenset({"bad_hello", "unsupported_version", "bad_frame", "frame_too_large"})
+
+
+def is_fatal(err: ChatpairError) -> bool:
+    """True for a refusal that the same hello would get again."""
+    return isinstance(err, RefusedError) and err.code in FATAL_CODES
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A connection attempt that failed, and what the server said before it did (a NOTICE)."""
+
+    error: ChatpairError
+    heard: tuple[Event, ...]
+
+
+class Reconnector:
+    """One connection attempt at a time, on a thread this object owns."""
+
+    def __init__(self, config: ClientConfig, wake: Callable[[], None]) -> None:
+        self.config = config
+        self.wake = wake
+        self.results: queue.Queue[Connection | Failure] = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self) -> None:
+        self.join()
+        self.thread = threading.Thread(target=self._attempt, name="chatpair-reconnect", daemon=True)
+        self.thread.start()
+
+    def _attempt(self) -> None:
+        heard: list[Event] = []
+        try:
+            result: Connection | Failure = connect(self.config, heard)
+        except ChatpairError as err:
+            result = Failure(err, tuple(heard))
+        self.results.put(result)
+        self.wake()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(self.config.timeout + 1)  # connect() is bounded by this timeout
+            self.thread = None
+
+    def stop(self) -> None:
+        """Wait for an attempt in flight and close a connection nobody will use."""
+        self.join()
+        while not self.results.empty():
+            result = self.results.get_nowait()
+            if isinstance(result, Connection):
+                result.close()
+
+
+class Link:
+    """The connection of the chat screen, or None while it is down; see the module docstring."""
+
+    def __init__(self, config: ClientConfig, sel: selectors.BaseSelector, wake: Callable[[], None],
+                 on_ready: Callable[[int], None]) -> None:
+        self.sel = sel
+        #: Registered as the connection's selector data: called with the ready mask.
+        self.on_ready = on_ready
+        self.conn: Connection | None = None
+        self.watch: SocketWatch | None = None
+        #: When to try again (None: not scheduled, or connected).
+        self.retry_at: float | None = None
+        self.backoff = BACKOFF_FIRST
+        self.reconnector = Reconnector(config, wake)
+
+    def attach(self, conn: Connection) -> None:
+        self.conn = conn
+        self.retry_at = None
+        self.watch = SocketWatch(conn, self.on_ready)
+        self.watch.set(self.sel, selectors.EVENT_READ)
+
+    def detach(self) -> None:
+        """Stop watching the connection and close it."""
+        if self.conn is None or self.watch is None:
+            return
+        self.watch.clear(self.sel)
+        self.watch = None
+        self.conn.close()
+        self.conn = None
+
+    def follow(self, now: float) -> float | None:
+        """Watch the connection for what it needs; return when to look again if reading is paused."""
+        if self.watch is None:
+            return None
+        pause = self.watch.follow(self.sel, now)
+        return now + pause if pause else None
+
+    def schedule_retry(self, now: float) -> float:
+        """Plan the next attempt; returns the delay, which doubles each time (up to BACKOFF_MAX)."""
+        delay = self.backoff
+        self.retry_at = now + delay
+        self.backoff = min(delay * 2, BACKOFF_MAX)
+        return delay
+
+    def retry_if_due(self, now: float) -> None:
+        if self.conn is None and self.retry_at is not None and now >= self.retry_at \
+                and not self.reconnector.busy:
+            self.retry_at = None
+            self.reconnector.start()
+
+    def results(self) -> list[Connection | Failure]:
+        """Finished attempts (the thread joined); a Connection resets the backoff."""
+        out: list[Connection | Failure] = []
+        while not self.reconnector.results.empty():
+            out.append(self.reconnector.results.get_nowait())
+            self.reconnector.join()
+        if any(isinstance(result, Connection) for result in out):
+            self.backoff = BACKOFF_FIRST
+        return out
+
+    def state(self, now: float) -> str:
+        """For the status line while disconnected."""
+        if self.reconnector.busy:
+            return "connecting..."
+        if self.retry_at is None:
+            return "disconnected"
+        return f"disconnected, retry in {max(0.0, self.retry_at - now):.0f}s"
+
+    def close(self) -> None:
+        """Say BYE if connected; stop the reconnect thread."""
+        if self.conn is not None:
+            if self.watch is not None:
+                self.watch.clear(self.sel)
+                self.watch = None
+            self.conn.bye()
+            self.conn = None
+        self.reconnector.stop()

@@ -1,0 +1,110 @@
+"""Drawing the chat screen with curses: the only module that calls drawing functions.
+
+Layout (rows from the top)::
+
+    0 .. h-3   the conversation, newest at the bottom, wrapped by cells
+    h-2        status: server, your name, partner (or "waiting..."), RTT
+    h-1        "> " and the line being typed
+
+Every change redraws the whole screen from state (:mod:`.widgets`), so a
+message arriving never touches what the person is typing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from chatpair.client.config import ClientConfig
+from chatpair.client.present import LineStyle, format_rtt
+from chatpair.client.tui.terminal import clip, input_view, str_width, wrap
+from chatpair.client.tui.widgets import ChatLog, InputLine
+from chatpair.proto import sanitize
+
+try:  # curses is missing on Windows and in some minimal Pythons: pipe mode is the fallback
+    import curses
+except ImportError:  # pragma: no cover - depends on the platform
+    curses = None  # type: ignore[assignment]
+
+PROMPT = "> "
+
+
+def want_color(color: bool | None) -> bool:
+    """--no-color wins, then NO_COLOR (any non-empty value, see no-color.org)."""
+    if color is False:
+        return False
+    return not os.environ.get("NO_COLOR")
+
+
+def status_line(config: ClientConfig, partner: str, rtt: float | None) -> str:
+    """The status row: server, your name and room, ``partner`` as given, round-trip time."""
+    shown_rtt = f"rtt {format_rtt(rtt)}" if rtt is not None else "rtt -"
+    room = f" | room {config.room}" if config.room else ""
+    return f" {config.label} | you: {sanitize(config.name, False)}{room} | {partner} | {shown_rtt} | /help"
+
+
+class Painter:
+    """Draws the state with curses."""
+
+    def __init__(self, scr: Any, color: bool) -> None:
+        self.scr = scr
+        self.plain = curses.A_NORMAL
+        self.status = curses.A_REVERSE
+        self.styles = {LineStyle.MESSAGE: curses.A_BOLD, LineStyle.OWN: curses.A_BOLD,
+                       LineStyle.NOTICE: curses.A_DIM, LineStyle.ERROR: curses.A_BOLD}
+        if color and curses.has_colors():
+            try:
+                curses.start_color()
+                curses.use_default_colors()
+                bg = -1
+            except curses.error:
+                bg = curses.COLOR_BLACK
+            for n, fg in ((1, curses.COLOR_CYAN), (2, curses.COLOR_GREEN), (3, curses.COLOR_YELLOW),
+                          (4, curses.COLOR_RED)):
+                curses.init_pair(n, fg, bg)
+            self.styles.update({LineStyle.MESSAGE: curses.color_pair(1) | curses.A_BOLD,
+                                LineStyle.OWN: curses.color_pair(2) | curses.A_BOLD,
+                                LineStyle.NOTICE: curses.color_pair(3),
+                                LineStyle.ERROR: curses.color_pair(4) | curses.A_BOLD})
+
+    def put(self, y: int, x: int, text: str, attr: int) -> None:
+        try:
+            self.scr.addstr(y, x, text, attr)
+        except curses.error:
+            pass  # writing the very last cell of the screen "fails" after drawing it
+
+    def resize(self) -> None:
+        """After SIGWINCH: take the terminal's new size and repaint all of it."""
+        try:
+            size = os.get_terminal_size(sys.__stdout__.fileno())
+            curses.resizeterm(size.lines, size.columns)
+        except (OSError, ValueError, curses.error):
+            pass  # no size to be had: keep the old one
+        self.scr.clear()  # a full repaint: the terminal may have reflowed what was there
+
+    def draw(self, log: ChatLog, status: str, line: InputLine) -> None:
+        h, w = self.scr.getmaxyx()
+        self.scr.erase()
+        if h < 2 or w < 4:
+            self.scr.refresh()
+            return
+        body = h - 2
+        for y, row in enumerate(log.rows(w, body)):
+            if row.name_len:  # only the name is styled in a message row
+                self.put(y, 0, row.text[:row.name_len], self.styles[row.kind])
+                self.put(y, str_width(row.text[:row.name_len]), row.text[row.name_len:], self.plain)
+            else:
+                notice = row.kind in (LineStyle.NOTICE, LineStyle.ERROR)
+                self.put(y, 0, row.text, self.styles[row.kind] if notice else self.plain)
+        status_text = wrap(status, w)[0]
+        self.put(h - 2, 0, status_text + " " * (w - str_width(status_text)), self.status)
+        room = w - str_width(PROMPT)
+        line.offset, col = input_view(line.chars, line.cursor, room, line.offset)
+        visible = clip("".join(line.chars[line.offset:]), room - 1)
+        self.put(h - 1, 0, PROMPT + visible, self.plain)
+        try:
+            self.scr.move(h - 1, min(w - 1, str_width(PROMPT) + col))
+        except curses.error:
+            pass
+        self.scr.refresh()
