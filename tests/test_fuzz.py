@@ -3,7 +3,7 @@
 (a) Without sockets. Random frames and lines, and valid ones mutated (bits
     flipped, cut short, length field or type changed, bytes spliced), are fed
     to every parser a client can reach - FrameDecoder, LineDecoder, the
-    handshake (``Listener._parse_handshake``, which uses no listener state),
+    handshake (``chatpair.server.handshake.read_hello``, sans-IO),
     ``parse_hello``, ``parse_name_line``, ``check_client_frame``,
     ``parse_client_line`` - whole, split at every byte, and one byte at a
     time. Only ProtocolError may escape, and the outcome must not depend on
@@ -33,8 +33,9 @@ import pytest
 
 from conftest import ROOT, pid_alive
 
-from chatpair.server.conn import MODE_FRAME, Conn, line_msg_bytes, event_bytes, MODE_LINE
-from chatpair.server.listener import Listener
+from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn
+from chatpair.server.render import event_bytes, line_msg_bytes
+from chatpair.server.handshake import read_hello
 from chatpair.server.config import Limits
 from chatpair.server.loop import ConnLoop
 from chatpair.proto import (
@@ -233,7 +234,7 @@ def test_line_decoder_fuzz(max_line):
 
 
 def run_handshake(chunks: list[bytes]) -> tuple[str, object]:
-    """What ``Listener.on_handshake_readable`` does per read, without a listener or a socket."""
+    """What the listener does with each read of a handshake, without a listener or a socket."""
     decoder = None
     for chunk in chunks:
         if not chunk:
@@ -242,7 +243,7 @@ def run_handshake(chunks: list[bytes]) -> tuple[str, object]:
             decoder = FrameDecoder(HANDSHAKE_MAX) if chunk[0] == 0 else LineDecoder(HANDSHAKE_MAX)
         decoder.feed(chunk)
         try:
-            hello = Listener._parse_handshake(None, None, decoder)  # type: ignore[arg-type]
+            hello = read_hello(decoder)
         except ProtocolError as err:
             return "error", err.code
         if hello is not None:

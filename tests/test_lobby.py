@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from chatpair.server.lobby import Lobby, Paired, RoomFull, Waiting
+from chatpair.server.lobby import Lobby, Matched, Queued, RoomFull
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def assert_empty(lobby: Lobby, *cids: int) -> None:
 
 
 def test_first_client_waits(lobby):
-    assert lobby.join(1, None) == Waiting(1)
+    assert lobby.join(1, None) == Queued(1)
     assert lobby.waiting() == [1]
     assert 1 in lobby
     assert lobby.partner_of(1) is None
@@ -36,7 +36,7 @@ def test_first_client_waits(lobby):
 
 def test_second_client_is_paired_with_the_first(lobby):
     lobby.join(1, None)
-    assert lobby.join(2, None) == Paired(waiter=1, newcomer=2)
+    assert lobby.join(2, None) == Matched(waiter=1, newcomer=2)
     assert lobby.partner_of(1) == 2 and lobby.partner_of(2) == 1
     assert lobby.waiting() == []
     assert lobby.pairs_chatting() == 1
@@ -45,8 +45,8 @@ def test_second_client_is_paired_with_the_first(lobby):
 
 def test_open_lobby_is_first_come_first_served(lobby):
     results = [lobby.join(cid, None) for cid in range(1, 9)]
-    assert results == [Waiting(1), Paired(1, 2), Waiting(3), Paired(3, 4),
-                       Waiting(5), Paired(5, 6), Waiting(7), Paired(7, 8)]
+    assert results == [Queued(1), Matched(1, 2), Queued(3), Matched(3, 4),
+                       Queued(5), Matched(5, 6), Queued(7), Matched(7, 8)]
     assert lobby.pairs_chatting() == 4
 
 
@@ -64,8 +64,8 @@ def test_oldest_waiter_is_taken_first(lobby):
     lobby.join(1, None, requeued=True)
     lobby.join(2, None, requeued=True)
     assert lobby.waiting() == [1, 2]
-    assert lobby.join(3, None) == Paired(1, 3)
-    assert lobby.join(4, None) == Paired(2, 4)
+    assert lobby.join(3, None) == Matched(1, 3)
+    assert lobby.join(4, None) == Matched(2, 4)
 
 
 def test_joining_twice_is_a_caller_error(lobby):
@@ -83,17 +83,17 @@ def test_joining_twice_is_a_caller_error(lobby):
 
 
 def test_rooms_are_isolated_from_each_other_and_from_the_lobby(lobby):
-    assert lobby.join(1, "red") == Waiting(1)
-    assert lobby.join(2, None) == Waiting(2)
-    assert lobby.join(3, "blue") == Waiting(3)
-    assert lobby.join(4, "Red") == Waiting(4)  # room codes are exact
+    assert lobby.join(1, "red") == Queued(1)
+    assert lobby.join(2, None) == Queued(2)
+    assert lobby.join(3, "blue") == Queued(3)
+    assert lobby.join(4, "Red") == Queued(4)  # room codes are exact
     assert lobby.waiting("red") == [1]
     assert lobby.waiting() == [2]
     assert lobby.waiting("blue") == [3]
     assert lobby.rooms() == {"red", None, "blue", "Red"}
-    assert lobby.join(5, "blue") == Paired(3, 5)
-    assert lobby.join(6, None) == Paired(2, 6)
-    assert lobby.join(7, "red") == Paired(1, 7)
+    assert lobby.join(5, "blue") == Matched(3, 5)
+    assert lobby.join(6, None) == Matched(2, 6)
+    assert lobby.join(7, "red") == Matched(1, 7)
     assert lobby.waiting("Red") == [4]
 
 
@@ -105,14 +105,14 @@ def test_room_full_for_a_third_arrival(lobby):
     assert lobby.waiting("r") == []
     assert lobby.partner_of(1) == 2  # the pair is untouched
     # a refused client left nothing behind and may try again later
-    assert lobby.join(3, "elsewhere") == Waiting(3)
+    assert lobby.join(3, "elsewhere") == Queued(3)
 
 
 def test_room_not_full_when_someone_compatible_waits(lobby):
     lobby.join(1, "r")
     lobby.join(2, "r")
     lobby.join(3, "r", requeued=True)  # e.g. back after its partner left: waits
-    assert lobby.join(4, "r") == Paired(3, 4)
+    assert lobby.join(4, "r") == Matched(3, 4)
     assert lobby.join(5, "r") == RoomFull(5)
 
 
@@ -123,10 +123,10 @@ def test_room_full_when_the_only_waiters_are_excluded_for_a_requeued_client(lobb
     lobby.join(3, "r", requeued=True)
     lobby.join(4, "r")
     lobby.unpair(3, 4, next_by=3)
-    assert lobby.join(3, "r", requeued=True) == Waiting(3)
-    assert lobby.join(4, "r", requeued=True) == Waiting(4)  # never refused, never 3 again
+    assert lobby.join(3, "r", requeued=True) == Queued(3)
+    assert lobby.join(4, "r", requeued=True) == Queued(4)  # never refused, never 3 again
     assert lobby.waiting("r") == [3, 4]
-    assert lobby.join(5, "r") == Paired(3, 5)  # a newcomer may pair with either
+    assert lobby.join(5, "r") == Matched(3, 5)  # a newcomer may pair with either
 
 
 def test_room_frees_up_when_the_pair_ends(lobby):
@@ -136,7 +136,7 @@ def test_room_frees_up_when_the_pair_ends(lobby):
     lobby.leave(1)
     lobby.leave(2)
     assert_empty(lobby, 1, 2)
-    assert lobby.join(3, "r") == Waiting(3)
+    assert lobby.join(3, "r") == Queued(3)
 
 
 def test_requeued_clients_are_never_refused(lobby):
@@ -147,11 +147,11 @@ def test_requeued_clients_are_never_refused(lobby):
     assert lobby.pairs_chatting() == 2
     lobby.unpair(1, 2)
     lobby.leave(2)
-    assert lobby.join(1, "r", requeued=True) == Waiting(1)
-    assert lobby.join(5, "r") == Paired(1, 5)
+    assert lobby.join(1, "r", requeued=True) == Queued(1)
+    assert lobby.join(5, "r") == Matched(1, 5)
     lobby.unpair(3, 4, next_by=4)
-    assert lobby.join(3, "r", requeued=True) == Waiting(3)
-    assert lobby.join(4, "r", requeued=True) == Waiting(4)
+    assert lobby.join(3, "r", requeued=True) == Queued(3)
+    assert lobby.join(4, "r", requeued=True) == Queued(4)
 
 
 # -- NEXT exclusions ------------------------------------------------------------------------
@@ -162,19 +162,19 @@ def test_next_pair_is_never_rematched_while_both_connected(lobby):
     lobby.join(2, None)
     lobby.unpair(1, 2, next_by=2)
     assert 1 not in lobby and 2 not in lobby
-    assert lobby.join(2, None, requeued=True) == Waiting(2)
-    assert lobby.join(1, None, requeued=True) == Waiting(1)
+    assert lobby.join(2, None, requeued=True) == Queued(2)
+    assert lobby.join(1, None, requeued=True) == Queued(1)
     assert lobby.pairs_chatting() == 0
     # each gets someone else, in arrival order
-    assert lobby.join(3, None) == Paired(2, 3)
-    assert lobby.join(4, None) == Paired(1, 4)
+    assert lobby.join(3, None) == Matched(2, 3)
+    assert lobby.join(4, None) == Matched(1, 4)
     # and after more partners come and go they still never meet
     lobby.unpair(2, 3)
     lobby.leave(3)
     lobby.unpair(1, 4)
     lobby.leave(4)
     lobby.join(1, None, requeued=True)
-    assert lobby.join(2, None, requeued=True) == Waiting(2)
+    assert lobby.join(2, None, requeued=True) == Queued(2)
     assert lobby.waiting() == [1, 2]
 
 
@@ -185,7 +185,7 @@ def test_next_exclusion_is_symmetric_whoever_sent_it(lobby):
         lobby.join(2, "r")
         lobby.unpair(1, 2, next_by=sender)
         lobby.join(2, "r", requeued=True)
-        assert lobby.join(1, "r", requeued=True) == Waiting(1)
+        assert lobby.join(1, "r", requeued=True) == Queued(1)
 
 
 def test_exclusions_accumulate(lobby):
@@ -194,15 +194,15 @@ def test_exclusions_accumulate(lobby):
     lobby.unpair(1, 2, next_by=1)
     lobby.join(2, None, requeued=True)
     lobby.join(1, None, requeued=True)
-    assert lobby.join(3, None) == Paired(2, 3)
+    assert lobby.join(3, None) == Matched(2, 3)
     lobby.unpair(2, 3, next_by=2)
     lobby.join(3, None, requeued=True)  # 3 may pair with 1
     assert lobby.partner_of(1) == 3
-    assert lobby.join(2, None, requeued=True) == Waiting(2)  # 1 and 3 are busy; 2 waits
+    assert lobby.join(2, None, requeued=True) == Queued(2)  # 1 and 3 are busy; 2 waits
     lobby.unpair(1, 3)
-    assert lobby.join(1, None, requeued=True) == Waiting(1)  # 1 never with 2
+    assert lobby.join(1, None, requeued=True) == Queued(1)  # 1 never with 2
     assert lobby.waiting() == [2, 1]
-    assert lobby.join(3, None, requeued=True) == Paired(1, 3)  # skips 2, the older waiter
+    assert lobby.join(3, None, requeued=True) == Matched(1, 3)  # skips 2, the older waiter
     assert lobby.waiting() == [2]
 
 
@@ -211,7 +211,7 @@ def test_plain_partner_loss_adds_no_exclusion(lobby):
     lobby.join(2, None)
     lobby.unpair(1, 2)  # e.g. both sides lost, then both came back: no NEXT
     lobby.join(1, None, requeued=True)
-    assert lobby.join(2, None, requeued=True) == Paired(1, 2)
+    assert lobby.join(2, None, requeued=True) == Matched(1, 2)
 
 
 def test_exclusion_forgotten_once_one_leaves(lobby):
@@ -223,7 +223,7 @@ def test_exclusion_forgotten_once_one_leaves(lobby):
     lobby.leave(2)  # 2 disconnects
     assert lobby.waiting() == [1]
     # the id 2 now means someone else (a new connection): nothing holds against it
-    assert lobby.join(2, None) == Paired(1, 2)
+    assert lobby.join(2, None) == Matched(1, 2)
 
 
 def test_exclusion_forgotten_when_the_leaver_was_not_queued(lobby):
@@ -232,7 +232,7 @@ def test_exclusion_forgotten_when_the_leaver_was_not_queued(lobby):
     lobby.unpair(1, 2, next_by=2)
     lobby.leave(2)  # gone straight away (the NEXT sender dropped)
     lobby.join(1, "r", requeued=True)
-    assert lobby.join(2, "r") == Paired(1, 2)
+    assert lobby.join(2, "r") == Matched(1, 2)
 
 
 # -- leaving and unpair errors --------------------------------------------------------------
@@ -267,8 +267,8 @@ def test_leave_from_the_middle_of_the_queue_keeps_the_order(lobby):
     assert lobby.waiting() == [1, 2, 3]
     lobby.leave(2)
     assert lobby.waiting() == [1, 3]  # 1-3 excluded: still waiting
-    assert lobby.join(4, None) == Paired(1, 4)
-    assert lobby.join(5, None) == Paired(3, 5)
+    assert lobby.join(4, None) == Matched(1, 4)
+    assert lobby.join(5, None) == Matched(3, 5)
 
 
 def test_leave_unknown_or_twice_is_harmless(lobby):

@@ -2,7 +2,9 @@
 
 :class:`ServerConfig` is plain data so it pickles into the listener process
 and the relay workers (spawn); :class:`Limits` is the part every selector
-loop enforces per connection.
+loop enforces per connection. The ``chatpair server`` command takes its
+option defaults from the constants here; the protocol's own defaults (port,
+frame size, timeouts) live in :mod:`chatpair.proto`, shared with the client.
 """
 
 from __future__ import annotations
@@ -22,12 +24,29 @@ from chatpair.proto import (
 
 #: Where the server listens unless told otherwise.
 DEFAULT_HOST = "0.0.0.0"
+#: Room relay threads in the listener process, and the most one may ask for.
+DEFAULT_RELAY_THREADS = 1
+MAX_RELAY_THREADS = 64
+#: Relay worker processes (0: relay in the listener process), and the most one may ask for.
+DEFAULT_WORKERS = 0
+MAX_WORKERS = 64
+#: How much the server logs unless -v or -q say otherwise: connects, pairs, leaves, errors.
+DEFAULT_LOG_LEVEL = logging.INFO
 #: A partner who reads nothing for this long while we have bytes for them is dropped.
 DEFAULT_WRITE_TIMEOUT = 30.0
+#: Messages per second per client; 0: no limit.
+DEFAULT_RATE = 0.0
 #: With --rate, how many messages a client may send at once before it is slowed.
 DEFAULT_BURST = 100
+#: --max-clients when not given: 0 means derive it from the descriptor limit.
+DEFAULT_MAX_CLIENTS = 0
 #: Descriptors kept free for the server's own use when --max-clients is derived.
 FD_RESERVE = 100
+#: Derived --max-clients when the descriptor limit cannot be read, or is unlimited.
+MAX_CLIENTS_LIMIT_UNKNOWN = 10_000
+MAX_CLIENTS_LIMIT_INFINITE = 100_000
+#: Derived --max-clients is never below this, however low the descriptor limit.
+MAX_CLIENTS_FLOOR = 16
 #: --max-per-ip when not given; by default it spares loopback (the operator's own tools).
 DEFAULT_MAX_PER_IP = 256
 
@@ -63,15 +82,15 @@ class ServerConfig:
     ping_interval: float = DEFAULT_PING_INTERVAL
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
-    relay_threads: int = 1
-    workers: int = 0
-    log_level: int = logging.INFO
+    relay_threads: int = DEFAULT_RELAY_THREADS
+    workers: int = DEFAULT_WORKERS
+    log_level: int = DEFAULT_LOG_LEVEL
     tls_cert: str | None = None
     tls_key: str | None = None
-    max_clients: int = 0  # 0: the descriptor limit minus a reserve
+    max_clients: int = DEFAULT_MAX_CLIENTS  # 0: the descriptor limit minus a reserve
     max_per_ip: int = DEFAULT_MAX_PER_IP  # 0: no limit
     per_ip_loopback: bool = False  # apply max_per_ip to 127.0.0.0/8 and ::1 too
-    rate: float = 0.0  # messages per second per client; 0: no limit
+    rate: float = DEFAULT_RATE  # messages per second per client; 0: no limit
     burst: int = DEFAULT_BURST
 
     def limits(self) -> Limits:
@@ -79,6 +98,7 @@ class ServerConfig:
                       self.rate, self.burst)
 
     def effective_max_clients(self) -> int:
+        """--max-clients, or what the descriptor limit allows with a reserve for the server."""
         if self.max_clients:
             return self.max_clients
         try:
@@ -86,10 +106,10 @@ class ServerConfig:
 
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         except (ImportError, OSError, ValueError):
-            return 10_000
+            return MAX_CLIENTS_LIMIT_UNKNOWN
         if hard == resource.RLIM_INFINITY:
-            return 100_000
-        return max(16, hard - FD_RESERVE)
+            return MAX_CLIENTS_LIMIT_INFINITE
+        return max(MAX_CLIENTS_FLOOR, hard - FD_RESERVE)
 
     def tls_context(self) -> Any:
         """An SSLContext for the server, or None without --tls-cert."""
@@ -103,9 +123,8 @@ class ServerConfig:
         return ctx
 
 
-
-
 def setup_logging(level: int) -> None:
+    """Log lines on stderr, with the time: the same set-up in every process of the server."""
     logging.basicConfig(
         level=level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",

@@ -1,29 +1,42 @@
-"""One client's connection state, and how server events look in each mode.
+"""One client's connection: who it is, its named states, its input and output buffers.
 
 A :class:`Conn` is owned by exactly one loop at a time: the listener while it
 handshakes or waits, a relay while it chats. Ownership moves with the object
 (or, for relay worker processes, with its file descriptor and :meth:`Conn.state`).
 Nothing here does I/O; the loops in :mod:`chatpair.server.loop` do.
+
+What a connection *is doing* is two named states (:mod:`chatpair.server.states`):
+its :class:`Mode` (frame, line, not known yet) and its :class:`Phase` (TLS
+handshake, handshake, chatting, closing). What it *has* is grouped by
+concern in the slots below; the bytes waiting to be written are one
+:class:`OutQueue`.
 """
 
 from __future__ import annotations
 
+import selectors
 import socket
 from collections import deque
 from typing import Any
 
-from chatpair.proto import (
-    FrameDecoder,
-    FrameType,
-    LineDecoder,
-    encode_json_frame,
-    sanitize,
-    sanitize_name,
-)
+from chatpair.proto import FrameDecoder, LineDecoder
+from chatpair.server.render import event_bytes, line_msg_bytes
+from chatpair.server.states import Mode, Phase
+from chatpair.server.tls import is_tls
 
-MODE_UNKNOWN = 0  # handshake: no byte seen yet
-MODE_FRAME = 1
-MODE_LINE = 2
+# Old names, kept while listener.py and handshake.py still import them from
+# here; their homes are chatpair.server.states (Mode) and chatpair.server.render.
+MODE_UNKNOWN = Mode.UNKNOWN
+MODE_FRAME = Mode.FRAME
+MODE_LINE = Mode.LINE
+
+# Enum members read through the class cost a lookup each time; a connection
+# reads them often, so once here.
+_UNKNOWN, _LINE = Mode.UNKNOWN, Mode.LINE
+_TLS_HANDSHAKE, _HANDSHAKE, _CHATTING = Phase.TLS_HANDSHAKE, Phase.HANDSHAKE, Phase.CHATTING
+
+__all__ = ["MODE_FRAME", "MODE_LINE", "MODE_UNKNOWN", "Conn", "OutChunk", "OutQueue", "event_bytes",
+           "line_msg_bytes"]
 
 
 class OutChunk:
@@ -31,9 +44,10 @@ class OutChunk:
 
     Counting messages per chunk is what lets the server tell a sender exactly
     which messages never reached a partner who vanished (NOTICE undelivered).
+    ``framed`` is false for line-mode text, which has no frame boundaries.
     """
 
-    __slots__ = ("data", "msgs", "framed")
+    __slots__ = ("data", "framed", "msgs")
 
     def __init__(self, data: bytes, msgs: int = 0, framed: bool = True) -> None:
         self.data = data
@@ -41,16 +55,55 @@ class OutChunk:
         self.framed = framed
 
 
-class Conn:
-    """A client connection: socket, identity, buffers, timers."""
+class OutQueue(deque):  # type: ignore[type-arg]
+    """What is queued for one connection, oldest first, and how far its writing got.
 
-    __slots__ = (
-        "sock", "fd", "cid", "addr", "mode", "name", "room",
-        "decoder", "pending", "out", "out_off", "out_bytes",
-        "last_rx", "pinged", "write_stalled_since", "deadline",
-        "partner", "events", "closing", "close_at", "paused",
-        "quiet_waiting", "tokens", "token_time", "throttled_until", "tls_state",
-        "refusal", "owner",
+    A ``deque`` of :class:`OutChunk` itself, so "is anything queued?" stays a
+    plain truth test on the send path.
+    """
+
+    __slots__ = ("first_sent", "last_progress", "unsent")
+
+    def __init__(self) -> None:
+        # No deque.__init__: deque.__new__ has made an empty, unbounded deque
+        # already, and __init__ would only take an iterable or a maxlen. One
+        # queue is made per connection; skipping it halves what that costs.
+        self.first_sent = 0  # bytes of the first chunk already written
+        self.unsent = 0  # bytes queued and not written yet: what flow control watches
+        #: when the queue last made progress (or began): the write deadline counts from here
+        self.last_progress = 0.0
+
+    def push(self, chunk: OutChunk) -> None:
+        self.append(chunk)
+        self.unsent += len(chunk.data)
+
+    def undelivered_msgs(self) -> int:
+        """How many partner MSGs are queued here but not (fully) written."""
+        total = 0
+        for i, chunk in enumerate(self):
+            if not chunk.msgs:
+                continue
+            if i == 0 and self.first_sent and chunk.framed:
+                total += _frames_ending_after(chunk.data, self.first_sent)
+            else:
+                total += chunk.msgs
+        return total
+
+
+class Conn:
+    """A client connection: identity, named states, input, output, pairing."""
+
+    __slots__ = (  # noqa: RUF023 - grouped by concern, not sorted
+        # who: fixed when the connection is made
+        "sock", "fd", "cid", "addr", "tls", "name", "room",
+        # named states, and what each phase waits for
+        "mode", "phase", "tls_want", "handshake_deadline", "refusal", "close_at",
+        # input: buffers, liveness, what holds reading back
+        "decoder", "pending", "last_rx", "pinged", "paused", "throttled_until", "tokens", "token_time",
+        # output
+        "out",
+        # pairing and ownership
+        "partner", "quiet_waiting", "owner", "events",
     )
 
     def __init__(self, sock: socket.socket, cid: int, addr: str, now: float) -> None:
@@ -58,38 +111,43 @@ class Conn:
         self.fd = sock.fileno()
         self.cid = cid
         self.addr = addr
-        self.mode = MODE_UNKNOWN
+        #: a TLS socket: reads may leave bytes select() cannot see (decided once, here)
+        self.tls = is_tls(sock)
         self.name = ""
         self.room: str | None = None
+
+        self.mode = _UNKNOWN
+        self.phase = _TLS_HANDSHAKE if self.tls else _HANDSHAKE
+        #: TLS_HANDSHAKE: the selector event its next step waits for (a server reads the ClientHello first)
+        self.tls_want = selectors.EVENT_READ
+        #: TLS_HANDSHAKE and HANDSHAKE: when the listener gives up (absolute, never extended; 0: none)
+        self.handshake_deadline = 0.0
+        #: (code, message) when a limit refuses this client: said as soon as its mode is known
+        self.refusal: tuple[str, str] | None = None
+        self.close_at = 0.0  # CLOSING: when the socket is closed even if the client never closes
+
         #: handshake: FrameDecoder or LineDecoder; line mode: LineDecoder
         self.decoder: FrameDecoder | LineDecoder | None = None
         #: frame mode after the handshake: received bytes of an incomplete frame
         self.pending = b""
-        self.out: deque[OutChunk] = deque()
-        self.out_off = 0  # bytes of out[0] already sent
-        self.out_bytes = 0  # bytes queued in out, unsent
-        self.last_rx = now
+        self.last_rx = now  # keepalive and the idle timeout count from the last frame received
         self.pinged = False
-        self.write_stalled_since = 0.0
-        self.deadline = 0.0  # handshake deadline (absolute, never extended)
+        self.paused = False  # not read while its (or its partner's) output backlog is high
+        self.throttled_until = 0.0  # over its rate: not read before this time (0.0: not throttled)
+        self.tokens = 0.0  # rate limit bucket: messages this client may still send at once...
+        self.token_time = now  # ...as of this time
+
+        self.out = OutQueue()
+
         self.partner: Conn | None = None
-        self.events = 0  # selector mask currently registered (0 = not registered)
-        self.closing = False
-        self.close_at = 0.0
-        self.paused = False
         #: line mode: PEER_LEFT already said "waiting for a partner"
         self.quiet_waiting = False
-        self.tokens = 0.0  # rate limiter: messages this client may still send at once
-        self.token_time = now
-        self.throttled_until = 0.0  # over its rate: not read again before this time
-        self.tls_state = 0  # TLS handshake in progress: 1 wants to read, 2 wants to write
-        #: (code, message) when a limit refuses this client: said as soon as its mode is known
-        self.refusal: tuple[str, str] | None = None
         #: The one loop that may register, read, write or close this
         #: connection; None while it is handed from one loop to another.
         #: Only :meth:`ConnLoop.adopt_conn` and :meth:`ConnLoop.release_conn`
         #: change it, each on its own loop's thread.
         self.owner: object | None = None
+        self.events = 0  # selector mask currently registered (0 = not registered)
 
     def __repr__(self) -> str:
         return f"<Conn {self.cid} {self.name or '?'}@{self.addr}>"
@@ -101,15 +159,34 @@ class Conn:
 
     def undelivered_msgs(self) -> int:
         """How many partner MSGs are queued here but not (fully) written."""
-        total = 0
-        for i, chunk in enumerate(self.out):
-            if not chunk.msgs:
-                continue
-            if i == 0 and self.out_off and chunk.framed:
-                total += _frames_ending_after(chunk.data, self.out_off)
-            else:
-                total += chunk.msgs
-        return total
+        return self.out.undelivered_msgs()
+
+    # -- names listener.py still uses; they map onto the phase ----------------------
+    # (to go once listener.py writes handshake_deadline and phase itself)
+
+    @property
+    def deadline(self) -> float:
+        """The handshake deadline while handshaking, else 0.0 (the old flag-like field)."""
+        return self.handshake_deadline if self.phase is _HANDSHAKE or self.phase is _TLS_HANDSHAKE else 0.0
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        if value:
+            self.handshake_deadline = value
+        elif self.phase is _HANDSHAKE:  # "deadline = 0.0" meant: the handshake is complete
+            self.phase = _CHATTING
+
+    @property
+    def tls_state(self) -> int:
+        """0 outside the TLS handshake; in it 1 (wants to read) or 2 (wants to write)."""
+        return self.tls_want if self.phase is _TLS_HANDSHAKE else 0
+
+    @tls_state.setter
+    def tls_state(self, value: int) -> None:
+        if value:
+            self.phase, self.tls_want = _TLS_HANDSHAKE, value
+        elif self.phase is _TLS_HANDSHAKE:
+            self.phase = _HANDSHAKE
 
     # -- hand-over between processes (relay workers) -------------------------
 
@@ -117,34 +194,35 @@ class Conn:
         """Everything but the socket, as plain data, to move the client to another process."""
         line_buffer = self.decoder.buffered if isinstance(self.decoder, LineDecoder) else b""
         return {
-            "cid": self.cid, "addr": self.addr, "mode": self.mode, "name": self.name, "room": self.room,
+            "cid": self.cid, "addr": self.addr, "mode": int(self.mode), "name": self.name, "room": self.room,
             "pending": self.pending.hex(), "line_buffer": line_buffer.hex(),
-            "out": [(c.data.hex(), c.msgs, c.framed) for c in self.out], "out_off": self.out_off,
+            "out": [(c.data.hex(), c.msgs, c.framed) for c in self.out], "out_off": self.out.first_sent,
             "pinged": self.pinged, "quiet_waiting": self.quiet_waiting, "tokens": self.tokens,
         }
 
     @classmethod
     def from_state(cls, sock: socket.socket, st: dict[str, Any], now: float, max_line: int) -> Conn:
+        """A connection handed over by another process: past its handshake, chatting."""
         conn = cls(sock, st["cid"], st["addr"], now)
-        conn.mode = st["mode"]
+        conn.mode = Mode(st["mode"])
+        conn.phase = _CHATTING
         conn.name = st["name"]
         conn.room = st["room"]
         conn.pending = bytes.fromhex(st["pending"])
-        if conn.mode == MODE_LINE:
+        if conn.mode is _LINE:
             conn.decoder = LineDecoder(max_line)
             buffered = bytes.fromhex(st["line_buffer"])
             if buffered:
                 conn.decoder.feed(buffered)
+        out = conn.out
         for data, msgs, framed in st["out"]:
-            chunk = OutChunk(bytes.fromhex(data), msgs, framed)
-            conn.out.append(chunk)
-            conn.out_bytes += len(chunk.data)
-        conn.out_off = st["out_off"]
-        conn.out_bytes -= conn.out_off
-        if conn.out:
+            out.push(OutChunk(bytes.fromhex(data), msgs, framed))
+        out.first_sent = st["out_off"]
+        out.unsent -= out.first_sent
+        if out:
             # The write deadline counts from when this process got the bytes
             # to write, not from the epoch (0.0 would time out at once).
-            conn.write_stalled_since = now
+            out.last_progress = now
         conn.pinged = st["pinged"]
         conn.quiet_waiting = st["quiet_waiting"]
         conn.tokens = st["tokens"]
@@ -160,42 +238,3 @@ def _frames_ending_after(data: bytes, offset: int) -> int:
             count += 1
         pos = end
     return count
-
-
-# --------------------------------------------------------------------------
-# Server events, as bytes for a connection in either mode.
-# --------------------------------------------------------------------------
-
-
-def event_bytes(conn: Conn, ftype: FrameType, obj: dict[str, Any]) -> bytes:
-    """A server event for ``conn``: a frame, or a ``* `` line in line mode."""
-    if conn.mode != MODE_LINE:
-        return encode_json_frame(ftype, obj)
-    text = _line_text(conn, ftype, obj)
-    return (text + "\n").encode("utf-8") if text is not None else b""
-
-
-def _line_text(conn: Conn, ftype: FrameType, obj: dict[str, Any]) -> str | None:
-    if ftype == FrameType.WAITING:
-        if conn.quiet_waiting:  # "* bob left (bye); waiting for a partner" said it already
-            conn.quiet_waiting = False
-            return None
-        room = obj.get("room")
-        return "* waiting for a partner" + (f" in room {sanitize_name(room)}" if room else "")
-    if ftype == FrameType.PAIRED:
-        return f"* paired with {sanitize_name(obj['peer'])}"
-    if ftype == FrameType.PEER_LEFT:
-        conn.quiet_waiting = True
-        return f"* {sanitize_name(obj['peer'])} left ({obj['reason']}); waiting for a partner"
-    if ftype == FrameType.NOTICE:
-        return "* " + sanitize(str(obj.get("message", "")), keep_newlines=False)
-    if ftype == FrameType.ERROR:
-        return "* error: " + sanitize(str(obj.get("message", "")), keep_newlines=False)
-    return None  # WELCOME, PING, PONG have no line form
-
-
-def line_msg_bytes(sender_name: str, text: str) -> bytes:
-    """A partner's message for a line-mode client: one ``name: `` line per line."""
-    name = sanitize_name(sender_name)
-    lines = sanitize(text).split("\n")
-    return "".join(f"{name}: {line}\n" for line in lines).encode("utf-8")

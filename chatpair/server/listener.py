@@ -4,13 +4,17 @@
 safe: a top-level function whose arguments all pickle, sockets included). In
 that process one thread, :class:`Listener`, runs a selector loop that
 
-1. accepts connections and sends the banner at once;
-2. runs every handshake without blocking the others: each connection has one
-   absolute deadline, and before HELLO nothing over 1,024 bytes is accepted;
+1. accepts connections (:class:`~chatpair.server.accept.Acceptor`), checks
+   them against the limits (:class:`~chatpair.server.admission.Admission`)
+   and sends the banner at once (:class:`~chatpair.server.reception.Reception`);
+2. runs every handshake without blocking the others (``Reception`` again,
+   with the rules in :mod:`~chatpair.server.handshake`): each connection has
+   one absolute deadline, and before HELLO nothing over 1,024 bytes is accepted;
 3. keeps waiting clients (keepalive, NOTICE ``undelivered`` for their
    messages) and asks the :class:`~chatpair.server.lobby.Lobby` whom to pair;
-4. hands each new pair to a room relay - a thread of this process, or a relay
-   worker process - and takes clients back when their partner leaves.
+4. hands each new pair to a room relay (:class:`~chatpair.server.relay_pool.RelayPool`:
+   a thread of this process, or a relay worker process) and takes clients
+   back when their partner leaves.
 
 A connection belongs to exactly one loop at a time; handing it over means
 unregistering it here before the relay registers it there.
@@ -18,139 +22,65 @@ unregistering it here before the relay registers it there.
 
 from __future__ import annotations
 
-import errno
-import functools
-import ipaddress
-import itertools
 import logging
 import socket
-import sys
-from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Protocol
+from collections import deque
+from typing import Any
 
-from chatpair import __version__
-from chatpair.netutil import format_addr, raise_fd_limit
-from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes
-from chatpair.server.lobby import Lobby, Paired, RoomFull
-from chatpair.server.config import ServerConfig, setup_logging
+from chatpair.proto import ErrorCode, FrameType
+from chatpair.server.accept import Acceptor
+from chatpair.server.admission import Admission
+from chatpair.server.config import ServerConfig
+from chatpair.server.conn import Conn, event_bytes
+from chatpair.server.lobby import Lobby, Matched, RoomFull
 from chatpair.server.loop import EVENT_READ, ConnLoop
-from chatpair.proto import (
-    HANDSHAKE_MAX,
-    NEED_DATA,
-    PROTOCOL_VERSION,
-    EndOfStream,
-    ErrorCode,
-    FrameDecoder,
-    FrameType,
-    Hello,
-    LineDecoder,
-    ProtocolError,
-    encode_json_frame,
-    make_banner,
-    parse_hello,
-    parse_name_line,
-)
-from chatpair.server.relay import PairEnd, RelayThread, undelivered_notices
-
-if TYPE_CHECKING:
-    from chatpair.server.workers import Stranded, WorkerHandle
+from chatpair.server.processes import prepare_child_process, stop_resource_tracker
+from chatpair.server.reception import Reception
+from chatpair.server.relay import PairEnd, undelivered_notices
+from chatpair.server.relay_pool import RelayPool
+from chatpair.server.states import Phase
+from chatpair.server.workers import Stranded
 
 log = logging.getLogger("chatpair")
 
-#: How long accept() rests after running out of file descriptors.
-ACCEPT_BACKOFF_SECONDS = 0.5
-#: Connections over a limit are kept just long enough to be told why (at
-#: most this many at once); beyond that they are closed without a word.
-REFUSING_MAX = 256
 #: ERROR ``shutdown`` to the clients of a relay worker that died (see handle_worker_lost).
 WORKER_LOST_MESSAGE = "the relay serving you stopped unexpectedly; reconnect to chat again"
 
 
-class RelayHandle(Protocol):
-    """What the listener needs of a relay: a thread here, or a worker process."""
-
-    @property
-    def load(self) -> int: ...
-
-    def start(self) -> None: ...
-
-    def submit_pair(self, a: Conn, b: Conn) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def join(self, timeout: float | None = None) -> None: ...
-
-    def alive(self) -> bool: ...
-
-
 class Listener(ConnLoop):
-    """The listener's selector loop (one thread)."""
+    """The listener's selector loop (one thread): the lobby and the hand-overs.
+
+    The parts with a concern of their own are objects it holds: ``acceptor``
+    (the listening socket), ``admission`` (connection limits), ``reception``
+    (a new connection up to its HELLO), ``lobby`` (pairing rules) and
+    ``relays`` (who relays each pair).
+    """
 
     name = "listener"
 
     def __init__(self, listen_sock: socket.socket, control: socket.socket | None, config: ServerConfig) -> None:
         super().__init__(config.limits())
         self.config = config
-        self.listen_sock = listen_sock
         self.control = control
         self.lobby = Lobby()
-        self.banner = make_banner(f"chatpair/{__version__}")
-        self.welcome = encode_json_frame(FrameType.WELCOME, {
-            "version": PROTOCOL_VERSION,
-            "server": f"chatpair/{__version__}",
-            "max_frame": config.max_frame,
-            "ping_interval": config.ping_interval,
-            "idle_timeout": config.idle_timeout,
-        })
         self.waiting: dict[int, Conn] = {}  # cid -> conn, queued in the lobby and owned here
-        self.handshaking: set[Conn] = set()
-        self._cids = itertools.count(1)
         self._ended: deque[PairEnd] = deque()  # from relay threads
-        self._accept_paused_until = 0.0
-        self._fd_warning_logged = False
-        self.tls = config.tls_context()
-        self.max_clients = config.effective_max_clients()
-        self.live: dict[int, str] = {}  # cid -> ip of every connection not refused, wherever it is
-        self.per_ip: Counter[str] = Counter()
-        self.refusing = 0
-        listen_sock.setblocking(False)
-        # Linux copies these options from the listening socket to every accepted
-        # one: set them once here instead of five syscalls per connection.
-        tune_socket(listen_sock)
-        self._tune_each = not sys.platform.startswith("linux")
-        self.sel.register(listen_sock, EVENT_READ, None)
+        self.admission = Admission(config.effective_max_clients(), config.max_per_ip, config.per_ip_loopback)
+        self.reception = Reception(self, config, self.admission, self._queue)
+        self.acceptor = Acceptor(listen_sock, self.sel, self.reception.new_connection)
         if control is not None:
             control.setblocking(False)
             self.sel.register(control, EVENT_READ, None)
-        self.workers: list[WorkerHandle] = []
-        #: With --workers: a relay thread of this process, started the first time
-        #: a pair is made while no worker is available (all dead, restarting).
-        self.fallback: RelayThread | None = None
-        self.relays: list[RelayHandle]
-        if config.workers:
-            from chatpair.server.workers import start_workers
+        self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.sel)
 
-            self.workers = start_workers(config, self.post_pair_end, self.handle_worker_lost, self.sel)
-            self.relays = list(self.workers)
-        else:
-            self.relays = [
-                RelayThread(self.limits, i, self.post_pair_end) for i in range(max(1, config.relay_threads))
-            ]
-        for relay in self.relays:
-            relay.start()
-
-    # -- special sockets ---------------------------------------------------------------
+    # -- sockets that are not clients -----------------------------------------------------
 
     def on_special(self, fileobj: Any) -> None:
-        if fileobj is self.listen_sock:
-            self._accept()
+        if fileobj is self.acceptor.sock:
+            self.acceptor.on_readable(self.now)
         elif fileobj is self.control:
             self._on_control()
-        else:
-            for worker in self.workers:  # a handful at most; their channels change on restart
-                if worker.owns(fileobj):
-                    worker.on_channel_event()
-                    return
+        elif not self.relays.on_channel(fileobj):
             super().on_special(fileobj)
 
     def _on_control(self) -> None:
@@ -164,168 +94,18 @@ class Listener(ConnLoop):
         if not data or b"stop" in data:
             self.begin_stop()
 
-    def _accept(self) -> None:
-        if not self.running:
-            return
-        for _ in range(256):
-            try:
-                sock, addr = self.listen_sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accept(err)
-                else:
-                    log.warning("accept failed: %s", err)
-                return
-            self._new_connection(sock, addr)
-
-    def _pause_accept(self, err: OSError) -> None:
-        """Out of descriptors: rest instead of spinning; pairs already chatting go on."""
-        if not self._fd_warning_logged:
-            log.warning("cannot accept more connections (%s); new ones wait until descriptors free up",
-                        err.strerror)
-            self._fd_warning_logged = True
-        self._accept_paused_until = self.now + ACCEPT_BACKOFF_SECONDS
-        try:
-            self.sel.unregister(self.listen_sock)
-        except (KeyError, ValueError):
-            pass
-
-    def _resume_accept(self) -> None:
-        self._accept_paused_until = 0.0
-        if self.running:
-            self.sel.register(self.listen_sock, EVENT_READ, None)
-
-    def _new_connection(self, sock: socket.socket, addr: Any) -> None:
-        sock.setblocking(False)
-        if self._tune_each:
-            tune_socket(sock)
-        label = format_addr(addr)
-        ip = str(addr[0]) if isinstance(addr, tuple) else label
-        refusal = self._over_limit(ip)
-        if refusal is not None and self.refusing >= REFUSING_MAX:
-            sock.close()  # a flood: no more sockets spent on saying no
-            return
-        if self.tls is not None:
-            try:
-                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except OSError:
-                sock.close()
-                return
-        conn = Conn(sock, next(self._cids), label, self.now)
-        conn.deadline = self.now + self.config.handshake_timeout
-        if refusal is not None:
-            conn.refusal = refusal
-            self.refusing += 1
-            log.info("%s: refused: %s", label, refusal[1])
-        else:
-            self.live[conn.cid] = ip
-            self.per_ip[ip] += 1
-        self.handshaking.add(conn)
-        log.info("%s: connected", label)
-        if self.tls is not None:
-            conn.tls_state = 1
-            self.adopt_conn(conn)
-        else:
-            self.adopt_conn(conn)
-            self.send(conn, self.banner)
+    # -- new connections: the reception's ----------------------------------------------------
 
     def on_tls_ready(self, conn: Conn) -> None:
-        self.send(conn, self.banner)
-
-    def _over_limit(self, ip: str) -> tuple[str, str] | None:
-        if len(self.live) >= self.max_clients:
-            return (ErrorCode.SERVER_FULL.value,
-                    f"the server is full ({self.max_clients} clients); try again later")
-        limit = self.config.max_per_ip
-        if limit and self.per_ip[ip] >= limit and (self.config.per_ip_loopback or not _is_loopback(ip)):
-            return (ErrorCode.TOO_MANY_CONNECTIONS.value,
-                    f"too many connections from {ip} (the limit is {limit})")
-        return None
-
-    def on_closed(self, conn: Conn) -> None:
-        self._forget(conn.cid)
-        if conn.refusal is not None:
-            conn.refusal = None
-            self.refusing -= 1
-
-    def _forget(self, cid: int) -> None:
-        ip = self.live.pop(cid, None)
-        if ip is not None:
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
-
-    # -- handshake --------------------------------------------------------------------------
+        self.reception.on_tls_ready(conn)
 
     def on_handshake_readable(self, conn: Conn) -> None:
-        try:
-            data = conn.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            log.info("%s: closed during the handshake", conn.label)
-            self.drop(conn, "disconnected")
-            return
-        decoder = conn.decoder
-        if decoder is None:
-            if data[0] == 0:
-                conn.mode = MODE_FRAME
-                decoder = conn.decoder = FrameDecoder(HANDSHAKE_MAX)
-            else:
-                conn.mode = MODE_LINE
-                decoder = conn.decoder = LineDecoder(HANDSHAKE_MAX)
-        if conn.refusal is not None:
-            self.fail(conn, *conn.refusal)
-            return
-        decoder.feed(data)
-        try:
-            hello = self._parse_handshake(conn, decoder)
-        except ProtocolError as err:
-            self.fail(conn, err.code, err.message)
-            return
-        if hello is not None:
-            self._complete_handshake(conn, hello)
+        self.reception.on_readable(conn)
 
-    def _parse_handshake(self, conn: Conn, decoder: FrameDecoder | LineDecoder) -> Hello | None:
-        if isinstance(decoder, FrameDecoder):
-            event = decoder.next_event()
-            if event is NEED_DATA:
-                return None
-            if isinstance(event, EndOfStream):
-                raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
-            return parse_hello(event)  # type: ignore[arg-type]
-        while True:
-            line = decoder.next_line()
-            if line is NEED_DATA:
-                return None
-            if isinstance(line, EndOfStream):
-                raise ProtocolError(ErrorCode.BAD_HELLO, "type your name first")
-            if line.strip():  # type: ignore[union-attr]
-                return parse_name_line(line)  # type: ignore[arg-type]
+    def on_closed(self, conn: Conn) -> None:
+        self.reception.on_closed(conn)
 
-    def _complete_handshake(self, conn: Conn, hello: Hello) -> None:
-        conn.name, conn.room = hello.name, hello.room
-        conn.deadline = 0.0
-        conn.tokens, conn.token_time = float(self.config.burst), self.now
-        self.handshaking.discard(conn)
-        if conn.mode == MODE_FRAME:
-            conn.pending = conn.decoder.buffered  # type: ignore[union-attr]
-            conn.decoder = None
-        else:
-            conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
-        log.info("%s: hello%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
-                 "frame" if conn.mode == MODE_FRAME else "line")
-        # WELCOME, WAITING (and PAIRED, if a partner is there) leave in one
-        # send: fewer syscalls is most of what connect+pair costs.
-        self._queue(conn, requeued=False, first=self.welcome if conn.mode == MODE_FRAME else b"")
-
-    # -- the lobby ------------------------------------------------------------------------------
-
-    def _queue(self, conn: Conn, requeued: bool, first: bytes = b"") -> None:
+    def _queue(self, conn: Conn, first: bytes = b"", requeued: bool = False) -> None:
         """Join the lobby; ``first`` is sent ahead of WAITING in the same write."""
         result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
         if isinstance(result, RoomFull):
@@ -335,7 +115,7 @@ class Listener(ConnLoop):
             return
         self.waiting[conn.cid] = conn
         waiting = first + event_bytes(conn, FrameType.WAITING, {"room": conn.room})
-        if isinstance(result, Paired):
+        if isinstance(result, Matched):
             self._pair(self.waiting[result.waiter], conn, newcomer_first=waiting)
         else:
             self.send(conn, waiting)
@@ -346,31 +126,12 @@ class Listener(ConnLoop):
             del self.waiting[me.cid]
             self.send(me, first + event_bytes(me, FrameType.PAIRED, {"peer": peer.name, "room": me.room}))
             self.release_conn(me)
-        relay = self._pick_relay()
+        relay = self.relays.pick()
         log.info("paired %s with %s%s", a.label, b.label, f" in room {a.room}" if a.room else "")
         relay.submit_pair(a, b)
 
-    def _pick_relay(self) -> RelayHandle:
-        """The least loaded relay; never a dead worker."""
-        if not self.workers:
-            return min(self.relays, key=lambda r: r.load)
-        ready = [w for w in self.workers if w.available]
-        if ready:
-            return min(ready, key=lambda w: w.load)
-        # Every worker is dead or waiting out its restart backoff. Relay here
-        # rather than hold the pair back: its clients were told PAIRED and
-        # expect to chat now, and a worker that keeps crashing may take long.
-        # The thread serves its pairs until they end; new pairs go to workers
-        # again as soon as one is back.
-        if self.fallback is None:
-            log.warning("no relay worker is running; relaying new pairs in the listener process meanwhile")
-            self.fallback = RelayThread(self.limits, len(self.workers), self.post_pair_end)
-            self.fallback.start()
-            self.relays.append(self.fallback)
-        return self.fallback
-
     def detach(self, conn: Conn, reason: str) -> None:
-        self.handshaking.discard(conn)
+        self.reception.leave(conn)
         if self.waiting.pop(conn.cid, None) is not None:
             log.info("%s: left while waiting (%s)", conn.label, reason)
         if conn.cid in self.lobby:
@@ -401,7 +162,7 @@ class Listener(ConnLoop):
         self.lobby.unpair(end.a, end.b, next_by=end.next_by)
         for cid in end.gone:
             self.lobby.leave(cid)
-            self._forget(cid)
+            self.admission.forget(cid)
         for conn in end.back:
             self.adopt_conn(conn)
             if not self.running:
@@ -424,7 +185,7 @@ class Listener(ConnLoop):
                 self.lobby.unpair(held.cid, held.partner)  # the room is free again
         for held in stranded:
             self.lobby.leave(held.cid)
-            self._forget(held.cid)
+            self.admission.forget(held.cid)
             if held.sock is None:
                 continue
             # Through the listener's duplicate of the descriptor, with the
@@ -435,7 +196,7 @@ class Listener(ConnLoop):
             # misframed; nothing can tell how much it wrote. The client sees
             # a broken stream and closes, which is the truth of it.
             conn = Conn(held.sock, held.cid, held.addr, self.now)
-            conn.mode, conn.name = held.mode, held.name
+            conn.mode, conn.name, conn.phase = held.mode, held.name, Phase.CHATTING
             self.adopt_conn(conn)
             self.fail(conn, ErrorCode.SHUTDOWN, WORKER_LOST_MESSAGE)
 
@@ -446,81 +207,35 @@ class Listener(ConnLoop):
             return
         log.info("stopping: telling %d waiting client(s) and every pair", len(self.conns))
         self.running = False
-        try:
-            self.sel.unregister(self.listen_sock)
-        except (KeyError, ValueError):
-            pass
+        self.acceptor.stop()
         for conn in list(self.conns):
             if conn.mode:
                 self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
             else:
                 self.drop(conn, "disconnected")
-        for relay in self.relays:
-            relay.stop()
+        self.relays.stop()
 
     def busy(self) -> bool:
-        return any(relay.alive() for relay in self.relays)
+        return self.relays.busy()
 
     def tick(self, now: float) -> None:
-        if self._accept_paused_until and now >= self._accept_paused_until:
-            self._resume_accept()
-        expired = [c for c in self.handshaking if now >= c.deadline]
-        for conn in expired:
-            if conn.mode:
-                self.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT,
-                          f"no valid hello within {self.config.handshake_timeout:g} seconds")
-            else:
-                log.info("%s: sent nothing; closed at the handshake deadline", conn.label)
-                self.drop(conn, "disconnected")
-        for worker in self.workers:
-            worker.tick(now)
+        self.acceptor.tick(now)
+        self.reception.expire(now)
+        self.relays.tick(now)
         super().tick(now)
-
-    def join_relays(self, timeout: float = 10.0) -> None:
-        for relay in self.relays:
-            relay.join(timeout)
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Low latency (no Nagle) and TCP keepalive, which finds dead line-mode peers."""
-    for level, opt, value in (
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_NODELAY", None), 1),
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 60),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 15),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 4),
-    ):
-        if opt is None:
-            continue
-        try:
-            sock.setsockopt(level, opt, value)
-        except OSError:
-            pass
 
 
 def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig) -> None:
     """Entry point of the listener process."""
-    from chatpair.server.main import ignore_stop_signals, stop_resource_tracker
-
     # Ctrl-C, a hang-up or SIGTERM to the whole process group reach us too; the
     # main process decides when we stop and tells us through ``control``. The
     # worker processes we start inherit the ignoring.
-    ignore_stop_signals()
-    setup_logging(config.log_level)
-    raise_fd_limit()
+    prepare_child_process(config.log_level)
     listener = Listener(listen_sock, control, config)
     try:
         listener.run()
     finally:
-        listener.join_relays()
+        listener.relays.join()
         listen_sock.close()
         control.close()
         # Workers share the main process's resource tracker; only if it had died

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
-class Waiting:
+class Queued:
     """The client is queued; nobody to pair with yet."""
 
     cid: int
 
 
 @dataclass(frozen=True, slots=True)
-class Paired:
+class Matched:
     """``waiter`` (queued earlier) and ``newcomer`` now form a pair."""
 
     waiter: int
@@ -81,7 +81,7 @@ class Lobby:
 
     # -- transitions -------------------------------------------------------
 
-    def join(self, cid: int, room: str | None, *, requeued: bool = False) -> Waiting | Paired | RoomFull:
+    def join(self, cid: int, room: str | None, *, requeued: bool = False) -> Queued | Matched | RoomFull:
         """A client arrives (or comes back after its partner left)."""
         if cid in self._room_of:
             raise ValueError(f"client {cid} is already in the lobby")
@@ -96,13 +96,13 @@ class Lobby:
                 self._partner[waiter] = cid
                 self._partner[cid] = waiter
                 state.chatting += 1
-                return Paired(waiter, cid)
+                return Matched(waiter, cid)
         if room is not None and state.chatting and not requeued:
             self._drop_room_if_empty(room)
             return RoomFull(cid)
         state.queue.append(cid)
         self._room_of[cid] = room
-        return Waiting(cid)
+        return Queued(cid)
 
     def unpair(self, a: int, b: int, *, next_by: int | None = None) -> None:
         """End the pair (a, b); both leave the lobby until they join again.

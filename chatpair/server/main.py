@@ -1,4 +1,4 @@
-"""Server lifecycle: bind, start the listener process, supervise it, stop it.
+"""The main process: bind, start the listener process, supervise it, stop it.
 
 The main process does little on purpose, so it cannot be taken down by what
 clients send:
@@ -19,12 +19,12 @@ clients send:
 Signals. Only the main process acts on SIGINT, SIGTERM and SIGHUP. A signal
 to the whole process group (Ctrl-C, a terminal hang-up, systemd's default
 ``KillMode``) reaches the listener and the workers too: they ignore all
-three (:func:`ignore_stop_signals`, with the signals blocked from the moment
-they are started, so there is no window in which one kills them) and stop
-when the main process tells them to, or when it is gone. SIGHUP means "the
-terminal went away" when stdin is a terminal, and stops the server like
-SIGTERM; detached (systemd, nohup, a supervisor) it is ignored with one log
-line - a later release will reload the configuration on it.
+three and stop when the main process tells them to, or when it is gone
+(:mod:`chatpair.server.processes` has the rules every process follows).
+SIGHUP means "the terminal went away" when stdin is a terminal, and stops
+the server like SIGTERM; detached (systemd, nohup, a supervisor) it is
+ignored with one log line - a later release will reload the configuration
+on it. The "any key" watcher is :mod:`chatpair.server.keys`.
 """
 
 from __future__ import annotations
@@ -37,20 +37,26 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from chatpair.errors import ChatpairError
 from chatpair.netutil import format_addr
 from chatpair.server.config import ServerConfig, setup_logging
+from chatpair.server.keys import KeyWatcher, stdin_is_terminal
 from chatpair.server.listener import listener_main
+from chatpair.server.processes import (
+    STOP_SIGNALS,
+    RestartBackoff,
+    signals_blocked,
+    start_resource_tracker,
+    stop_resource_tracker,
+)
 
 log = logging.getLogger("chatpair")
 
 #: After ``stop`` the listener needs the lingering close (2 s) plus a margin.
 STOP_GRACE_SECONDS = 6.0
-#: A listener that keeps dying is restarted, but not in a tight loop.
-RESTART_BACKOFF_SECONDS = (0.1, 0.5, 1.0, 2.0)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -110,108 +116,6 @@ def bound_address(sock: socket.socket) -> str:
     return format_addr(sock.getsockname())
 
 
-#: The signals a terminal or a service manager sends to a whole process group.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-#: How long the resource tracker may take to go after the last process using it.
-TRACKER_EXIT_SECONDS = 2.0
-
-
-@contextmanager
-def signals_blocked(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """Block ``signums`` in this thread; a process started meanwhile inherits the mask.
-
-    The main process receives what arrives meanwhile as soon as the block ends.
-    A no-op where there are no signal masks (Windows).
-    """
-    if not hasattr(signal, "pthread_sigmask") or not signums:
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def ignore_stop_signals() -> None:
-    """For the listener and worker processes: SIGINT, SIGTERM and SIGHUP are the main process's.
-
-    Sent to the whole process group they reach us too; we ignore them and stop
-    when told on our control socket or channel (or when it reaches end of file
-    because the main process is gone). They were blocked when we were started
-    (see :func:`signals_blocked`): ignore first, then unblock, so one that
-    arrived in between is discarded rather than fatal.
-    """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def _resource_tracker() -> object | None:
-    """multiprocessing's resource tracker object, where there is one (POSIX CPython)."""
-    if os.name != "posix":
-        return None
-    try:
-        from multiprocessing import resource_tracker
-    except ImportError:
-        return None
-    tracker = getattr(resource_tracker, "_resource_tracker", None)
-    needed = ("ensure_running", "_lock", "_fd", "_pid")
-    return tracker if tracker is not None and all(hasattr(tracker, a) for a in needed) else None
-
-
-def start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker now, immune to SIGHUP.
-
-    Every "spawn" start on POSIX makes sure the tracker runs (a process of its
-    own, which ignores SIGINT and SIGTERM itself). Started here with SIGHUP
-    blocked, it inherits that mask and a hang-up of the process group does
-    not kill it; started lazily it would die, and the next start would warn.
-    """
-    tracker = _resource_tracker()
-    if tracker is None:
-        return
-    sighup = getattr(signal, "SIGHUP", None)
-    with signals_blocked((sighup,) if sighup is not None else ()):
-        tracker.ensure_running()  # type: ignore[attr-defined]
-
-
-def stop_resource_tracker(timeout: float = TRACKER_EXIT_SECONDS) -> None:
-    """Stop and reap the resource tracker this process started, if it did.
-
-    It leaves when the last copy of its pipe is closed - ours is the last
-    once the processes we started are gone - and nobody waits for it: it
-    would outlive us by a moment, a stray process to a supervisor. Close our
-    end and wait for it (kill it past ``timeout``: we register nothing it
-    would need to clean up). A no-op in a process that did not start it
-    (the listener uses the main process's tracker) or where there is none.
-    """
-    tracker = _resource_tracker()
-    if tracker is None:
-        return
-    with tracker._lock:  # type: ignore[attr-defined]
-        fd, pid = tracker._fd, tracker._pid  # type: ignore[attr-defined]
-        if fd is None or pid is None:
-            return
-        tracker._fd = tracker._pid = None  # type: ignore[attr-defined]
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-    deadline = time.monotonic() + timeout
-    try:
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() >= deadline:
-                log.warning("multiprocessing's resource tracker did not exit; killing it")
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return
-            time.sleep(0.005)
-    except ChildProcessError:
-        pass  # already reaped
-
-
 class Server:
     """Owns the listening socket and the listener process; start, supervise, stop."""
 
@@ -252,7 +156,7 @@ class Server:
     def serve(self, poll: Callable[[], bool] | None = None) -> None:
         """Run until stopped; restart the listener if it dies. ``poll`` returning True stops."""
         self.start()
-        crashes: list[float] = []
+        backoff = RestartBackoff()
         while not self._stop.is_set():
             assert self._process is not None
             self._process.join(0.1)
@@ -261,9 +165,7 @@ class Server:
             if self._stop.is_set() or self._process.is_alive():
                 continue
             code = self._process.exitcode
-            now = time.monotonic()
-            crashes = [t for t in crashes if now - t < 30] + [now]
-            delay = RESTART_BACKOFF_SECONDS[min(len(crashes), len(RESTART_BACKOFF_SECONDS)) - 1]
+            delay = backoff.record_death(time.monotonic())
             log.error("listener process died (exit code %s); starting a new one in %.1fs", code, delay)
             self._close_control()
             if self._stop.wait(delay):
@@ -293,75 +195,6 @@ class Server:
         if self._control is not None:
             self._control.close()
             self._control = None
-
-
-class KeyWatcher:
-    """'Press any key to stop' for a terminal in the foreground; inert otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.active = False
-        self._fd = -1
-        self._saved: list | None = None
-        try:
-            fd = stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            return
-        if not os.isatty(fd):
-            return
-        if os.name == "nt":
-            self.active = True
-            return
-        try:
-            import termios
-            import tty
-
-            if os.getpgrp() != os.tcgetpgrp(fd):
-                return  # in the background: reading the terminal would stop us (SIGTTIN)
-            self._saved = termios.tcgetattr(fd)
-            tty.setcbreak(fd)  # keys arrive one by one; Ctrl-C still sends SIGINT
-        except (ImportError, OSError):
-            return
-        self._fd = fd
-        self.active = True
-
-    def pressed(self) -> bool:
-        if not self.active:
-            return False
-        if os.name == "nt":
-            import msvcrt
-
-            if msvcrt.kbhit():  # type: ignore[attr-defined]
-                msvcrt.getwch()  # type: ignore[attr-defined]
-                return True
-            return False
-        import select
-
-        try:
-            ready, _, _ = select.select([self._fd], [], [], 0)
-            if ready:
-                os.read(self._fd, 64)  # b"" once the terminal hung up: a reason to stop too
-                return True
-        except OSError:
-            return True  # the terminal is gone
-        return False
-
-    def restore(self) -> None:
-        if self._saved is not None:
-            import termios
-
-            saved, self._saved = self._saved, None
-            try:
-                termios.tcsetattr(self._fd, termios.TCSADRAIN, saved)
-            except (termios.error, OSError):
-                pass  # the terminal hung up: there is nothing left to restore
-
-
-def stdin_is_terminal(stream: TextIO | None) -> bool:
-    """Whether the server runs in a terminal (SIGHUP then means it went away)."""
-    try:
-        return stream is not None and os.isatty(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def run_server(config: ServerConfig, out: TextIO | None = None) -> int:

@@ -24,15 +24,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn, event_bytes, line_msg_bytes
+from chatpair.proto import ErrorCode, FrameType, encode_frame, split_utf8
 from chatpair.server.config import Limits
-from chatpair.server.loop import LOW_WATER, ConnLoop
-from chatpair.proto import ErrorCode, FrameType, encode_frame, encode_notice, split_utf8
+from chatpair.server.conn import Conn
+from chatpair.server.loop import ConnLoop
+from chatpair.server.output import LOW_WATER
+from chatpair.server.render import event_bytes, line_msg_bytes, undelivered_notices
+from chatpair.server.states import Mode
 
 log = logging.getLogger("chatpair")
+
+_FRAME = Mode.FRAME
 
 
 @dataclass(slots=True)
@@ -44,15 +49,6 @@ class PairEnd:
     next_by: int | None = None
     gone: list[int] = field(default_factory=list)  # connections closed
     back: list[Conn] = field(default_factory=list)  # connections to queue again
-
-
-def undelivered_notices(conn: Conn, count: int, why: str) -> bytes:
-    """NOTICE ``undelivered`` for ``count`` messages (one line in line mode)."""
-    if conn.mode == MODE_LINE:
-        what = "1 message was" if count == 1 else f"{count} messages were"
-        return f"* {what} not delivered: {why}\n".encode("utf-8")
-    one = encode_notice("undelivered", f"message not delivered: {why}")
-    return one * count
 
 
 class Relay(ConnLoop):
@@ -119,7 +115,7 @@ class Relay(ConnLoop):
         if partner is None:
             self.send(conn, undelivered_notices(conn, count, "you have no partner right now"))
             return
-        if partner.mode == MODE_FRAME:
+        if partner.mode is _FRAME:
             self.send(partner, view[start:end], count)
         else:
             pos = start
@@ -132,7 +128,7 @@ class Relay(ConnLoop):
         partner = conn.partner
         if partner is None:
             self.send(conn, undelivered_notices(conn, 1, "you have no partner right now"))
-        elif partner.mode == MODE_FRAME:
+        elif partner.mode is _FRAME:
             # A line is at most max_frame - 1 bytes as typed, but each invalid
             # byte became U+FFFD (3 bytes): cut it into MSG frames that fit.
             data = text.encode("utf-8")
@@ -158,7 +154,7 @@ class Relay(ConnLoop):
 
     def may_read(self, conn: Conn) -> bool:
         partner = conn.partner
-        return conn.out_bytes < LOW_WATER and (partner is None or partner.out_bytes < LOW_WATER)
+        return conn.out.unsent < LOW_WATER and (partner is None or partner.out.unsent < LOW_WATER)
 
     # -- leaving ----------------------------------------------------------------------------
 

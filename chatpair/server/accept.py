@@ -1,0 +1,123 @@
+"""The listener's listening socket: accept in batches, rest when out of descriptors.
+
+The main process binds the socket and hands it to the listener process;
+:class:`Acceptor` registers it in the listener's selector and turns every
+readable event into up to :data:`ACCEPT_BATCH` new connections. Running out
+of descriptors (EMFILE and friends) is not an error to spin on: the acceptor
+leaves the selector for :data:`ACCEPT_BACKOFF_SECONDS`, pairs already
+chatting go on, and new clients wait in the kernel's backlog.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import selectors
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("chatpair")
+
+#: How long accept() rests after running out of file descriptors.
+ACCEPT_BACKOFF_SECONDS = 0.5
+#: Connections taken per readable event, so a burst of connects cannot starve
+#: the clients already connected.
+ACCEPT_BATCH = 256
+#: accept() errors that mean "out of descriptors or memory": rest, then retry.
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class AcceptState(enum.Enum):
+    ACCEPTING = "accepting"  # registered in the selector
+    RESTING = "resting"  # out of descriptors: unregistered until the backoff ends
+    STOPPED = "stopped"  # the server stops: never registered again
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Low latency (no Nagle) and TCP keepalive, which finds dead line-mode peers."""
+    for level, opt, value in (
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_NODELAY", None), 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 60),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 15),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 4),
+    ):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
+
+
+class Acceptor:
+    """The listening socket in a selector loop; new connections go to ``on_connection``.
+
+    ``on_connection(sock, addr)`` gets a non-blocking, tuned socket. The
+    owner calls :meth:`on_readable` when the socket is readable, :meth:`tick`
+    from its timer, and :meth:`stop` when the server stops.
+    """
+
+    def __init__(self, sock: socket.socket, sel: selectors.BaseSelector,
+                 on_connection: Callable[[socket.socket, Any], None]) -> None:
+        self.sock = sock
+        self._sel = sel
+        self._on_connection = on_connection
+        self.state = AcceptState.ACCEPTING
+        self._resume_at = 0.0
+        self._fd_warning_logged = False  # say "out of descriptors" once, not every backoff
+        sock.setblocking(False)
+        # Linux copies these options from the listening socket to every accepted
+        # one: set them once here instead of five syscalls per connection.
+        tune_socket(sock)
+        self._tune_each = not sys.platform.startswith("linux")
+        sel.register(sock, selectors.EVENT_READ, None)
+
+    def on_readable(self, now: float) -> None:
+        if self.state is not AcceptState.ACCEPTING:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in _RESOURCE_ERRNOS:
+                    self._rest(err, now)
+                else:
+                    log.warning("accept failed: %s", err)
+                return
+            sock.setblocking(False)
+            if self._tune_each:
+                tune_socket(sock)
+            self._on_connection(sock, addr)
+
+    def _rest(self, err: OSError, now: float) -> None:
+        """Out of descriptors: rest instead of spinning; pairs already chatting go on."""
+        if not self._fd_warning_logged:
+            log.warning("cannot accept more connections (%s); new ones wait until descriptors free up",
+                        err.strerror)
+            self._fd_warning_logged = True
+        self.state = AcceptState.RESTING
+        self._resume_at = now + ACCEPT_BACKOFF_SECONDS
+        self._unregister()
+
+    def tick(self, now: float) -> None:
+        if self.state is AcceptState.RESTING and now >= self._resume_at:
+            self.state = AcceptState.ACCEPTING
+            self._sel.register(self.sock, selectors.EVENT_READ, None)
+
+    def stop(self) -> None:
+        """Accept no more (the socket stays open: the main process owns it)."""
+        if self.state is AcceptState.ACCEPTING:
+            self._unregister()
+        self.state = AcceptState.STOPPED
+
+    def _unregister(self) -> None:
+        try:
+            self._sel.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass

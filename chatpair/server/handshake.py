@@ -1,0 +1,80 @@
+"""The server's side of the handshake, sans-IO: greetings out, HELLO in.
+
+What the listener sends (the banner at once; WELCOME after a frame-mode
+HELLO) and how it reads what comes back: the first byte picks the mode
+(``0``: a frame, the high byte of a length; anything else: a name line
+typed into ``nc``), and until a HELLO or name line is complete nothing over
+``HANDSHAKE_MAX`` bytes is accepted. The listener feeds bytes as they
+arrive, in any pieces; these functions never see a socket or a clock.
+"""
+
+from __future__ import annotations
+
+from chatpair import __version__
+from chatpair.proto import (
+    HANDSHAKE_MAX,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    EndOfStream,
+    ErrorCode,
+    FrameDecoder,
+    FrameType,
+    Hello,
+    LineDecoder,
+    ProtocolError,
+    encode_json_frame,
+    make_banner,
+    parse_hello,
+    parse_name_line,
+)
+from chatpair.server.config import ServerConfig
+from chatpair.server.conn import MODE_FRAME, MODE_LINE
+
+#: How the server names itself in the banner and in WELCOME.
+SERVER_SOFTWARE = f"chatpair/{__version__}"
+
+
+def server_banner() -> bytes:
+    """The line every client gets on connect, before it says anything."""
+    return make_banner(SERVER_SOFTWARE)
+
+
+def welcome_frame(config: ServerConfig) -> bytes:
+    """WELCOME, the answer to a frame-mode HELLO: the same bytes for every client."""
+    return encode_json_frame(FrameType.WELCOME, {
+        "version": PROTOCOL_VERSION,
+        "server": SERVER_SOFTWARE,
+        "max_frame": config.max_frame,
+        "ping_interval": config.ping_interval,
+        "idle_timeout": config.idle_timeout,
+    })
+
+
+def handshake_decoder(first_byte: int) -> tuple[int, FrameDecoder | LineDecoder]:
+    """The mode the first byte shows, and a decoder for the handshake in that mode."""
+    if first_byte == 0:
+        return MODE_FRAME, FrameDecoder(HANDSHAKE_MAX)
+    return MODE_LINE, LineDecoder(HANDSHAKE_MAX)
+
+
+def read_hello(decoder: FrameDecoder | LineDecoder) -> Hello | None:
+    """The HELLO (or name line) in what was fed so far; None: not complete yet.
+
+    Raises :class:`ProtocolError` for anything else: the first frame must be
+    HELLO; in line mode, blank lines before the name are skipped.
+    """
+    if isinstance(decoder, FrameDecoder):
+        event = decoder.next_event()
+        if event is NEED_DATA:
+            return None
+        if isinstance(event, EndOfStream):
+            raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+        return parse_hello(event)  # type: ignore[arg-type]
+    while True:
+        line = decoder.next_line()
+        if line is NEED_DATA:
+            return None
+        if isinstance(line, EndOfStream):
+            raise ProtocolError(ErrorCode.BAD_HELLO, "type your name first")
+        if line.strip():  # type: ignore[union-attr]
+            return parse_name_line(line)  # type: ignore[arg-type]

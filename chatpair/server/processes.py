@@ -1,0 +1,162 @@
+"""What the server's processes share about starting, stopping and dying.
+
+The main process starts the listener process, and the listener starts the
+relay worker processes. They follow the same rules, written once here:
+
+* **Signals are the main process's.** SIGINT, SIGTERM and SIGHUP sent to the
+  whole process group (Ctrl-C, a terminal hang-up, systemd's default
+  ``KillMode``) reach every process. A parent starts a child with them
+  blocked (:func:`signals_blocked`); the child ignores them first thing
+  (:func:`prepare_child_process`), and stops when its parent tells it to on
+  its control socket or channel, or when that reaches end of file.
+* **Nothing is left behind.** multiprocessing's resource tracker (a helper
+  process every ``spawn`` start on POSIX makes sure of) is started by the
+  main process immune to SIGHUP and stopped and reaped by whoever started it
+  (:func:`start_resource_tracker`, :func:`stop_resource_tracker`).
+* **A child that keeps dying is restarted, but not in a tight loop**
+  (:class:`RestartBackoff`): the listener by the main process, a relay
+  worker by the listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from chatpair.netutil import raise_fd_limit
+from chatpair.server.config import setup_logging
+
+log = logging.getLogger("chatpair")
+
+#: The signals a terminal or a service manager sends to a whole process group.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: How long the resource tracker may take to go after the last process using it.
+TRACKER_EXIT_SECONDS = 2.0
+#: The n-th death of a child within CRASH_WINDOW_SECONDS waits the n-th delay
+#: before the restart (the last one from then on).
+RESTART_BACKOFF_SECONDS = (0.1, 0.5, 1.0, 2.0)
+CRASH_WINDOW_SECONDS = 30.0
+
+
+@contextmanager
+def signals_blocked(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Block ``signums`` in this thread; a process started meanwhile inherits the mask.
+
+    The calling process receives what arrives meanwhile as soon as the block
+    ends. A no-op where there are no signal masks (Windows).
+    """
+    if not hasattr(signal, "pthread_sigmask") or not signums:
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals() -> None:
+    """For the listener and worker processes: SIGINT, SIGTERM and SIGHUP are the main process's.
+
+    Sent to the whole process group they reach us too; we ignore them and stop
+    when told on our control socket or channel (or when it reaches end of file
+    because our parent is gone). They were blocked when we were started (see
+    :func:`signals_blocked`): ignore first, then unblock, so one that arrived
+    in between is discarded rather than fatal.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def prepare_child_process(log_level: int) -> None:
+    """First thing in the listener and in each relay worker: signals, logging, descriptors."""
+    # Signals first: until they are ignored, only the mask inherited from the
+    # parent keeps a group-wide Ctrl-C from killing us.
+    ignore_stop_signals()
+    setup_logging(log_level)
+    raise_fd_limit()
+
+
+class RestartBackoff:
+    """How long to wait before restarting a child that died: longer the more often it dies."""
+
+    def __init__(self, steps: tuple[float, ...] = RESTART_BACKOFF_SECONDS,
+                 window: float = CRASH_WINDOW_SECONDS) -> None:
+        self.steps = steps
+        self.window = window
+        self._deaths: list[float] = []  # when it died, within the last ``window`` seconds
+
+    def record_death(self, now: float) -> float:
+        """The child died at ``now``: the delay before starting it again."""
+        self._deaths = [t for t in self._deaths if now - t < self.window] + [now]
+        return self.steps[min(len(self._deaths), len(self.steps)) - 1]
+
+
+def _resource_tracker() -> object | None:
+    """multiprocessing's resource tracker object, where there is one (POSIX CPython)."""
+    if os.name != "posix":
+        return None
+    try:
+        from multiprocessing import resource_tracker
+    except ImportError:
+        return None
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    needed = ("ensure_running", "_lock", "_fd", "_pid")
+    return tracker if tracker is not None and all(hasattr(tracker, a) for a in needed) else None
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, immune to SIGHUP.
+
+    Every "spawn" start on POSIX makes sure the tracker runs (a process of its
+    own, which ignores SIGINT and SIGTERM itself). Started here with SIGHUP
+    blocked, it inherits that mask and a hang-up of the process group does
+    not kill it; started lazily it would die, and the next start would warn.
+    """
+    tracker = _resource_tracker()
+    if tracker is None:
+        return
+    sighup = getattr(signal, "SIGHUP", None)
+    with signals_blocked((sighup,) if sighup is not None else ()):
+        tracker.ensure_running()  # type: ignore[attr-defined]
+
+
+def stop_resource_tracker(timeout: float = TRACKER_EXIT_SECONDS) -> None:
+    """Stop and reap the resource tracker this process started, if it did.
+
+    It leaves when the last copy of its pipe is closed - ours is the last
+    once the processes we started are gone - and nobody waits for it: it
+    would outlive us by a moment, a stray process to a supervisor. Close our
+    end and wait for it (kill it past ``timeout``: we register nothing it
+    would need to clean up). A no-op in a process that did not start it
+    (the listener uses the main process's tracker) or where there is none.
+    """
+    tracker = _resource_tracker()
+    if tracker is None:
+        return
+    with tracker._lock:  # type: ignore[attr-defined]
+        fd, pid = tracker._fd, tracker._pid  # type: ignore[attr-defined]
+        if fd is None or pid is None:
+            return
+        tracker._fd = tracker._pid = None  # type: ignore[attr-defined]
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    deadline = time.monotonic() + timeout
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() >= deadline:
+                log.warning("multiprocessing's resource tracker did not exit; killing it")
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.005)
+    except ChildProcessError:
+        pass  # already reaped

@@ -1,0 +1,107 @@
+"""The listener's relays, and which one gets the next pair.
+
+A pair is relayed either by a room relay thread of the listener process
+(``--relay-threads``, the default) or by a relay worker process
+(``--workers``, POSIX). :class:`RelayPool` starts them, picks the least
+loaded one for each new pair - never a dead worker - and stops and joins them
+all. When every worker is dead or waiting out its restart backoff, a relay
+thread of the listener process takes new pairs meanwhile (the *fallback*).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from chatpair.server.config import ServerConfig
+from chatpair.server.conn import Conn
+from chatpair.server.relay import PairEnd, RelayThread
+from chatpair.server.workers import Stranded, WorkerHandle
+
+log = logging.getLogger("chatpair")
+
+
+class RelayHandle(Protocol):
+    """What the listener needs of a relay: a thread here, or a worker process."""
+
+    @property
+    def load(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def submit_pair(self, a: Conn, b: Conn) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def alive(self) -> bool: ...
+
+
+class RelayPool:
+    """Every relay of the listener process: started here, stopped and joined here.
+
+    ``on_pair_end`` hears from every relay when a pair ends (from relay
+    threads, on their thread); ``on_lost`` hears when a worker died with
+    clients. Runs in the listener's loop thread, whose selector ``sel`` also
+    watches the workers' channels.
+    """
+
+    def __init__(self, config: ServerConfig, on_pair_end: Callable[[PairEnd], None],
+                 on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector) -> None:
+        self._limits = config.limits()
+        self._on_pair_end = on_pair_end
+        self.workers = [WorkerHandle(config, i, on_pair_end, on_lost, sel) for i in range(config.workers)]
+        #: With --workers: a relay thread of this process, started the first time
+        #: a pair is made while no worker is available (all dead, restarting).
+        self.fallback: RelayThread | None = None
+        self.relays: list[RelayHandle] = list(self.workers) or [
+            RelayThread(self._limits, i, on_pair_end) for i in range(max(1, config.relay_threads))
+        ]
+        for relay in self.relays:
+            relay.start()
+
+    def pick(self) -> RelayHandle:
+        """The least loaded relay; never a dead worker."""
+        if not self.workers:
+            return min(self.relays, key=lambda r: r.load)
+        ready = [w for w in self.workers if w.available]
+        if ready:
+            return min(ready, key=lambda w: w.load)
+        # Every worker is dead or waiting out its restart backoff. Relay here
+        # rather than hold the pair back: its clients were told PAIRED and
+        # expect to chat now, and a worker that keeps crashing may take long.
+        # The thread serves its pairs until they end; new pairs go to workers
+        # again as soon as one is back.
+        if self.fallback is None:
+            log.warning("no relay worker is running; relaying new pairs in the listener process meanwhile")
+            self.fallback = RelayThread(self._limits, len(self.workers), self._on_pair_end)
+            self.fallback.start()
+            self.relays.append(self.fallback)
+        return self.fallback
+
+    def on_channel(self, fileobj: Any) -> bool:
+        """If ``fileobj`` is a worker's channel, handle its event; whether it was one."""
+        for worker in self.workers:  # a handful at most; their channels change on restart
+            if worker.owns(fileobj):
+                worker.on_channel_event()
+                return True
+        return False
+
+    def tick(self, now: float) -> None:
+        for worker in self.workers:
+            worker.tick(now)
+
+    def stop(self) -> None:
+        for relay in self.relays:
+            relay.stop()
+
+    def busy(self) -> bool:
+        """Is any relay still running (winding down its pairs)?"""
+        return any(relay.alive() for relay in self.relays)
+
+    def join(self, timeout: float = 10.0) -> None:
+        for relay in self.relays:
+            relay.join(timeout)

@@ -1,0 +1,135 @@
+"""The fast frame scanner: received bytes -> runs of MSG frames, control frames, an error.
+
+This is the relay's hot path, written as a pure function (no socket, no
+clock, no connection) so it is tested byte for byte in ``tests/test_scanner.py``.
+:func:`scan` walks the frame headers in a buffer and groups consecutive
+complete MSG frames into *runs*: a run is forwarded with one ``send`` of one
+memoryview slice and checked with one UTF-8 decode, so the cost per message
+is a header unpack and a few integer compares. Everything else - control
+frames, and every header that is not a plain MSG - is handed on one frame
+at a time, in order.
+
+The rules are not repeated here. A header is judged by
+:func:`chatpair.proto.wire.check_header` (and, with only its 4 length bytes
+in, :func:`~chatpair.proto.wire.check_length`); a MSG payload by
+:func:`chatpair.proto.frames.check_client_frame`. The only test written out
+is the common case ``ftype == MSG and 1 < length <= max_frame``, which is
+exactly the set of MSG headers ``check_header`` accepts; anything outside it
+goes to ``check_header``, so the scanner and the decoder cannot disagree.
+
+Why one UTF-8 check per run is enough: a run of MSG frames with lengths up
+to 127 is ``header payload header payload ...`` where every header byte is
+ASCII (``00 00 00 LL 02``, LL < 0x80). An ASCII byte can neither continue a
+multi-byte character nor follow an unfinished one, so the whole run decodes
+as UTF-8 exactly when every payload does. A longer frame's header may hold a
+byte >= 0x80, so at such a frame the run so far and that payload are
+checked on their own.
+"""
+
+from __future__ import annotations
+
+from chatpair.proto import (
+    HEADER,
+    Frame,
+    FrameType,
+    ProtocolError,
+    check_client_frame,
+    check_header,
+    check_length,
+)
+
+#: One item of a scan: ``(start, stop, count)`` over the buffer. ``count >= 1``:
+#: a run of that many valid MSG frames in ``buf[start:stop]``; ``count == 0``:
+#: one control frame in ``buf[start:stop]`` (type at ``start + 4``), its
+#: header checked, its payload not yet (that is for whoever acts on it).
+Item = tuple[int, int, int]
+
+_UNPACK_HEADER = HEADER.unpack_from
+_MSG = int(FrameType.MSG)
+_UTF8 = "utf-8"
+
+
+def scan(view: memoryview, end: int, max_frame: int) -> tuple[list[Item], int, ProtocolError | None]:
+    """Walk the frames in ``view[:end]``.
+
+    Returns ``(items, stop, error)``: the complete frames, in order, as
+    :data:`Item`; where they stop (``view[stop:end]`` is the start of a frame
+    not complete yet, to keep for the next read); and the first rule broken,
+    if any - then the broken frame starts at ``stop`` and the items are
+    everything valid before it (so good messages ahead of a bad one are
+    still delivered, as a frame decoder would have delivered them).
+    """
+    items: list[Item] = []
+    pos = run = seg = count = 0  # run: where the current run starts; seg: what its UTF-8 check has not covered
+    while end - pos >= 5:
+        length, ftype = _UNPACK_HEADER(view, pos)
+        # The common case: a plain MSG that check_header accepts (see the module docstring).
+        if ftype == _MSG and 1 < length <= max_frame:
+            fend = pos + 4 + length
+            if fend > end:
+                break
+            if length > 127:  # (a literal, not a name: this line runs once per message)
+                # This header may hold a byte >= 0x80: check the run so far,
+                # then this payload alone, and start a new stretch after it.
+                if not _utf8_ok(view, seg, pos) or not _utf8_ok(view, pos + 5, fend):
+                    return _split_bad_run(view, run, items)
+                seg = fend
+            count += 1
+            pos = fend
+            continue
+        # Not a plain MSG: first the run before it, in order.
+        if count:
+            if seg < pos and not _utf8_ok(view, seg, pos):
+                return _split_bad_run(view, run, items)
+            items.append((run, pos, count))
+            count = 0
+        try:
+            check_header(length, ftype, max_frame)
+        except ProtocolError as err:
+            return items, pos, err
+        fend = pos + 4 + length
+        if fend > end:
+            break
+        items.append((pos, fend, 0))
+        pos = run = seg = fend
+    if count:
+        if seg < pos and not _utf8_ok(view, seg, pos):
+            return _split_bad_run(view, run, items)
+        items.append((run, pos, count))
+    if end - pos == 4:
+        # Only the length is in: what it alone decides is decided now, so a
+        # hostile length is refused before a byte of its frame is kept.
+        try:
+            check_length(int.from_bytes(view[pos:end], "big"), max_frame)
+        except ProtocolError as err:
+            return items, pos, err
+    return items, pos, None
+
+
+def _utf8_ok(view: memoryview, start: int, end: int) -> bool:
+    try:
+        str(view[start:end], _UTF8)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split_bad_run(view: memoryview, start: int, items: list[Item]) -> tuple[list[Item], int, ProtocolError]:
+    """A run from ``start`` failed its UTF-8 check: keep the messages before the bad one as a run.
+
+    The bad message is found by the protocol's own check of a client MSG,
+    which also words the error. One of the run's messages must fail it (see
+    the module docstring), so the walk ends at that one.
+    """
+    pos = start
+    good = 0
+    while True:
+        fend = pos + 4 + int.from_bytes(view[pos:pos + 4], "big")
+        try:
+            check_client_frame(Frame(_MSG, bytes(view[pos + 5:fend])))
+        except ProtocolError as err:
+            if good:
+                items.append((start, pos, good))
+            return items, pos, err
+        good += 1
+        pos = fend
