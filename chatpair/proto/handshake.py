@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from chatpair.proto.frames import Frame, decode_json, encode_json_frame
 from chatpair.proto.wire import (
@@ -80,22 +80,32 @@ def validate_room(room: object) -> str | None:
     return room  # type: ignore[return-value]
 
 
-def parse_hello(frame: Frame) -> Hello:
-    """Validate the first frame of a frame-mode connection."""
-    if frame.type != FrameType.HELLO:
-        raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+def first_frame_json(frame: Frame, name: str) -> dict[str, Any]:
+    """The JSON object of a first frame (HELLO or RESUME), its version checked.
+
+    ``bad_hello`` if it is not a JSON object with ``"version"``;
+    ``unsupported_version`` for a version this side does not speak.
+    """
     try:
         obj = decode_json(frame.payload)
     except ProtocolError:
-        raise ProtocolError(ErrorCode.BAD_HELLO, "HELLO must carry a JSON object") from None
+        raise ProtocolError(ErrorCode.BAD_HELLO, f"{name} must carry a JSON object") from None
     version = obj.get("version")
     if type(version) is not int:
-        raise ProtocolError(ErrorCode.BAD_HELLO, 'HELLO needs "version": 1')
+        raise ProtocolError(ErrorCode.BAD_HELLO, f'{name} needs "version": 1')
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version} is not supported; this server speaks version {PROTOCOL_VERSION}",
         )
+    return obj
+
+
+def parse_hello(frame: Frame) -> Hello:
+    """Validate the first frame of a frame-mode connection."""
+    if frame.type != FrameType.HELLO:
+        raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+    obj = first_frame_json(frame, "HELLO")
     return Hello(validate_name(obj.get("name")), validate_room(obj.get("room")))
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from chatpair.proto.frames import Frame, decode_json, encode_json_frame
+from chatpair.proto.handshake import first_frame_json
 from chatpair.proto.wire import HEADER, PROTOCOL_VERSION, ErrorCode, FrameType, ProtocolError
 
 #: A receiver acknowledges no later than this many MSG frames after its last ACK...
@@ -65,17 +66,7 @@ def encode_resume(session: str, received: int) -> bytes:
 
 def parse_resume(frame: Frame) -> Resume:
     """Validate a RESUME first frame (``bad_hello`` / ``unsupported_version`` if broken)."""
-    try:
-        obj = decode_json(frame.payload)
-    except ProtocolError:
-        raise ProtocolError(ErrorCode.BAD_HELLO, "RESUME must carry a JSON object") from None
-    version = obj.get("version")
-    if type(version) is not int:
-        raise ProtocolError(ErrorCode.BAD_HELLO, 'RESUME needs "version": 1')
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
-                            f"protocol version {version} is not supported; this server speaks version "
-                            f"{PROTOCOL_VERSION}")
+    obj = first_frame_json(frame, "RESUME")
     session = obj.get("session")
     if not isinstance(session, str) or not 1 <= len(session) <= MAX_TOKEN:
         raise ProtocolError(ErrorCode.BAD_HELLO, "RESUME needs the session token WELCOME gave")
