@@ -5,6 +5,9 @@ Time is passed in everywhere, so each rule is checked exactly.
 
 from __future__ import annotations
 
+import selectors
+import socket
+
 import pytest
 
 from chatpair.proto import FrameType, encode_frame, encode_json_frame, encode_notice
@@ -36,15 +39,16 @@ def test_a_new_connection_is_handshaking_and_not_tls() -> None:
     assert not c.mode  # "if conn.mode:" still means "the mode is known"
 
 
-def test_the_old_deadline_and_tls_state_names_map_onto_the_phase() -> None:
-    c = Conn(NoSocket(), 1, "x", 0.0)  # type: ignore[arg-type]
-    c.deadline = 10.0
-    c.tls_state = 1
-    assert (c.phase, c.tls_want, c.handshake_deadline, c.deadline) == (Phase.TLS_HANDSHAKE, 1, 10.0, 10.0)
-    c.tls_state = 0
-    assert c.phase is Phase.HANDSHAKE and c.tls_state == 0
-    c.deadline = 0.0  # what the listener writes when HELLO is complete
-    assert c.phase is Phase.CHATTING and c.deadline == 0.0
+def test_a_tls_socket_starts_in_the_tls_handshake_waiting_to_read() -> None:
+    ssl = pytest.importorskip("ssl")
+    ours, theirs = socket.socketpair()
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).wrap_socket(ours, server_side=True, do_handshake_on_connect=False)
+    try:
+        c = Conn(tls, 1, "x", 0.0)
+        assert (c.tls, c.phase, c.tls_want) == (True, Phase.TLS_HANDSHAKE, selectors.EVENT_READ)
+    finally:
+        tls.close()
+        theirs.close()
 
 
 def test_state_round_trip_across_processes() -> None:

@@ -24,8 +24,9 @@ from chatpair.server.render import event_bytes, line_msg_bytes
 from chatpair.server.states import Mode, Phase
 from chatpair.server.tls import is_tls
 
-# Old names, kept while listener.py and handshake.py still import them from
-# here; their homes are chatpair.server.states (Mode) and chatpair.server.render.
+# Old names, kept while handshake.py, reception.py and tests/test_fuzz.py import
+# MODE_* from here and listener.py imports event_bytes; their homes are
+# chatpair.server.states (Mode) and chatpair.server.render.
 MODE_UNKNOWN = Mode.UNKNOWN
 MODE_FRAME = Mode.FRAME
 MODE_LINE = Mode.LINE
@@ -160,33 +161,6 @@ class Conn:
     def undelivered_msgs(self) -> int:
         """How many partner MSGs are queued here but not (fully) written."""
         return self.out.undelivered_msgs()
-
-    # -- names listener.py still uses; they map onto the phase ----------------------
-    # (to go once listener.py writes handshake_deadline and phase itself)
-
-    @property
-    def deadline(self) -> float:
-        """The handshake deadline while handshaking, else 0.0 (the old flag-like field)."""
-        return self.handshake_deadline if self.phase is _HANDSHAKE or self.phase is _TLS_HANDSHAKE else 0.0
-
-    @deadline.setter
-    def deadline(self, value: float) -> None:
-        if value:
-            self.handshake_deadline = value
-        elif self.phase is _HANDSHAKE:  # "deadline = 0.0" meant: the handshake is complete
-            self.phase = _CHATTING
-
-    @property
-    def tls_state(self) -> int:
-        """0 outside the TLS handshake; in it 1 (wants to read) or 2 (wants to write)."""
-        return self.tls_want if self.phase is _TLS_HANDSHAKE else 0
-
-    @tls_state.setter
-    def tls_state(self, value: int) -> None:
-        if value:
-            self.phase, self.tls_want = _TLS_HANDSHAKE, value
-        elif self.phase is _TLS_HANDSHAKE:
-            self.phase = _HANDSHAKE
 
     # -- hand-over between processes (relay workers) -------------------------
 
