@@ -33,7 +33,8 @@ import pytest
 
 from conftest import ROOT, pid_alive
 
-from chatpair.server.conn import MODE_FRAME, MODE_LINE, Conn
+from chatpair.server.conn import Conn
+from chatpair.server.states import Mode
 from chatpair.server.render import event_bytes, line_msg_bytes
 from chatpair.server.handshake import read_hello
 from chatpair.server.config import Limits
@@ -363,7 +364,7 @@ def test_sanitize_fuzz():
         assert all(line.startswith(sanitize_name(text or "x") + ": ") for line in out[:-1].split("\n"))
         # ...and server notices about that partner.
         conn = Conn(_NoSocket(), 1, "fuzz", 0.0)
-        conn.mode = MODE_LINE
+        conn.mode = Mode.LINE
         for ftype, obj in ((FrameType.PAIRED, {"peer": text, "room": None}),
                            (FrameType.PEER_LEFT, {"peer": text, "reason": "bye"}),
                            (FrameType.ERROR, {"code": "x", "message": text}),
@@ -422,7 +423,7 @@ class RecordingLoop(ConnLoop):
         """Feed chunks the way read_frames does (pending tail first, then the new bytes)."""
         self.log = []
         conn = Conn(_NoSocket(), 1, "fuzz", 0.0)  # type: ignore[arg-type]
-        conn.mode = MODE_FRAME
+        conn.mode = Mode.FRAME
         self.conns = {conn}
         for chunk in chunks:
             if not chunk:

@@ -20,24 +20,15 @@ from collections import deque
 from typing import Any
 
 from chatpair.proto import FrameDecoder, LineDecoder
-from chatpair.server.render import event_bytes, line_msg_bytes
 from chatpair.server.states import Mode, Phase
 from chatpair.server.tls import is_tls
-
-# Old names, kept while handshake.py, reception.py and tests/test_fuzz.py import
-# MODE_* from here and listener.py imports event_bytes; their homes are
-# chatpair.server.states (Mode) and chatpair.server.render.
-MODE_UNKNOWN = Mode.UNKNOWN
-MODE_FRAME = Mode.FRAME
-MODE_LINE = Mode.LINE
 
 # Enum members read through the class cost a lookup each time; a connection
 # reads them often, so once here.
 _UNKNOWN, _LINE = Mode.UNKNOWN, Mode.LINE
 _TLS_HANDSHAKE, _HANDSHAKE, _CHATTING = Phase.TLS_HANDSHAKE, Phase.HANDSHAKE, Phase.CHATTING
 
-__all__ = ["MODE_FRAME", "MODE_LINE", "MODE_UNKNOWN", "Conn", "OutChunk", "OutQueue", "event_bytes",
-           "line_msg_bytes"]
+__all__ = ["Conn", "OutChunk", "OutQueue"]
 
 
 class OutChunk:

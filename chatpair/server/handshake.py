@@ -28,7 +28,7 @@ from chatpair.proto import (
     parse_name_line,
 )
 from chatpair.server.config import ServerConfig
-from chatpair.server.conn import MODE_FRAME, MODE_LINE
+from chatpair.server.states import Mode
 
 #: How the server names itself in the banner and in WELCOME.
 SERVER_SOFTWARE = f"chatpair/{__version__}"
@@ -50,11 +50,11 @@ def welcome_frame(config: ServerConfig) -> bytes:
     })
 
 
-def handshake_decoder(first_byte: int) -> tuple[int, FrameDecoder | LineDecoder]:
+def handshake_decoder(first_byte: int) -> tuple[Mode, FrameDecoder | LineDecoder]:
     """The mode the first byte shows, and a decoder for the handshake in that mode."""
     if first_byte == 0:
-        return MODE_FRAME, FrameDecoder(HANDSHAKE_MAX)
-    return MODE_LINE, LineDecoder(HANDSHAKE_MAX)
+        return Mode.FRAME, FrameDecoder(HANDSHAKE_MAX)
+    return Mode.LINE, LineDecoder(HANDSHAKE_MAX)
 
 
 def read_hello(decoder: FrameDecoder | LineDecoder) -> Hello | None:

@@ -31,12 +31,13 @@ from chatpair.proto import ErrorCode, FrameType
 from chatpair.server.accept import Acceptor
 from chatpair.server.admission import Admission
 from chatpair.server.config import ServerConfig
-from chatpair.server.conn import Conn, event_bytes
+from chatpair.server.conn import Conn
 from chatpair.server.lobby import Lobby, Matched, RoomFull
 from chatpair.server.loop import EVENT_READ, ConnLoop
 from chatpair.server.processes import prepare_child_process, stop_resource_tracker
 from chatpair.server.reception import Reception
-from chatpair.server.relay import PairEnd, undelivered_notices
+from chatpair.server.relay import PairEnd
+from chatpair.server.render import event_bytes, undelivered_notices
 from chatpair.server.relay_pool import RelayPool
 from chatpair.server.states import Phase
 from chatpair.server.workers import Stranded

@@ -25,7 +25,8 @@ from chatpair.netutil import format_addr
 from chatpair.proto import ErrorCode, Hello, ProtocolError
 from chatpair.server.admission import Admission
 from chatpair.server.config import ServerConfig
-from chatpair.server.conn import MODE_FRAME, Conn
+from chatpair.server.conn import Conn
+from chatpair.server.states import Mode
 from chatpair.server.handshake import (
     handshake_decoder,
     read_hello,
@@ -126,16 +127,16 @@ class Reception:
         conn.phase = Phase.CHATTING
         conn.tokens, conn.token_time = float(self.config.burst), self.loop.now
         self.handshaking.discard(conn)
-        if conn.mode == MODE_FRAME:
+        if conn.mode is Mode.FRAME:
             conn.pending = conn.decoder.buffered  # type: ignore[union-attr]
             conn.decoder = None
         else:
             conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
         log.info("%s: hello%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
-                 "frame" if conn.mode == MODE_FRAME else "line")
+                 "frame" if conn.mode is Mode.FRAME else "line")
         # WELCOME goes out with WAITING (and PAIRED, if a partner is there) in
         # one send: fewer syscalls is most of what connect+pair costs.
-        self._on_hello(conn, self.welcome if conn.mode == MODE_FRAME else b"")
+        self._on_hello(conn, self.welcome if conn.mode is Mode.FRAME else b"")
 
     def leave(self, conn: Conn) -> None:
         """``conn`` is leaving (harmless if it finished its handshake)."""
