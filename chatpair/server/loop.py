@@ -33,7 +33,7 @@ from typing import Any
 from chatpair.netutil import Waker
 from chatpair.proto import ErrorCode, FrameType, encode_frame
 from chatpair.server.closing import CloseMixin
-from chatpair.server.config import Limits
+from chatpair.server.config import Limits, flush_logs
 from chatpair.server.conn import Conn
 from chatpair.server.output import OutputMixin
 from chatpair.server.ratelimit import RateLimiter
@@ -141,11 +141,15 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
                 self.after_events()
                 if self.now >= next_tick:
                     self.tick(self.now)
+                    # Log lines are buffered (config.BatchedStderrHandler):
+                    # written out here, at most a tick after the event.
+                    flush_logs()
                     next_tick = self.now + TICK_SECONDS
                 if not self.running and not self.conns and not self.closing and not self.busy():
                     break
         finally:
             self.close_all()
+            flush_logs()
 
     def on_special(self, fileobj: Any) -> None:
         """Readable socket that is not a client (wake-up, listening socket)."""

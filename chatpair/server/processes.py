@@ -79,7 +79,7 @@ def prepare_child_process(log_level: int) -> None:
     # Signals first: until they are ignored, only the mask inherited from the
     # parent keeps a group-wide Ctrl-C from killing us.
     ignore_stop_signals()
-    setup_logging(log_level)
+    setup_logging(log_level, batched=True)
     raise_fd_limit()
 
 

@@ -85,7 +85,9 @@ class Reception:
         else:
             admission.admit(conn.cid, ip)
         self.handshaking.add(conn)
-        log.info("%s: connected", label)
+        # DEBUG: the INFO log says who joined (below) or why a connection
+        # ended before that - one line per client instead of two.
+        log.debug("%s: connected", label)
         loop.adopt_conn(conn)
         if self.tls is None:  # with TLS the banner waits for the TLS handshake (on_tls_ready)
             loop.send(conn, self.banner)
@@ -132,7 +134,7 @@ class Reception:
             conn.decoder = None
         else:
             conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
-        log.info("%s: hello%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
+        log.info("%s: joined%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
                  "frame" if conn.mode is Mode.FRAME else "line")
         # WELCOME goes out with WAITING (and PAIRED, if a partner is there) in
         # one send: fewer syscalls is most of what connect+pair costs.
