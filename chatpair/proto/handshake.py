@@ -7,6 +7,7 @@ first line is ``NAME`` or ``NAME ROOM``). Both end in a :class:`Hello`.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
@@ -54,9 +55,16 @@ ROOM_RULE: Final = "a room is 1-64 characters: letters, digits, '_', '-' or '.'"
 _EXTRA_NAME_CHARS: Final = frozenset("_-.")
 
 
+#: The ASCII part of the rule, for the common case (checked with one regex,
+#: no per-character Unicode lookups): letters, digits, ``_ - .``.
+_ASCII_TOKEN: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
 def _valid_token(text: object, max_len: int) -> bool:
     if not isinstance(text, str) or not 1 <= len(text) <= max_len:
         return False
+    if text.isascii():
+        return _ASCII_TOKEN.fullmatch(text) is not None
     for ch in text:
         if ch in _EXTRA_NAME_CHARS:
             continue

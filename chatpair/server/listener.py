@@ -97,6 +97,9 @@ class Listener(ConnLoop):
 
     # -- new connections: the reception's ----------------------------------------------------
 
+    def after_events(self) -> None:
+        self.relays.flush()  # pairs made in this batch: one wake-up per relay
+
     def on_tls_ready(self, conn: Conn) -> None:
         self.reception.on_tls_ready(conn)
 

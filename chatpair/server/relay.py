@@ -65,9 +65,11 @@ class Relay(ConnLoop):
 
     # -- commands from the listener (any thread) -------------------------------------
 
-    def submit_pair(self, a: Conn, b: Conn) -> None:
+    def submit_pair(self, a: Conn, b: Conn, wake: bool = True) -> None:
+        """Any thread: relay ``a`` and ``b`` from now on (``wake=False``: the caller wakes us later)."""
         self._inbox.append(("pair", (a, b)))
-        self.wake()
+        if wake:
+            self.wake()
 
     def submit_stop(self) -> None:
         self._inbox.append(("stop", None))
@@ -197,6 +199,7 @@ class RelayThread:
     def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[PairEnd], None]) -> None:
         self.relay = Relay(limits, index, on_pair_end)
         self.thread = threading.Thread(target=self._run, name=f"chatpair-relay-{index}", daemon=True)
+        self._wake_owed = False  # pairs submitted since the last flush()
 
     def _run(self) -> None:
         try:
@@ -215,7 +218,16 @@ class RelayThread:
         return self.thread.is_alive()
 
     def submit_pair(self, a: Conn, b: Conn) -> None:
-        self.relay.submit_pair(a, b)
+        # Waking a thread is a system call: the listener pairs many clients in
+        # one batch of events and wakes each relay once, in flush().
+        self.relay.submit_pair(a, b, wake=False)
+        self._wake_owed = True
+
+    def flush(self) -> None:
+        """Wake the relay if pairs were submitted since the last flush (listener's thread)."""
+        if self._wake_owed:
+            self._wake_owed = False
+            self.relay.wake()
 
     def stop(self) -> None:
         self.relay.submit_stop()

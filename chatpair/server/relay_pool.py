@@ -33,6 +33,8 @@ class RelayHandle(Protocol):
 
     def submit_pair(self, a: Conn, b: Conn) -> None: ...
 
+    def flush(self) -> None: ...
+
     def stop(self) -> None: ...
 
     def join(self, timeout: float | None = None) -> None: ...
@@ -81,6 +83,11 @@ class RelayPool:
             self.fallback.start()
             self.relays.append(self.fallback)
         return self.fallback
+
+    def flush(self) -> None:
+        """After a batch of events: let every relay start on the pairs it was given."""
+        for relay in self.relays:
+            relay.flush()
 
     def on_channel(self, fileobj: Any) -> bool:
         """If ``fileobj`` is a worker's channel, handle its event; whether it was one."""

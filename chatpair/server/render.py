@@ -12,7 +12,7 @@ only :func:`event_bytes` also keeps one bit of line-mode state (``quiet_waiting`
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from chatpair.proto import (
     FrameType,
@@ -40,9 +40,15 @@ class Recipient(Protocol):
     quiet_waiting: bool
 
 
+#: WAITING in the open lobby, the frame every frame-mode client gets at least once.
+_WAITING_NO_ROOM: Final = encode_json_frame(FrameType.WAITING, {"room": None})
+
+
 def event_bytes(conn: Recipient, ftype: FrameType, obj: dict[str, Any]) -> bytes:
     """A server event for ``conn``: a frame, or a ``* `` line in line mode (``b""`` if it has none)."""
     if conn.mode is not _LINE:
+        if ftype is FrameType.WAITING and obj.get("room") is None:
+            return _WAITING_NO_ROOM
         return encode_json_frame(ftype, obj)
     text = _line_text(conn, ftype, obj)
     return (text + "\n").encode("utf-8") if text is not None else b""

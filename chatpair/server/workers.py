@@ -272,6 +272,9 @@ class WorkerHandle:
 
     # -- pairs ----------------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Nothing to do: the channel is written whenever it is writable."""
+
     def submit_pair(self, a: Conn, b: Conn) -> None:
         assert self.channel is not None
         for me, peer in ((a, b), (b, a)):
