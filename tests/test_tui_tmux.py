@@ -183,3 +183,24 @@ def test_server_loss_reconnects_on_same_port(start_server, tmux):
     # And the same room is joined again: a partner in room "den" is paired with frank.
     tmux.client("gina", port, "gina", "--room", "den")
     tmux.wait_text("frank", "paired with gina")
+
+
+def test_full_room_is_said_once_not_retried_forever(server, raw_client, tmux):
+    """A full room stays full while its pair chats: one clear line, exit 3 (as in pipe mode).
+
+    It used to reconnect every 0.5 s for ever (the backoff restarted on every
+    successful connect), two server log lines per attempt.
+    """
+    first, second = raw_client(server.port), raw_client(server.port)
+    for client, name in ((first, "ann"), (second, "ben")):
+        client.hello(name, "lab")
+        client.expect(WELCOME)
+        client.expect(WAITING)
+    second.expect(PAIRED)
+    tmux.client("eve", server.port, "eve", "--room", "lab")
+    lines = tmux.wait_text("eve", "not reconnecting")
+    assert any("room lab is full" in line for line in lines)
+    assert not any("reconnecting in" in line for line in lines)
+    tmux.keys("eve", "x")
+    tmux.wait_text("eve", "EXIT=3")
+    assert server.stderr().count("eve@") <= 2  # joined, refused: once

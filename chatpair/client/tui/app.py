@@ -40,7 +40,7 @@ from chatpair.client.tui.widgets import ChatLog, InputLine
 from chatpair.errors import ChatpairError
 from chatpair.netutil import Waker
 from chatpair.proto import LineKind, sanitize
-from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Pong, ServerError, Welcome
+from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Pong, ServerError, Waiting, Welcome
 
 try:  # curses is missing on Windows and in some minimal Pythons: pipe mode is the fallback
     import curses
@@ -117,6 +117,8 @@ class TuiApp:
             self.show_next_pong = False
         if isinstance(ev, Welcome):
             return
+        if isinstance(ev, Waiting):
+            self.link.welcomed()
         self.show(self.presenter.lines(ev))
         if isinstance(ev, FINAL_EVENTS):
             self.lost(ev)

@@ -25,8 +25,9 @@ from chatpair.proto.events import Event
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 #: Error codes after which trying again cannot help: the same hello would be
-#: refused the same way.
-FATAL_CODES = frozenset({"bad_hello", "unsupported_version", "bad_frame", "frame_too_large"})
+#: refused the same way (a full room stays full while its pair chats; pipe
+#: mode stops there too, with exit code 3).
+FATAL_CODES = frozenset({"bad_hello", "unsupported_version", "bad_frame", "frame_too_large", "room_full"})
 
 
 def is_fatal(err: ChatpairError) -> bool:
@@ -134,14 +135,20 @@ class Link:
             self.reconnector.start()
 
     def results(self) -> list[Connection | Failure]:
-        """Finished attempts (the thread joined); a Connection resets the backoff."""
+        """Finished attempts (the thread joined)."""
         out: list[Connection | Failure] = []
         while not self.reconnector.results.empty():
             out.append(self.reconnector.results.get_nowait())
             self.reconnector.join()
-        if any(isinstance(result, Connection) for result in out):
-            self.backoff = BACKOFF_FIRST
         return out
+
+    def welcomed(self) -> None:
+        """The server took us in (WAITING): the next loss starts the backoff afresh.
+
+        Not on connect: a server that accepts and then refuses (server_full,
+        too_many_connections) must see the delay grow, not a retry every 0.5 s.
+        """
+        self.backoff = BACKOFF_FIRST
 
     def state(self, now: float) -> str:
         """For the status line while disconnected."""
