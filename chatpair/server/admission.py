@@ -46,7 +46,8 @@ class Admission:
         """Why a new connection from ``ip`` is refused, or None if it may come in."""
         if len(self.live) >= self.max_clients:
             return (ErrorCode.SERVER_FULL.value,
-                    f"the server is full ({self.max_clients} clients); try again later")
+                    f"the server is full ({self.max_clients} client{'s' if self.max_clients != 1 else ''}); "
+                    "try again later")
         limit = self.max_per_ip
         if limit and self.per_ip[ip] >= limit and (self.per_ip_loopback or not is_loopback(ip)):
             return (ErrorCode.TOO_MANY_CONNECTIONS.value,

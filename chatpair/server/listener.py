@@ -209,7 +209,7 @@ class Listener(ConnLoop):
     def begin_stop(self) -> None:
         if not self.running:
             return
-        log.info("stopping: telling %d waiting client(s) and every pair", len(self.conns))
+        log.info("stopping: telling every client (%d not in a pair) the server is shutting down", len(self.conns))
         self.running = False
         self.acceptor.stop()
         for conn in list(self.conns):
