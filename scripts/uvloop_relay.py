@@ -32,6 +32,8 @@ import json
 import socket
 import sys
 
+from chatpair.netutil import raise_fd_limit  # scripts/bench_env.sh installs chatpair beside uvloop
+
 NAME = "uvloop-relay/1"
 BANNER = f"CHATPAIR/1 {NAME} type your name and press Enter\r\n".encode()
 HELLO, WELCOME, WAITING, PAIRED = 0x01, 0x10, 0x11, 0x12
@@ -130,16 +132,6 @@ class Conn(asyncio.Protocol):
             del waiting[self.room]
         if self.peer is not None:
             self.peer.transport.close()  # after what is already buffered for it
-
-
-def raise_fd_limit() -> None:
-    try:
-        import resource
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(host: str, port: int) -> None:

@@ -45,6 +45,16 @@ def test_split_utf8_short_and_empty() -> None:
 # -- a handshake that arrives in pieces ------------------------------------------------
 
 
+def frame_partner(port: int, name: str, expect_peer: str) -> RawClient:
+    """A frame-mode client who arrives second and is paired with ``expect_peer``."""
+    client = RawClient(port)
+    client.hello(name)
+    client.expect(WELCOME)
+    client.expect(WAITING)
+    assert client.expect(PAIRED)["peer"] == expect_peer
+    return client
+
+
 def _line_client(port: int) -> tuple[socket.socket, object]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -62,11 +72,7 @@ def test_name_line_in_two_segments_joins_as_bob(server: ServerProcess) -> None:
     time.sleep(0.3)
     sock.sendall(b"ob\n")
     assert reader.readline() == b"* waiting for a partner\n"
-    alice = RawClient(server.port)
-    alice.hello("alice")
-    alice.expect(WELCOME)
-    alice.expect(WAITING)
-    assert alice.expect(PAIRED)["peer"] == "bob"
+    alice = frame_partner(server.port, "alice", "bob")
     assert reader.readline() == b"* paired with alice\n"
     sock.sendall(b"hi\n")
     assert alice.expect(MSG) == b"hi"
@@ -115,11 +121,7 @@ def test_character_mode_telnet_bytes_one_at_a_time(server: ServerProcess) -> Non
         sock.sendall(piece)
         time.sleep(0.02)
     assert reader.readline() == b"* waiting for a partner\n"
-    dave = RawClient(server.port)
-    dave.hello("dave")
-    dave.expect(WELCOME)
-    dave.expect(WAITING)
-    assert dave.expect(PAIRED)["peer"] == "carol"
+    dave = frame_partner(server.port, "dave", "carol")
     for key in b"hey\r\n":
         sock.sendall(bytes([key]))
     assert dave.expect(MSG) == b"hey"
@@ -180,11 +182,7 @@ def test_real_telnet_in_character_mode_can_chat(server: ServerProcess, tmp_path)
         run("send-keys", "-t", "t", "mode character", "Enter")
         run("send-keys", "-t", "t", "carol", "Enter")
         wait_screen("* waiting for a partner")
-        dave = RawClient(server.port)
-        dave.hello("dave")
-        dave.expect(WELCOME)
-        dave.expect(WAITING)
-        assert dave.expect(PAIRED)["peer"] == "carol"
+        dave = frame_partner(server.port, "dave", "carol")
         wait_screen("* paired with dave")
         dave.send_frame(MSG, b"hello carol")
         wait_screen("dave: hello carol")
