@@ -63,6 +63,7 @@ class Listener(ConnLoop):
         super().__init__(config.limits())
         self.config = config
         self.control = control
+        self._control_buf = b""  # a partial line from the main process
         self.lobby = Lobby()
         self.waiting: dict[int, Conn] = {}  # cid -> conn, queued in the lobby and owned here
         self._ended: deque[PairEnd] = deque()  # from relay threads
@@ -85,15 +86,24 @@ class Listener(ConnLoop):
             super().on_special(fileobj)
 
     def _on_control(self) -> None:
+        """``stop`` (or end of file: the main process went away) stops; ``count\n`` -> ``clients N\n``."""
         try:
             data = self.control.recv(64)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        # "stop", or end of file because the main process went away: either way, stop.
         if not data or b"stop" in data:
             self.begin_stop()
+            return
+        self._control_buf = (self._control_buf + data)[-64:]
+        while b"\n" in self._control_buf:
+            line, self._control_buf = self._control_buf.split(b"\n", 1)
+            if line.strip() == b"count":
+                try:  # a few bytes on an idle socket pair: never blocks; if it fails, the main process copes
+                    self.control.send(b"clients %d\n" % len(self.admission.live))  # type: ignore[union-attr]
+                except OSError:
+                    pass
 
     # -- new connections: the reception's ----------------------------------------------------
 
@@ -142,10 +152,10 @@ class Listener(ConnLoop):
             self.lobby.leave(conn.cid)
 
     def on_msg_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
-        self.send(conn, undelivered_notices(conn, count, "you have no partner yet"))
+        self.send(conn, undelivered_notices(conn, count, "you have no partner right now"))
 
     def on_line_msg(self, conn: Conn, text: str) -> None:
-        self.send(conn, undelivered_notices(conn, 1, "you have no partner yet"))
+        self.send(conn, undelivered_notices(conn, 1, "you have no partner right now"))
 
     def on_next(self, conn: Conn) -> None:
         # Already waiting: NEXT changes nothing, but say where the client stands.

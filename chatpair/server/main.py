@@ -9,8 +9,10 @@ clients send:
   (:func:`chatpair.server.listener.listener_main`, spawn-safe) and hands it the
   listening socket and one end of a control socket pair;
 * it waits for a reason to stop - any key (when stdin is a terminal in the
-  foreground), Ctrl-C, SIGTERM, SIGHUP when stdin is a terminal - and
-  meanwhile restarts the listener if it dies (a crash, ``kill -9``);
+  foreground; it asks ``stop the server and disconnect N clients? [y/N]``
+  first, N from ``count`` on the control socket), Ctrl-C, SIGTERM, SIGHUP
+  when stdin is a terminal - and meanwhile restarts the listener if it dies
+  (a crash, ``kill -9``);
 * to stop, it writes ``stop`` on the control socket: the listener tells every
   client ERROR ``shutdown``, closes, joins its relay threads and exits; the
   main process joins it, reaps multiprocessing's resource tracker and
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import sys
@@ -43,7 +46,7 @@ from typing import TextIO
 from chatpair.errors import ChatpairError
 from chatpair.netutil import format_addr
 from chatpair.server.config import ServerConfig, setup_logging
-from chatpair.server.keys import KeyWatcher, stdin_is_terminal
+from chatpair.server.keys import KeyWatcher, StopPrompt, stdin_is_terminal
 from chatpair.server.listener import listener_main
 from chatpair.server.processes import (
     STOP_SIGNALS,
@@ -57,6 +60,8 @@ log = logging.getLogger("chatpair")
 
 #: After ``stop`` the listener needs the lingering close (2 s) plus a margin.
 STOP_GRACE_SECONDS = 6.0
+#: How long "any key" waits for the listener to say how many clients it has.
+COUNT_TIMEOUT_SECONDS = 0.5
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -191,6 +196,42 @@ class Server:
         self.sock.close()
         stop_resource_tracker()
 
+    def client_count(self, timeout: float = COUNT_TIMEOUT_SECONDS) -> int | None:
+        """How many clients the listener has (``count`` on the control socket); None: no answer in time."""
+        control = self._control
+        if control is None or self._process is None or not self._process.is_alive():
+            return None
+        try:
+            control.setblocking(False)
+            try:  # a late answer to an earlier question must not pass for this one
+                while control.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+            control.sendall(b"count\n")
+            reply = b""
+            deadline = time.monotonic() + timeout
+            while b"\n" not in reply and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if select.select([control], [], [], min(left, 0.05))[0]:
+                    chunk = control.recv(64)
+                    if not chunk:
+                        return None
+                    reply += chunk
+        except OSError:
+            return None
+        finally:
+            try:
+                control.setblocking(True)
+            except OSError:
+                pass
+        words = reply.split(b"\n", 1)[0].split()
+        if len(words) == 2 and words[0] == b"clients" and words[1].isdigit():
+            return int(words[1])
+        return None
+
     def _close_control(self) -> None:
         if self._control is not None:
             self._control.close()
@@ -224,8 +265,8 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
         keys = KeyWatcher(sys.stdin)
         try:
             if keys.active:
-                print("press any key (or Ctrl-C) to stop", file=sys.stderr, flush=True)
-            server.serve(poll=keys.pressed)
+                print("press any key to stop (it asks first), or Ctrl-C", file=sys.stderr, flush=True)
+            server.serve(poll=StopPrompt(keys, server.client_count, out).poll)
         finally:
             keys.restore()
     finally:

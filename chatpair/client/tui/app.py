@@ -207,7 +207,7 @@ class TuiApp:
             self.say("not connected; your line is kept", LineStyle.ERROR)
             return
         if cmd.kind is LineKind.MSG and not self.presenter.paired:
-            self.say("no partner yet; your line is kept until you are paired")
+            self.say("you have no partner right now; your line is kept until you are paired")
             return
         self.line.take()
         try:
