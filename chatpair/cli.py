@@ -117,11 +117,13 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
            rate: float, burst: int, verbose: int, quiet: int) -> None:
     """Run a pairing server.
 
-    Prints `listening on HOST:PORT` once ready. Stop it with any key (in a
-    terminal), Ctrl-C or SIGTERM (to it or to its process group): every
-    client is told the server is shutting down, and the exit code is 0.
-    SIGHUP stops it too when it runs in a terminal; detached, it is ignored
-    (and logged).
+    Prints `listening on HOST:PORT` once ready. Stop it with Ctrl-C or
+    SIGTERM (to it or to its process group): every client is told the
+    server is shutting down, and the exit code is 0. Any key (in a
+    terminal) stops it the same way after asking `stop the server and
+    disconnect N clients? [y/N]` - only `y` stops; with no client connected
+    it stops at once. SIGHUP stops it too when it runs in a terminal;
+    detached, it is ignored (and logged).
     """
     from chatpair.server.config import ServerConfig
     from chatpair.server.main import run_server
@@ -143,37 +145,55 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     sys.exit(run_server(config))
 
 
+def _client_option(*decls: str, **kwargs: Any) -> Callable[[Any], Any]:
+    """A client option with its own variable, CHATPAIR_CLIENT_<NAME> (never a server's CHATPAIR_*)."""
+    long = next(d for d in decls if d.startswith("--"))
+    envvar = "CHATPAIR_CLIENT_" + long[2:].upper().replace("-", "_")
+    return click.option(*decls, envvar=envvar, show_envvar=True, **kwargs)
+
+
 @cli.command(context_settings=CONTEXT)
-@click.argument("target", required=False, metavar="[HOST[:PORT]]")
-@click.option("--host", default=None, help="Server host (default 127.0.0.1); same as HOST.")
-@click.option("--port", "-p", default=None, type=click.IntRange(1, 65535),
-              help=f"Server port (default {DEFAULT_PORT}); same as :PORT.")
-@click.option("--name", "-n", default=None,
-              help="Your name: 1-32 letters, digits, '_', '-', '.' (default: your login name).")
-@click.option("--room", "-r", default=None, help="Room code: only clients with the same code are paired.")
-@click.option("--json", "json_mode", is_flag=True, help="One JSON object per event on stdout (for bots).")
-@click.option("--log", "log_path", default=None, metavar="FILE", help="Append a timestamped transcript to FILE.")
-@click.option("--tls", is_flag=True, help="Connect with TLS (verified against the system CAs or --cafile).")
-@click.option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify the server with.")
-@click.option("--fingerprint", default=None, metavar="SHA256:...",
-              help="Pin the server certificate's SHA-256 (hex or base64) instead of CA checks; implies --tls.")
-@click.option("--timeout", default=10.0, show_default=True, type=float, callback=_positive,
-              help="Seconds allowed to connect and complete the handshake.")
-@click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR set in the environment).")
-@click.option("--no-reconnect", is_flag=True, help="Interactive mode: exit when the connection is lost.")
-def client(target: str | None, host: str | None, port: int | None, name: str | None, room: str | None,
-           json_mode: bool, log_path: str | None, tls: bool, cafile: str | None, fingerprint: str | None,
-           timeout: float, no_color: bool, no_reconnect: bool) -> None:
+@click.argument("target", required=False, metavar="[HOST[:PORT] [PORT]]")
+@click.argument("port_arg", required=False, metavar="")
+@_client_option("--host", default=None,
+                help="Server host (default 127.0.0.1); same as HOST (HOST:PORT and chatpair://... too).")
+@_client_option("--port", "-p", default=None, type=click.IntRange(1, 65535),
+                help=f"Server port (default {DEFAULT_PORT}); same as :PORT or a PORT after HOST.")
+@_client_option("--name", "-n", default=None,
+                help="Your name: 1-32 letters, digits, '_', '-', '.' (default: your login name).")
+@_client_option("--room", "-r", default=None, help="Room code: only clients with the same code are paired.")
+@_client_option("--json", "json_mode", is_flag=True, help="One JSON object per event on stdout (for bots).")
+@_client_option("--log", "log_path", default=None, metavar="FILE", help="Append a timestamped transcript to FILE.")
+@_client_option("--tls", is_flag=True, help="Connect with TLS (verified against the system CAs or --cafile).")
+@_client_option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify the server with.")
+@_client_option("--fingerprint", default=None, metavar="SHA256:...",
+                help="Pin the server certificate's SHA-256 (hex or base64) instead of CA checks; implies --tls.")
+@_client_option("--timeout", default=10.0, show_default=True, type=float, callback=_positive,
+                help="Seconds allowed to connect and complete the handshake.")
+@_client_option("--no-color", is_flag=True, help="No colours (also: NO_COLOR set in the environment).")
+@_client_option("--no-reconnect", is_flag=True, help="Interactive mode: exit when the connection is lost.")
+def client(target: str | None, port_arg: str | None, host: str | None, port: int | None, name: str | None,
+           room: str | None, json_mode: bool, log_path: str | None, tls: bool, cafile: str | None,
+           fingerprint: str | None, timeout: float, no_color: bool, no_reconnect: bool) -> None:
     """Chat: connect to a server and get paired.
+
+    The server is HOST, HOST:PORT, HOST PORT (as for nc), [IPv6]:PORT or
+    chatpair://HOST[:PORT]. Every option can also come from its
+    CHATPAIR_CLIENT_* environment variable; the command line wins.
 
     In a terminal this is a full-screen chat; with stdin or stdout redirected
     it reads lines (messages, or /next /quit /help /ping) and prints events,
     one per line. Lines typed before you are paired are held and sent once
     you are; at end of input the client sends BYE and exits 0.
     """
+    from click.core import ParameterSource
+
     from chatpair.client import ClientConfig, default_name, parse_fingerprint, resolve_target, run_client
 
-    host, port = resolve_target(target, host, port)
+    ctx = click.get_current_context()
+    env = {p: ctx.get_parameter_source(p) is ParameterSource.ENVIRONMENT for p in ("host", "port")}
+    host, port = resolve_target(target, None if env["host"] else host, None if env["port"] else port, port_arg,
+                                env_host=host if env["host"] else None, env_port=port if env["port"] else None)
     name = name if name is not None else default_name()  # a bad name is the server's to refuse
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     config = ClientConfig(name=name, host=host, port=port, room=room, tls=tls or pin is not None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import shutil
 import socket
@@ -66,6 +67,128 @@ def test_parse_target(args, expected):
 def test_parse_target_conflicts(args):
     with pytest.raises(ConfigError):
         parse_target(*args)
+
+
+@pytest.mark.parametrize("args,kw,expected", [
+    (("example.org", None, None, "9000"), {}, ("example.org", 9000)),          # nc habit: HOST PORT
+    (("[::1]", None, None, "9000"), {}, ("::1", 9000)),
+    (("::1", None, None, "9000"), {}, ("::1", 9000)),
+    (("h:5", None, 5, "5"), {}, ("h", 5)),                                   # the same port thrice
+    (("chatpair://example.org:9000", None, None), {}, ("example.org", 9000)),
+    (("chatpair://example.org", None, None), {}, ("example.org", 7878)),
+    (("CHATPAIR://example.org:9000/", None, None), {}, ("example.org", 9000)),
+    (("chatpair://[::1]:9000", None, None), {}, ("::1", 9000)),
+    (("chatpair://[::1]", None, 9000), {}, ("::1", 9000)),
+    ((None, "chatpair://h:5", None), {}, ("h", 5)),
+    # the environment only fills in what the command line left out
+    ((None, None, None), {"env_host": "e", "env_port": 6}, ("e", 6)),
+    ((None, None, None), {"env_host": "e:6"}, ("e", 6)),
+    (("h:5", None, None), {"env_host": "e", "env_port": 6}, ("h", 5)),
+    (("h", None, None, "5"), {"env_port": 6}, ("h", 5)),
+    ((None, None, 5), {"env_host": "e:6"}, ("e", 5)),
+    ((":5", None, None), {"env_host": "e", "env_port": 6}, ("e", 5)),
+])
+def test_parse_target_port_arg_url_env(args, kw, expected):
+    assert parse_target(*args, **kw) == expected
+
+
+@pytest.mark.parametrize("args,kw,message", [
+    (("h:5", None, None, "6"), {}, "two different ports given: h:5 and 6"),
+    (("h", None, 5, "6"), {}, "two different ports given: 6 and --port 5"),
+    (("chatpair://h:5", None, 6), {}, "two different ports given: 5 and --port 6"),
+    (("chatpair://h", "g", None), {}, "two different hosts given: h and --host g"),
+    (("h", None, None, "x"), {}, "bad port in 'x'"),
+    (("h", None, None, "0"), {}, "bad port in '0'"),
+    ((None, None, None, "5"), {}, "a PORT argument needs a HOST"),
+    (("http://h:5", None, None), {}, "the only scheme is chatpair://"),
+    (("chatpair://u@h:5", None, None), {}, "expected chatpair://HOST[:PORT]"),
+    (("chatpair://h:5/room", None, None), {}, "expected chatpair://HOST[:PORT]"),
+    (("chatpair://h:x", None, None), {}, "bad port"),
+    ((None, None, None), {"env_host": "e:5", "env_port": 6},
+     "two different ports given: CHATPAIR_CLIENT_HOST=...:5 and CHATPAIR_CLIENT_PORT=6"),
+])
+def test_parse_target_port_arg_url_conflicts(args, kw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_target(*args, **kw)
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """Invoke ``chatpair client`` in-process; return (result, ClientConfig it would connect with)."""
+    from click.testing import CliRunner
+
+    import chatpair.client
+    from chatpair.cli import cli
+
+    seen: list = []
+    monkeypatch.setattr(chatpair.client, "run_client", lambda config, **kw: seen.append((config, kw)) or 0)
+    for var in [v for v in os.environ if v.startswith("CHATPAIR_")]:
+        monkeypatch.delenv(var)
+
+    def run(*args: str, env: dict | None = None):
+        result = CliRunner().invoke(cli, ["client", *args], env=env)
+        return result, (seen[-1] if seen and result.exit_code == 0 else None)
+
+    return run
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    (("example.org", "9000"), {}, ("example.org", 9000)),
+    (("chatpair://[::1]:9000",), {}, ("::1", 9000)),
+    (("chatpair://example.org",), {}, ("example.org", 7878)),
+    ((), {"CHATPAIR_CLIENT_HOST": "e", "CHATPAIR_CLIENT_PORT": "6"}, ("e", 6)),
+    ((), {"CHATPAIR_CLIENT_HOST": "chatpair://e:6"}, ("e", 6)),
+    (("h", "5"), {"CHATPAIR_CLIENT_HOST": "e", "CHATPAIR_CLIENT_PORT": "6"}, ("h", 5)),  # command line wins
+    (("--port", "5"), {"CHATPAIR_CLIENT_HOST": "e:6"}, ("e", 5)),
+    (("h:5",), {"CHATPAIR_CLIENT_PORT": "6"}, ("h", 5)),
+    # the server's variables never reach the client
+    ((), {"CHATPAIR_PORT": "6", "CHATPAIR_HOST": "0.0.0.0"}, ("127.0.0.1", 7878)),
+    (("h",), {"CHATPAIR_PORT": "6"}, ("h", 7878)),
+])
+def test_cli_client_address(run_cli, args, env, expected):
+    result, (config, _) = run_cli(*args, env=env)
+    assert result.exit_code == 0, result.output
+    assert (config.host, config.port) == expected
+
+
+def test_cli_client_env_for_every_option(run_cli):
+    env = {"CHATPAIR_CLIENT_NAME": "envname", "CHATPAIR_CLIENT_ROOM": "lab", "CHATPAIR_CLIENT_JSON": "1",
+           "CHATPAIR_CLIENT_LOG": "t.log", "CHATPAIR_CLIENT_TLS": "true", "CHATPAIR_CLIENT_CAFILE": "ca.pem",
+           "CHATPAIR_CLIENT_TIMEOUT": "2.5", "CHATPAIR_CLIENT_NO_COLOR": "1", "CHATPAIR_CLIENT_NO_RECONNECT": "1",
+           "CHATPAIR_CLIENT_FINGERPRINT": "SHA256:" + "ab" * 32,
+           "CHATPAIR_NAME": "server-ish", "CHATPAIR_TIMEOUT": "99"}
+    result, (config, kw) = run_cli(env=env)
+    assert result.exit_code == 0, result.output
+    assert (config.name, config.room, config.tls, config.cafile, config.timeout) == ("envname", "lab", True,
+                                                                                     "ca.pem", 2.5)
+    assert config.fingerprint == bytes.fromhex("ab" * 32)
+    assert kw == {"json_mode": True, "log_path": "t.log", "color": False, "reconnect": False}
+    result, (config, kw) = run_cli("--name", "cli", "-r", "other", "--timeout", "3", env=env)
+    assert (config.name, config.room, config.timeout) == ("cli", "other", 3.0)  # command line beats env
+    result, (config, kw) = run_cli(env={"CHATPAIR_CLIENT_JSON": "0", "CHATPAIR_CLIENT_NO_RECONNECT": "false"})
+    assert kw["json_mode"] is False and kw["reconnect"] is True
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (("h:5", "6"), {}, "two different ports given: h:5 and 6"),
+    (("h", "6", "--port", "5"), {}, "two different ports given: 6 and --port 5"),
+    (("chatpair://h:5", "-p", "6"), {}, "two different ports given: 5 and --port 6"),
+    (("h", "nope"), {}, "bad port in 'nope'"),
+    ((), {"CHATPAIR_CLIENT_HOST": "e:5", "CHATPAIR_CLIENT_PORT": "6"}, "CHATPAIR_CLIENT_PORT=6"),
+])
+def test_cli_client_address_conflicts(run_cli, args, env, message):
+    result, config = run_cli(*args, env=env)
+    assert config is None
+    assert isinstance(result.exception, ConfigError) and message in str(result.exception)
+
+
+def test_cli_client_help_shows_envvars(run_cli):
+    result, _ = run_cli("--help")
+    text = " ".join(result.output.split())
+    assert "[HOST[:PORT] [PORT]]" in text and "chatpair://" in text
+    for var in ("HOST", "PORT", "NAME", "ROOM", "JSON", "LOG", "TLS", "CAFILE", "FINGERPRINT", "TIMEOUT",
+                "NO_COLOR", "NO_RECONNECT"):
+        assert f"CHATPAIR_CLIENT_{var}" in text
 
 
 def test_label_brackets_ipv6():
@@ -383,6 +506,22 @@ def test_pipe_exit_0_on_eof_unpaired(server, clients):
     me.close_stdin()
     code, out, err = me.finish()
     assert (code, err) == (0, b"")  # nothing held: no reason to wait for a partner
+
+
+def test_address_forms_reach_a_real_server(server, clients):
+    """``HOST PORT`` and ``chatpair://``; the server's CHATPAIR_PORT/HOST (here: wrong) are ignored."""
+    server_env = {"CHATPAIR_PORT": "1", "CHATPAIR_HOST": "192.0.2.1"}
+    a = clients("127.0.0.1", str(server.port), "--name", "a", env=server_env)
+    b = clients(f"chatpair://127.0.0.1:{server.port}", "--name", "b", env=server_env)
+    a.wait_for(b"* paired with b")
+    b.wait_for(b"* paired with a")
+    c = clients("--name", "c", stdin_data=b"", env={**server_env, "CHATPAIR_CLIENT_HOST": "127.0.0.1",
+                                                    "CHATPAIR_CLIENT_PORT": str(server.port)})
+    c.close_stdin()
+    assert c.finish()[0] == 0
+    for proc in (a, b):
+        proc.close_stdin()
+        assert proc.finish()[0] == 0
 
 
 def test_pipe_next_and_peer_left(server, raw_client, clients):

@@ -1,9 +1,10 @@
 """What the client needs to reach a server, and every default of it, once.
 
 :class:`ClientConfig` is built by the CLI from the command line with the
-helpers here: :func:`resolve_target` for ``[HOST[:PORT]]`` with ``--host``
-and ``--port``, :func:`default_name`, :func:`parse_fingerprint`. Nothing here
-touches the network.
+helpers here: :func:`resolve_target` for ``[HOST[:PORT]] [PORT]`` (or
+``chatpair://HOST[:PORT]``) with ``--host``, ``--port`` and their
+environment variables, :func:`default_name`, :func:`parse_fingerprint`.
+Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from chatpair.errors import ConfigError
-from chatpair.netutil import format_hostport, parse_hostport
+from chatpair.netutil import format_hostport, parse_hostport, parse_port
 from chatpair.proto import DEFAULT_PORT, MAX_NAME
 
 DEFAULT_HOST = "127.0.0.1"
@@ -51,19 +52,65 @@ class ClientConfig:
         return format_hostport(self.host, self.port)
 
 
-def resolve_target(target: str | None, host: str | None, port: int | None) -> tuple[str, int]:
-    """Combine ``[HOST[:PORT]]`` with ``--host``/``--port`` into (host, port).
+#: The URL-ish form of an address: ``chatpair://HOST[:PORT]``.
+SCHEME = "chatpair://"
 
-    ``[::1]:7878`` and a bare ``::1`` are IPv6; ``--host HOST:PORT`` means
-    the same as the positional ``HOST:PORT``. Given twice with different
-    values is a :class:`ConfigError` rather than a silent choice.
+
+def split_address(text: str) -> tuple[str | None, int | None]:
+    """``HOST[:PORT]``, ``[V6][:PORT]``, a bare IPv6 address or ``chatpair://`` + any of them -> (host, port).
+
+    A missing part is None. Another scheme, or a path, user or query after a
+    ``chatpair://`` address, is a :class:`ConfigError`.
     """
-    if host and (host.startswith("[") or host.count(":") == 1):
-        host, host_port = parse_hostport(host)
-        port = _agree("ports", host_port, "--host ...:", port, "--port ")
-    t_host, t_port = parse_hostport(target) if target else (None, None)
-    final_host = _agree("hosts", t_host, "", host or None, "--host ")
+    if text[:len(SCHEME)].lower() == SCHEME:
+        rest = text[len(SCHEME):]
+        rest = rest.removesuffix("/")
+        if any(ch in rest for ch in "/?#@"):
+            raise ConfigError(f"bad address {text!r}: expected chatpair://HOST[:PORT] and nothing more")
+        return parse_hostport(rest)
+    if "://" in text:
+        raise ConfigError(f"bad address {text!r}: the only scheme is chatpair://")
+    return parse_hostport(text)
+
+
+def _split_host_option(host: str | None) -> tuple[str | None, int | None]:
+    """``--host``: a host, or (like the positional) ``HOST:PORT``, ``[V6]:PORT``, ``chatpair://...``."""
+    if not host:
+        return None, None
+    if host.startswith("[") or host.count(":") == 1 or "://" in host:
+        return split_address(host)
+    return host, None  # a host name, IPv4, or a bare IPv6 address
+
+
+def resolve_target(target: str | None, host: str | None, port: int | None, port_arg: str | None = None,
+                   *, env_host: str | None = None, env_port: int | None = None) -> tuple[str, int]:
+    """Combine ``[HOST[:PORT]] [PORT]`` with ``--host``/``--port`` into (host, port).
+
+    ``target`` may also be ``chatpair://HOST[:PORT]``; ``[::1]:7878`` and a
+    bare ``::1`` are IPv6; ``--host HOST:PORT`` means the same as the
+    positional ``HOST:PORT``, and ``HOST PORT`` (``port_arg``, as for
+    ``nc``) the same as ``HOST:PORT``. Given twice with different values is a
+    :class:`ConfigError` rather than a silent choice. ``env_host`` and
+    ``env_port`` (from ``CHATPAIR_CLIENT_HOST``/``_PORT``) only fill in what
+    the command line left out: the command line beats the environment.
+    """
+    o_host, o_host_port = _split_host_option(host)
+    port = _agree("ports", o_host_port, "--host ...:", port, "--port ")
+    t_host, t_port = split_address(target) if target else (None, None)
+    if port_arg is not None:
+        if not target:
+            raise ConfigError("a PORT argument needs a HOST before it (or use --port)")
+        arg_port = parse_port(port_arg.strip(), port_arg)
+        if t_port is not None and t_port != arg_port:
+            raise ConfigError(f"two different ports given: {target} and {port_arg}")
+        t_port = arg_port
+    final_host = _agree("hosts", t_host, "", o_host, "--host ")
     final_port = _agree("ports", t_port, "", port, "--port ")
+    if final_host is None or final_port is None:
+        e_host, e_host_port = _split_host_option(env_host)
+        e_port = _agree("ports", e_host_port, "CHATPAIR_CLIENT_HOST=...:", env_port, "CHATPAIR_CLIENT_PORT=")
+        final_host = final_host if final_host is not None else e_host
+        final_port = final_port if final_port is not None else e_port
     return final_host or DEFAULT_HOST, DEFAULT_PORT if final_port is None else final_port
 
 
