@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -66,6 +66,18 @@ def spawned_children(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def wait_for(what: str, pred: Callable[[], Any], timeout: float, poll: float = 0.02) -> Any:
+    """Poll ``pred`` (a /proc reading) until it is truthy; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
 
 
 class ServerProcess:

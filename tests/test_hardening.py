@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import ROOT, ServerProcess, pid_alive, spawned_children
+from conftest import ROOT, ServerProcess, pid_alive, spawned_children, wait_for
 
 from chatpair.proto import FrameType
 
@@ -131,18 +131,6 @@ def watches_socket(pid: int, inode: int) -> bool:
             if line.startswith("tfd:") and f" ino:{inode:x} " in line + " ":
                 return True
     return False
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float, poll: float = 0.02) -> Any:
-    """Poll ``pred`` (a /proc reading) until it is truthy; AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(poll)
 
 
 # =====================================================================================

@@ -16,11 +16,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
-from conftest import ServerProcess, spawned_children
+from conftest import ServerProcess, spawned_children, wait_for
 from wire import BYE, MSG, Client
 
 #: Everything the issue asks for happens within this many seconds of the kill.
@@ -28,17 +26,6 @@ WITHIN = 2.0
 
 
 # -- /proc helpers ----------------------------------------------------------------------
-
-
-def wait_for(what: str, pred: Callable[[], Any], deadline: float) -> Any:
-    """Poll ``pred`` (a /proc reading) until it is truthy; AssertionError at ``deadline``."""
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def socket_inode(server_port: int, client: Client) -> int | None:
@@ -85,7 +72,7 @@ def workers_of(srv: ServerProcess, count: int, deadline: float, not_in: set[int]
         kids = spawned_children(listener)
         return kids if len(kids) == count and not set(kids) & set(not_in) else None
 
-    return wait_for(f"{count} relay worker process(es)", ready, deadline)
+    return wait_for(f"{count} relay worker process(es)", ready, deadline - time.monotonic())
 
 
 # -- clients ------------------------------------------------------------------------------
@@ -193,7 +180,7 @@ def test_killed_worker_clients_told_worker_back_rooms_and_counts_right(start_ser
     assert told < WITHIN, f"clients of the dead worker were told {told:.2f}s after kill -9"
     new = workers_of(srv, 2, deadline, not_in={victim})
     assert victim not in new
-    wait_for("the dead worker to be reaped (no zombie)", lambda: reaped(victim), deadline)
+    wait_for("the dead worker to be reaped (no zombie)", lambda: reaped(victim), deadline - time.monotonic())
     line = srv.wait_stderr("relay worker", timeout=max(0.05, deadline - time.monotonic()))
     assert " died (signal 9); " in line and "ERROR" in line, line
 
@@ -251,7 +238,7 @@ def test_pair_in_flight_to_dying_workers_is_told_and_room_freed(start_server, cl
     new = workers_of(srv, 2, deadline, not_in=set(workers))
     assert not set(new) & set(workers)
     for pid in workers:
-        wait_for(f"worker {pid} to be reaped", lambda pid=pid: reaped(pid), deadline)
+        wait_for(f"worker {pid} to be reaped", lambda pid=pid: reaped(pid), deadline - time.monotonic())
 
     # The room is free again and its new pair chats.
     c, d = frame_pair(srv.port, "again1", "again2", "flight", clients)
@@ -275,7 +262,7 @@ def test_crash_looping_worker_backs_off_and_pairs_are_still_served(start_server,
     # made now is relayed anyway (by the listener itself while no worker runs).
     deadline = time.monotonic() + 5
     deaths = wait_for("the third death to be logged",
-                      lambda: [ln for ln in srv.stderr().splitlines() if "relay worker 0 died" in ln][2:], deadline)
+                      lambda: [ln for ln in srv.stderr().splitlines() if "relay worker 0 died" in ln][2:], deadline - time.monotonic())
     assert "in 1.0s" in deaths[0], deaths[0]
     t0 = time.monotonic()
     a, b = frame_pair(srv.port, "x", "y", None, clients)
