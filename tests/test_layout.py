@@ -21,10 +21,11 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "netutil": {"errors"},
     "proto": {"errors"},
-    "server": {"__init__", "errors", "netutil", "proto"},
+    "server": {"__init__", "errors", "netutil", "proto", "cluster"},
     "client": {"__init__", "errors", "netutil", "proto"},
     "bench": {"__init__", "errors", "netutil", "proto", "client"},
-    "cli": {"errors", "netutil", "proto", "server", "client", "bench", "__init__"},
+    "cluster": {"__init__", "errors", "netutil", "proto"},
+    "cli": {"errors", "netutil", "proto", "server", "client", "bench", "cluster", "__init__"},
     "__main__": {"cli"},
     "__init__": {"errors"},
 }
@@ -123,6 +124,17 @@ def test_only_cli_imports_click() -> None:
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "click" or n.startswith("click.") for n in names):
                 assert module == "chatpair.cli", f"{module} imports click"
+
+
+def test_only_cluster_imports_redis() -> None:
+    """redis is the optional ``cluster`` extra: the core must import without it."""
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n.split(".")[0] in ("redis", "hiredis") for n in names):
+                assert _part(module) == "cluster", f"{module} imports {names}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

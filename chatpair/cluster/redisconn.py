@@ -1,0 +1,46 @@
+"""The optional Redis client: imported lazily, errors turned into one clear line.
+
+``redis`` (redis-py, with hiredis for parsing speed) is the ``cluster`` extra;
+nothing outside :mod:`chatpair.cluster` imports it, so ``chatpair`` without
+the extra still runs everything but cluster mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatpair.errors import ChatpairError, ConfigError
+
+
+class ClusterError(ChatpairError):
+    """Redis could not be reached or answered with an error; the message says which."""
+
+
+def redis_module() -> Any:
+    """The ``redis`` package, or ConfigError saying how to install it."""
+    try:
+        import redis
+    except ImportError:
+        raise ConfigError("cluster mode needs the Redis client: pip install 'chatpair[cluster]'") from None
+    return redis
+
+
+def connect(url: str, **options: Any) -> Any:
+    """A ``redis.Redis`` for ``url`` (``redis://HOST:PORT/DB`` or ``unix:///path``); bytes in and out."""
+    redis = redis_module()
+    try:
+        return redis.Redis.from_url(url, decode_responses=False, **options)
+    except ValueError as error:
+        raise ConfigError(f"bad Redis URL {url!r}: {error}") from None
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "Redis is unreachable or failed" (for ``except`` clauses)."""
+    redis = redis_module()
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def describe(error: BaseException) -> str:
+    """One line for a log or a user: what went wrong talking to Redis."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"Redis: {text}"
