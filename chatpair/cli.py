@@ -23,6 +23,7 @@ from chatpair.proto import DEFAULT_PORT, HANDSHAKE_MAX, MAX_FRAME_CEILING
 # defaults reach it through the server's config).
 from chatpair.server.config import (
     DEFAULT_BURST,
+    DEFAULT_RESUME_WINDOW,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -31,10 +32,13 @@ from chatpair.server.config import (
     DEFAULT_MAX_PER_IP,
     DEFAULT_PING_INTERVAL,
     DEFAULT_RATE,
+    DEFAULT_LOG_FORMAT,
     DEFAULT_RELAY_THREADS,
+    DEFAULT_STATUS_INTERVAL,
     DEFAULT_WORKERS,
     DEFAULT_WRITE_TIMEOUT,
     FD_RESERVE,
+    LOG_FORMATS,
     MAX_RELAY_THREADS,
     MAX_WORKERS,
 )
@@ -58,6 +62,26 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
     return value
 
 
+def _deny_networks(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from chatpair.server.deny import parse_network
+
+    try:
+        return tuple(str(parse_network(text, "")) for text in value)
+    except ChatpairError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _metrics_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from chatpair.server.main import parse_metrics_address
+
+    if value is not None:
+        try:
+            parse_metrics_address(value)
+        except ChatpairError as err:
+            raise click.BadParameter(str(err).removeprefix("--metrics: ")) from None
+    return value
+
+
 def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callable[[Any], Any]:
     """A server option in seconds (greater than 0), shown with its default and variable."""
     return click.option(flag, default=default, show_default=True, type=float, envvar=envvar,
@@ -66,7 +90,8 @@ def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callab
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--host", default=DEFAULT_HOST, show_default=True, envvar="CHATPAIR_HOST", show_envvar=True,
-              help="Address to listen on (0.0.0.0: every IPv4 interface; :: for IPv6).")
+              help="Address to listen on. The default :: is every interface, IPv6 and IPv4 on one "
+                   "dual-stack socket (IPv4 only where the system has no IPv6); 0.0.0.0: IPv4 only.")
 @click.option("--port", "-p", default=DEFAULT_PORT, show_default=True, envvar="CHATPAIR_PORT", show_envvar=True,
               type=click.IntRange(0, 65535), help="TCP port; 0 picks a free one (printed at start).")
 @click.option("--max-frame", default=DEFAULT_MAX_FRAME, show_default=True, envvar="CHATPAIR_MAX_FRAME",
@@ -107,6 +132,28 @@ def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callab
 @click.option("--burst", default=DEFAULT_BURST, show_default=True, type=click.IntRange(1),
               envvar="CHATPAIR_BURST", show_envvar=True,
               help="Messages a client may send at once before --rate applies.")
+@click.option("--resume-window", default=DEFAULT_RESUME_WINDOW, show_default=True, type=click.FloatRange(0),
+              envvar="CHATPAIR_RESUME_WINDOW", show_envvar=True,
+              help="Seconds a client whose connection dropped may come back to the same conversation "
+                   "(RESUME); 0 turns resume off.")
+@click.option("--deny", multiple=True, metavar="CIDR", envvar="CHATPAIR_DENY", show_envvar=True,
+              callback=_deny_networks,
+              help="Close connections from this network at once (10.0.0.0/8, 2001:db8::/32, or one "
+                   "address); repeat for more. The variable takes several, separated by spaces.")
+@click.option("--deny-file", type=click.Path(exists=True, dir_okay=False), envvar="CHATPAIR_DENY_FILE",
+              show_envvar=True,
+              help="More networks to deny, one a line (# comments); read again on SIGHUP, which then "
+                   "no longer stops the server.")
+@click.option("--status-interval", default=DEFAULT_STATUS_INTERVAL, show_default="60; 0: off",
+              type=click.FloatRange(0), envvar="CHATPAIR_STATUS_INTERVAL", show_envvar=True,
+              help="Seconds between status lines in the log (connections, pairs, waiting, messages/s). "
+                   "SIGUSR1 logs one at once.")
+@click.option("--metrics", default=None, metavar="HOST:PORT", envvar="CHATPAIR_METRICS", show_envvar=True,
+              callback=_metrics_address,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT: every interface).")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default=DEFAULT_LOG_FORMAT, show_default=True,
+              envvar="CHATPAIR_LOG_FORMAT", show_envvar=True,
+              help="Log lines as text (ISO 8601 time, level, message) or as one JSON object each.")
 @click.option("-v", "--verbose", count=True,
               help="More log on stderr (-v: debug detail). "
                    "By default it logs connects, pairs, leaves and errors.")
@@ -114,7 +161,8 @@ def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callab
 def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_interval: float,
            idle_timeout: float, write_timeout: float, relay_threads: int, workers: int,
            tls_cert: str | None, tls_key: str | None, max_clients: int, max_per_ip: int | None,
-           rate: float, burst: int, verbose: int, quiet: int) -> None:
+           rate: float, burst: int, resume_window: float, deny: tuple[str, ...], deny_file: str | None,
+           status_interval: float, metrics: str | None, log_format: str, verbose: int, quiet: int) -> None:
     """Run a pairing server.
 
     Prints `listening on HOST:PORT` once ready. Stop it with Ctrl-C or
@@ -123,7 +171,8 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
     terminal) stops it the same way after asking `stop the server and
     disconnect N clients? [y/N]` - only `y` stops; with no client connected
     it stops at once. SIGHUP stops it too when it runs in a terminal;
-    detached, it is ignored (and logged).
+    detached, it is ignored (and logged) - but with --deny-file, SIGHUP
+    reads the file again instead. SIGUSR1 logs a status line.
     """
     from chatpair.server.config import ServerConfig
     from chatpair.server.main import run_server
@@ -138,7 +187,8 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
         host=host, port=port, max_frame=max_frame, handshake_timeout=handshake_timeout,
         ping_interval=ping_interval, idle_timeout=idle_timeout, write_timeout=write_timeout,
         relay_threads=relay_threads, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
-        max_clients=max_clients, rate=rate, burst=burst,
+        max_clients=max_clients, rate=rate, burst=burst, resume_window=resume_window,
+        deny=deny, deny_file=deny_file, status_interval=status_interval, metrics=metrics, log_format=log_format,
         max_per_ip=DEFAULT_MAX_PER_IP if max_per_ip is None else max_per_ip,
         per_ip_loopback=max_per_ip is not None, log_level=max(logging.DEBUG, min(level, logging.CRITICAL)),
     )
@@ -202,15 +252,52 @@ def client(target: str | None, port_arg: str | None, host: str | None, port: int
                         color=False if no_color else None, reconnect=not no_reconnect))
 
 
-@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+class _BenchCommand(click.Command):
+    """``chatpair bench``: its own options before ``--``, the server's after it.
+
+    An unknown option is click's usual error ("did you mean --pairs?"), and
+    one that is a ``chatpair server`` option says where it goes.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        dashes = "--" in args  # before parsing: click consumes the list
+        try:
+            rest = super().parse_args(ctx, args)
+        except click.NoSuchOption as err:
+            server_opts = {o for p in server.params for o in p.opts}
+            if err.option_name in server_opts and not err.possibilities:
+                raise click.NoSuchOption(
+                    err.option_name, ctx=ctx,
+                    message=f"No such option: {err.option_name} (a server option goes after --: "
+                            f"chatpair bench [OPTIONS] -- {err.option_name} ...)") from None
+            raise
+        extra = ctx.params.get("server_args") or ()
+        if extra and not dashes:
+            raise click.UsageError(f"unexpected argument {extra[0]!r}: server options go after --, "
+                                   f"as in chatpair bench -- --workers 2", ctx=ctx)
+        return rest
+
+
+def _plot_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        from chatpair.bench.plot import check_plot_path
+
+        try:
+            check_plot_path(value)  # before the run, not after it
+        except ChatpairError as err:
+            raise click.BadParameter(str(err).removeprefix(f"--plot {value}: ")) from None
+    return value
+
+
+@cli.command(cls=_BenchCommand, context_settings=CONTEXT)
 @click.option("--mode", "-m", type=click.Choice(["flood", "pingpong", "idle", "churn"]), default="flood",
               show_default=True, help="flood: all send at once; pingpong: strict turns; idle: open and hold "
               "pairs; churn: pairs come, chat briefly and go.")
 @click.option("--pairs", "-P", default=10, show_default=True, type=click.IntRange(1), help="Pairs of clients.")
-@click.option("--messages", "-n", default=None, type=click.IntRange(1),
+@click.option("--messages", default=None, type=click.IntRange(1),
               help="Messages per client (churn: per client and pair). Default: run for --duration.")
 @click.option("--duration", "-d", default=None, type=click.FloatRange(0),
-              help="Seconds of load (idle: of holding). Default 3 (idle 0).")
+              help="Seconds of load (idle: of holding the pairs). Default 3.")
 @click.option("--size", "-s", default=64, show_default=True, type=click.IntRange(31, 65535),
               help="Message size in bytes (seq and send time take the first 31).")
 @click.option("--procs", default=0, show_default="enough for the sockets", type=click.IntRange(0, 256),
@@ -220,33 +307,42 @@ def client(target: str | None, port_arg: str | None, host: str | None, port: int
 @click.option("--target", "-t", default=None, metavar="HOST:PORT",
               help="Measure a running server instead of starting one.")
 @click.option("--server-pid", default=None, type=int, help="With --target: sample this local server's RSS/CPU.")
-@click.option("--tls", is_flag=True, help="Connect with TLS (with --target).")
+@click.option("--tls", is_flag=True, help="Connect with TLS (verified against the system CAs or --cafile).")
 @click.option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify a TLS server with.")
+@click.option("--fingerprint", default=None, metavar="SHA256:...",
+              help="Pin the server certificate's SHA-256 (hex or base64) instead of CA checks; implies --tls.")
 @click.option("--insecure", is_flag=True, help="TLS without verifying the certificate (self-signed servers).")
+@click.option("--resume", is_flag=True,
+              help="Ask for resumable sessions; clients count and ACK what they receive (what that costs).")
 @click.option("--json", "json_mode", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False, writable=True),
               help="Also write the JSON result to this file.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE", callback=_plot_path,
+              help="Draw the latency distribution and throughput over time (FILE.svg; .png needs rsvg-convert).")
 @click.option("--timeout", default=600.0, show_default=True, type=float, callback=_positive,
               help="Give up on the whole run after this many seconds.")
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SERVER OPTIONS]")
 def bench(mode: str, pairs: int, messages: int | None, duration: float | None, size: int, procs: int,
           window: int, target: str | None, server_pid: int | None, tls: bool, cafile: str | None,
-          insecure: bool, json_mode: bool, out_path: str | None, timeout: float,
-          server_args: tuple[str, ...]) -> None:
+          fingerprint: str | None, insecure: bool, resume: bool, json_mode: bool, out_path: str | None,
+          plot_path: str | None, timeout: float, server_args: tuple[str, ...]) -> None:
     """Measure a server: throughput, latency, pairing rate, memory.
 
     Without --target it starts `chatpair server` on a free loopback port
     (options after `--` go to it, e.g. `chatpair bench -- --workers 2`) and
     stops it afterwards. Every message carries its sequence number and send
-    time; a lost or reordered message makes the exit code 1.
+    time; a lost or reordered message makes the exit code 1. Ctrl-C prints
+    the report of the run so far and exits 130.
     """
     import json
 
     from chatpair.bench import BenchConfig, ProgressBar, render, run_bench, target_address
+    from chatpair.client import parse_fingerprint
 
     config = BenchConfig(
         mode=mode, pairs=pairs, messages=messages, duration=duration, size=size, procs=procs, window=window,
         target=target_address(target) if target else None, tls=tls, cafile=cafile, insecure=insecure,
+        fingerprint=parse_fingerprint(fingerprint) if fingerprint else None, resume=resume,
         server_args=tuple(server_args), server_pid=server_pid, timeout=timeout,
     )
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
@@ -260,10 +356,18 @@ def bench(mode: str, pairs: int, messages: int | None, duration: float | None, s
         with open(out_path, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+    if plot_path:
+        from chatpair.bench.plot import write_plot
+
+        write_plot(result, plot_path)
     if json_mode:
         click.echo(json.dumps(data))
+        for warning in result.warnings:
+            click.echo(f"chatpair bench: warning: {warning}", err=True)
     else:
         click.echo(render(result))
+    if result.interrupted:
+        sys.exit(130)
     if not result.ok:
         if json_mode:
             click.echo("chatpair bench: FAIL: " + "; ".join(result.failures), err=True)

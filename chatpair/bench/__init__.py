@@ -31,9 +31,14 @@ module               what lives there
                      given by pid; /proc samples
 ``load``             a load process's entry point and its layers (read its
                      docstring first), then ``load_state`` (Client, Pair),
-                     ``load_accounts``, ``load_connect``, ``load_traffic``
-                     (the hot loops and the exact checks), ``load_modes``
-                     (flood, pingpong, idle, churn)
+                     ``load_accounts``, ``load_connect``, ``load_sending``,
+                     ``load_acks`` (--resume), ``load_traffic`` (the hot
+                     loops and the exact checks), ``load_modes`` (flood,
+                     pingpong, idle, churn)
+``probe``            one connection before the load: TLS and resume checked
+                     once, with one clear error
+``plot``             ``--plot``: the latency distribution and throughput over
+                     time as an SVG (PNG through ``rsvg-convert``)
 ``poller``           epoll (or selectors) by descriptor
 ``report``           the table, the histogram, the progress bar (text)
 ===================  ========================================================

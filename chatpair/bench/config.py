@@ -28,6 +28,17 @@ CONNECT_WINDOW = 256
 #: (the usual per-process limit is 20,000 descriptors here, some are needed
 #: for pipes and the interpreter).
 MAX_SOCKETS_PER_PROC = 19_000
+#: --resume: a client acknowledges at the latest this many seconds after an
+#: unacknowledged MSG arrived (PROTOCOL.md allows 1 s; the loop looks every
+#: 0.1 s, so half a second leaves room), or after 64 MSG frames, whichever
+#: comes first - what a well-behaved client does, so what it costs is measured.
+ACK_DELAY = 0.5
+#: How long idle mode holds its pairs when --duration is not given.
+IDLE_HOLD = 3.0
+#: A measured phase shorter than this, or fewer latency samples than
+#: MIN_SAMPLES, gets a warning: the figures of such a run mean little.
+MIN_SECONDS = 1.0
+MIN_SAMPLES = 1_000
 
 
 @dataclass
@@ -48,6 +59,10 @@ class BenchConfig:
     tls: bool = False
     cafile: str | None = None
     insecure: bool = False
+    #: SHA-256 of the server's certificate (DER) to pin, as ``chatpair client --fingerprint``.
+    fingerprint: bytes | None = None
+    #: HELLO asks for a resumable session; clients count and acknowledge (PROTOCOL.md section 6).
+    resume: bool = False
     #: Extra ``chatpair server`` options for a server bench starts itself.
     server_args: tuple[str, ...] = ()
     #: Measure this running server's process tree (with ``target``).
@@ -78,12 +93,15 @@ class BenchConfig:
             raise ConfigError("--duration cannot be negative")
         if self.server_args and self.target:
             raise ConfigError("server options only apply to the server bench starts; not with --target")
+        if self.insecure and self.fingerprint is not None:
+            raise ConfigError("--insecure and --fingerprint contradict each other: a pin is a check")
         cfg = BenchConfig(**asdict(self))
+        cfg.tls = cfg.tls or cfg.fingerprint is not None
         if cfg.mode == "churn":
             cfg.messages = cfg.messages or 10
             cfg.duration = 3.0 if cfg.duration is None else cfg.duration
         elif cfg.mode == "idle":
-            cfg.duration = cfg.duration or 0.0
+            cfg.duration = IDLE_HOLD if cfg.duration is None else cfg.duration
         elif cfg.messages is None and cfg.duration is None:
             cfg.duration = 3.0
         elif cfg.messages is not None:

@@ -18,6 +18,12 @@ The conversation over the pipe (:class:`Phase`)::
     (DONE, LoadReport)       ----->
                              <-----   STOP
 
+On Ctrl-C the main process sets the shared stop flag and sends STOP: a load
+process still connecting stops, one told STOP instead of GO reports its
+pairing, one running stops sending and reports once what was in flight has
+arrived (or after a second). Every path ends with DONE and a report, so a
+partial report can be printed.
+
 A load process is one object of the workload's class, built in layers, each
 a class of its own concern that the next one extends:
 
@@ -25,6 +31,7 @@ a class of its own concern that the next one extends:
 ``LoadAccounts``            counts, histograms, progress, the report
 ``LoadConnections``         connect, HELLO, pairing, close
 ``LoadSending``             frames out: queues, flood batches
+``LoadAcking``              --resume: counting and ACK frames
 ``LoadTraffic``             frames in, the exact checks, the loop
 ``FloodLoad`` ...           one traffic pattern per ``--mode``
 ==========================  ================================================
@@ -65,25 +72,34 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
-def load_process_main(spec: LoadSpec, pipe: Connection, progress: Any) -> None:
-    """Entry point of a load process: connect, report ready, wait for go, run, report."""
+def load_process_main(spec: LoadSpec, pipe: Connection, progress: Any, stop: Any = None) -> None:
+    """Entry point of a load process: connect, report ready, wait for go, run, report.
+
+    ``stop`` is a shared flag the main process sets on Ctrl-C: the load
+    process then winds down (stops connecting or sending) and reports what
+    it has; STOP instead of GO also gets a report, of the pairing alone.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     raise_fd_limit()
     load = LOADS[spec.config.mode](spec, progress)
+    load.stop_flag = stop
     try:
         load.prepare()
         pipe.send((Phase.READY, load.paired))
-        if pipe.recv() is not Phase.GO:
-            load.close_all()
-            return
-        load.report.t_go = time.monotonic_ns()
-        load.report.cpu_go = cpu_seconds()
-        load.run()
-        load.report.t_end = load.measured_end()
-        if load.holds_pairs:
-            # Hold the pairs until the main process has measured the server.
-            pipe.send((Phase.HELD, None))
-            pipe.recv()
+        if pipe.recv() is Phase.GO:
+            load.report.t_go = time.monotonic_ns()
+            load.report.cpu_go = cpu_seconds()
+            load.measuring = True
+            load.run()
+            load.report.t_end = load.measured_end()
+            if load.holds_pairs:
+                # Hold the pairs until the main process has measured the server,
+                # answering the server's PINGs meanwhile.
+                pipe.send((Phase.HELD, None))
+                while not pipe.poll():
+                    load.step(0.1)
+                    load.tick_acks(time.monotonic_ns())
+                pipe.recv()
         report = load.finish_report()
         load.close_all()
         report.cpu_end = cpu_seconds()

@@ -15,7 +15,7 @@ from typing import Any
 from chatpair.bench.config import BenchConfig
 from chatpair.bench.histogram import LogHistogram
 from chatpair.bench.load_state import CONNECTING, Client, Pair
-from chatpair.bench.result import MessageCounts
+from chatpair.bench.result import TICK_NS, MessageCounts
 
 #: A load process keeps this many error lines (the first ones tell most).
 MAX_ERRORS = 20
@@ -58,6 +58,10 @@ class LoadReport(MessageCounts):
     latency: dict[int, int] = field(default_factory=dict)
     rtt: dict[int, int] = field(default_factory=dict)
     cycles: int = 0  # churn: pairs that completed a whole cycle
+    #: Messages delivered per absolute tick (``monotonic_ns() // TICK_NS``) while measuring.
+    ticks: dict[int, int] = field(default_factory=dict)
+    acks_sent: int = 0  # --resume: ACK frames this process sent
+    acks_received: int = 0  # --resume: ACK frames the server sent it
     t_end: int = 0
     cpu_end: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -94,6 +98,11 @@ class LoadAccounts:
         self.report = LoadReport()
         self.errors: list[str] = []
         self.progress = progress  # shared array: [progress_count, delivered] per load process
+        #: Shared flag (``.value``) the main process sets on Ctrl-C: wind down, report what you have.
+        self.stop_flag: Any = None
+        #: After 'go': deliveries are counted per tick for the throughput series.
+        self.measuring = False
+        self.ticks: dict[int, int] = {}
         # Bound here: attribute look-ups in the hot loop cost.
         self._lat_counts = self.latency.counts
 
@@ -111,12 +120,25 @@ class LoadAccounts:
         c = self._lat_counts
         c[i] = c.get(i, 0) + n
 
+    def record_delivered(self, now: int, n: int) -> None:
+        """``n`` messages arrived at ``now`` (ns): the throughput-over-time series."""
+        if self.measuring:
+            t = now // TICK_NS
+            ticks = self.ticks
+            ticks[t] = ticks.get(t, 0) + n
+
+    def stopping(self) -> bool:
+        """True once the main process asked every load process to wind down (Ctrl-C)."""
+        flag = self.stop_flag
+        return flag is not None and bool(flag.value)
+
     def reset_accounts(self) -> None:
         """Forget everything counted so far (churn's warm-up cycles are not measured)."""
         self.report = LoadReport()
         self.latency = LogHistogram()
         self._lat_counts = self.latency.counts
         self.pair_time = LogHistogram()
+        self.ticks = {}
         self.pairs = []
         self.paired = 0
 
@@ -148,5 +170,6 @@ class LoadAccounts:
         r.latency = self.latency.counts
         r.rtt = self.rtt.counts
         r.pair_time = self.pair_time.counts
+        r.ticks = self.ticks
         r.paired = self.paired
         return r

@@ -12,6 +12,7 @@ addresses where the kernel allows it (:func:`spread_sources_possible`).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import socket
 import ssl
@@ -20,12 +21,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from chatpair.bench.config import CONNECT_WINDOW
+from chatpair.bench.config import ACK_DELAY, CONNECT_WINDOW
 from chatpair.bench.load_accounts import LoadAccounts, LoadSpec
 from chatpair.bench.load_state import BANNER, CLOSED, Client, Pair
 from chatpair.bench.poller import Poller
 from chatpair.netutil import format_hostport
 from chatpair.proto import FrameType, encode_frame
+from chatpair.proto.resume import AckClock
 
 #: Linux: bind() an address but leave the port to connect(), which then only
 #: needs the 4-tuple to be unique (IP_BIND_ADDRESS_NO_PORT from <linux/in.h>).
@@ -83,10 +85,13 @@ class LoadConnections(LoadAccounts):
         cfg = spec.config
         if cfg.tls:
             ctx = ssl.create_default_context(cafile=cfg.cafile)
-            if cfg.insecure:
+            if cfg.insecure or cfg.fingerprint is not None:
+                # --insecure trusts anything; a pin is checked after the handshake instead.
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             self.ssl_ctx = ctx
+        # Names and rooms here are ASCII letters and digits: no JSON encoder needed.
+        self._hello_extra = b',"resume":true' if cfg.resume else b""
 
     def connect_all(self, indices: Iterable[int]) -> None:
         """Connect and pair every pair in ``indices``, CONNECT_WINDOW at a time."""
@@ -96,6 +101,8 @@ class LoadConnections(LoadAccounts):
         stall_limit = max(30.0, self.cfg.stall_timeout) * 1e9
         last_paired, last_change = 0, time.monotonic_ns()
         while todo or self.connecting > 0:
+            if self.stopping():
+                break
             while todo and self.connecting < CONNECT_WINDOW:
                 i = todo.pop()
                 pair = Pair(i, f"{self.spec.run_id}-{i}")
@@ -146,6 +153,11 @@ class LoadConnections(LoadAccounts):
                 sock.close()
                 self.fail_client(c, f"connect: {err}")
                 return
+            pin = self.cfg.fingerprint
+            if pin is not None and hashlib.sha256(sock.getpeercert(binary_form=True) or b"").digest() != pin:
+                sock.close()
+                self.fail_client(c, "TLS certificate does not match --fingerprint")
+                return
             sock.setblocking(False)
             c.sock, c.fd = sock, sock.fileno()
             self.clients[c.fd] = c
@@ -170,9 +182,10 @@ class LoadConnections(LoadAccounts):
         """Send HELLO and wait for the banner (sent before it, read after)."""
         assert c.sock is not None
         c.state = BANNER
-        # Names and rooms here are ASCII letters and digits: no JSON encoder needed.
-        hello = encode_frame(FrameType.HELLO, b'{"version":1,"name":"%s","room":"%s"}'
-                             % (c.name.encode(), c.pair.room.encode()))
+        hello = encode_frame(FrameType.HELLO, b'{"version":1,"name":"%s","room":"%s"%s}'
+                             % (c.name.encode(), c.pair.room.encode(), self._hello_extra))
+        if self._hello_extra:
+            c.ack_clock = AckClock(ACK_DELAY)
         try:
             c.sock.send(hello)  # a fresh socket takes ~70 bytes at once
         except OSError as err:

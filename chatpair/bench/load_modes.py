@@ -31,6 +31,8 @@ from chatpair.bench.poller import Poller
 from chatpair.proto import FrameType, encode_frame
 
 _BYE_FRAME = encode_frame(FrameType.BYE)
+#: After Ctrl-C, messages in flight get this long to arrive before the report.
+DRAIN_NS = 1_000_000_000
 
 
 class StreamLoad(LoadTraffic):
@@ -45,18 +47,33 @@ class StreamLoad(LoadTraffic):
         """Every message sent so far has arrived, and no sender has more to send."""
         raise NotImplementedError
 
+    def stop_sending(self) -> None:
+        """Ctrl-C: make no new messages; what is in flight may still arrive."""
+        raise NotImplementedError
+
     def drive(self) -> None:
-        """Run the loop until every message is in, or nothing arrives for a while."""
+        """Run the loop until every message is in, or nothing arrives for a while.
+
+        When the main process asks to stop (Ctrl-C), senders stop and the
+        messages in flight get :data:`DRAIN_NS` to arrive.
+        """
         stall = int(self.cfg.stall_timeout * 1e9)
         self.last_rx = time.monotonic_ns()
         next_pub = 0
+        drain_until = 0
         while True:
             self.step(0.05)
             now = time.monotonic_ns()
             if now >= next_pub:
                 next_pub = now + 100_000_000
+                self.tick_acks(now)
                 self.publish()
                 if self.complete():
+                    break
+                if not drain_until and self.stopping():
+                    self.stop_sending()
+                    drain_until = now + DRAIN_NS
+                elif drain_until and now > drain_until:
                     break
                 if now - self.last_rx > stall and (self.deadline_ns == 0 or now > self.deadline_ns):
                     self.error(f"no message arrived for {self.cfg.stall_timeout:g} s; giving up")
@@ -84,6 +101,13 @@ class FloodLoad(StreamLoad):
                     c.total = total
                     self.set_events(c, Poller.READ | Poller.WRITE)
         self.drive()
+
+    def stop_sending(self) -> None:
+        for pair in self.pairs:
+            for c in (pair.a, pair.b):
+                if c is not None and not c.send_done:
+                    c.total = c.sent
+                    c.send_done = True  # a batch being written is finished first (fill)
 
     def on_received(self, c: Client, n: int) -> None:
         sender = c.peer
@@ -136,9 +160,13 @@ class PingPongLoad(StreamLoad):
         self.send_one(a)
         # on_received makes B answer and A send the next turn (or finish).
         while a.state == PAIRED and b.state == PAIRED and not a.send_done:
+            if self.stopping():
+                self.turns = 0  # A's next turn is its last
             for reader in (b, a):
                 want = reader.received + 1
                 while reader.received < want and reader.state == PAIRED:
+                    if self.ack_pending and not self.wait_readable(reader):
+                        continue  # an ACK fell due and went out first
                     got = self.on_readable(reader)
                     if got:
                         self.on_received(reader, got)
@@ -147,6 +175,9 @@ class PingPongLoad(StreamLoad):
     def set_events(self, c: Client, events: int) -> None:
         if not self.single:
             super().set_events(c, events)
+
+    def stop_sending(self) -> None:
+        self.turns = 0  # every A stops at its next turn
 
     def send_one(self, c: Client) -> None:
         now = time.monotonic_ns()
@@ -231,12 +262,19 @@ class ChurnLoad(LoadTraffic):
         stall = int(max(cfg.stall_timeout, 10.0) * 1e9)
         self.last_rx = time.monotonic_ns()
         next_pub = 0
+        drain_until = 0
         while self.clients:
             self.step(0.05)
             now = time.monotonic_ns()
             if now >= next_pub:
                 next_pub = now + 100_000_000
+                self.tick_acks(now)
                 self.publish()
+                if not drain_until and self.stopping():
+                    self.deadline_ns = 0  # Ctrl-C: no new cycles; the open ones may finish
+                    drain_until = now + DRAIN_NS
+                elif drain_until and now > drain_until:
+                    break
                 if now - self.last_rx > stall:
                     self.error(f"churn stalled: nothing arrived for {stall / 1e9:g} s")
                     break

@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from enum import IntEnum
 
+from chatpair.proto.resume import AckClock
+
 
 class ClientState(IntEnum):
     """Where a client is; ordered, so ``state >= PAIRED`` reads as 'paired or past it'."""
@@ -36,6 +38,7 @@ class Client:
         "sock", "fd", "pair", "peer", "role", "name", "state", "left", "t0", "t_paired",
         "sent", "total", "send_done", "out", "outmv", "off", "ctrl", "expect", "received",
         "ooo", "corrupt", "undelivered", "t_last", "events", "slow_until", "blocked",
+        "ack_clock", "server_acked",
     )
 
     def __init__(self, pair: Pair, role: int, name: str) -> None:
@@ -65,6 +68,9 @@ class Client:
         self.events = 0  # registered poller events (0: not registered)
         self.slow_until = 0  # receive buffer offset up to which frames go the slow path
         self.blocked = False  # flood: the window is full; the partner's progress resumes it
+        #: --resume: what this client received and when it must acknowledge it (None: no resume).
+        self.ack_clock: AckClock | None = None
+        self.server_acked = 0  # --resume: the server's highest ACK of this client's messages
 
 
 class Pair:

@@ -1,13 +1,11 @@
-"""The bytes of a load process: frames out, frames in, checked exactly.
+"""Frames in, checked exactly, and the loop of a load process.
 
-The top two layers of a load process (see :mod:`chatpair.bench.load`):
-
-* :class:`LoadSending` writes: whole batches of MSG frames while a flood
-  sender's socket takes them (:meth:`~LoadSending.fill`), single frames
-  and control frames queued behind whatever is being written.
-* :class:`LoadTraffic` reads and runs the loop: each readable client gets
-  one big ``recv_into`` a shared buffer, and :meth:`~LoadTraffic.process`
-  checks the frames in it.
+The top layer of a load process (see :mod:`chatpair.bench.load`), on
+:class:`~chatpair.bench.load_sending.LoadSending` (frames out) and
+:class:`~chatpair.bench.load_acks.LoadAcking` (ACKs with --resume):
+:class:`LoadTraffic` reads and runs the loop: each readable client gets
+one big ``recv_into`` a shared buffer, and :meth:`~LoadTraffic.process`
+checks the frames in it.
 
 Verification (exact, not sampled)
     A receiver knows what the next frames *must* be: seq ``expect``,
@@ -28,135 +26,32 @@ in locals and test plain ints: they are the instrument, keep them lean.
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import time
 from typing import Any
 
 from chatpair.bench.config import RECV_BUFFER, RECV_SIZE
 from chatpair.bench.load_accounts import LoadSpec
-from chatpair.bench.load_connect import LoadConnections
-from chatpair.bench.load_state import BANNER, CLOSED, CLOSING, CONNECTING, HANDSHAKE, PAIRED, Client
-from chatpair.bench.messages import BATCH, SEQ_DIGITS, TS_AT, TS_DIGITS, TS_END, MessageFactory
-from chatpair.bench.poller import Poller
+from chatpair.bench.load_acks import LoadAcking
+from chatpair.bench.load_state import (
+    BANNER,
+    CLOSED,
+    CLOSING,
+    CONNECTING,
+    HANDSHAKE,
+    PAIRED,
+    Client,
+)
+from chatpair.bench.messages import BATCH, SEQ_DIGITS, TS_AT, TS_DIGITS, TS_END
 from chatpair.proto import BANNER_PREFIX, MAX_BANNER, FrameType, encode_frame
 
 _MSG = int(FrameType.MSG)
 _PING = int(FrameType.PING)
 _PONG = int(FrameType.PONG)
+_ACK = int(FrameType.ACK)
 
 
-class LoadSending(LoadConnections):
-    """Writing: queued frames, and flood batches made as the socket takes them.
-
-    For subclasses: :meth:`send_ctrl`, :meth:`queue`, :meth:`flush`,
-    :meth:`fill`; the hook :meth:`on_send_done` may be overridden.
-    """
-
-    def __init__(self, spec: LoadSpec, progress: Any = None) -> None:
-        super().__init__(spec, progress)
-        self.msgs = MessageFactory(spec.config.size)
-        self.deadline_ns = 0  # stop making new messages (duration runs)
-        #: Flood: how far a sender may be ahead of its partner's reading (0: no limit).
-        self.window = 0
-
-    def send_ctrl(self, c: Client, frame: bytes) -> None:
-        """A control frame (PONG, BYE): written at the next frame boundary."""
-        c.ctrl += frame
-        if c.off >= len(c.out):
-            self.flush(c)
-
-    def queue(self, c: Client, data: bytes) -> None:
-        """Write ``data`` after whatever is pending (it must be whole frames)."""
-        if c.off >= len(c.out):
-            if c.ctrl:
-                data = bytes(c.ctrl) + data
-                c.ctrl.clear()
-            c.out, c.off = data, 0
-            c.outmv = memoryview(data)
-            self.flush(c)
-        else:
-            c.ctrl += data
-
-    def send_some(self, c: Client, sock: socket.socket) -> bool:
-        """One ``send`` of ``c.out`` from ``c.off``; True when all of it is written.
-
-        False when the socket is full (the rest waits for writability) or the
-        send failed (``c`` is closed then). Every MSG and control frame of the
-        bench goes out here, except a ping-pong turn written straight away.
-        """
-        try:
-            c.off += sock.send(c.outmv[c.off:])
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
-            return False
-        except OSError as err:
-            self.fail_client(c, f"send: {err}")
-            return False
-        return c.off >= len(c.out)
-
-    def flush(self, c: Client) -> None:
-        """Write pending bytes; poll for writability while some are left."""
-        sock = c.sock
-        if sock is None or c.state == CLOSED:
-            return
-        while True:
-            if c.off >= len(c.out):
-                if not c.ctrl:
-                    break
-                c.out = bytes(c.ctrl)
-                c.outmv = memoryview(c.out)
-                c.off = 0
-                c.ctrl.clear()
-            if not self.send_some(c, sock):
-                break
-        if c.off >= len(c.out) and not c.ctrl:
-            if c.events & Poller.WRITE:
-                self.set_events(c, Poller.READ)
-        elif not c.events & Poller.WRITE:
-            self.set_events(c, Poller.READ | Poller.WRITE)
-
-    def fill(self, c: Client) -> None:
-        """Flood: keep the socket full of new batches until the sender is done."""
-        sock = c.sock
-        assert sock is not None
-        build = self.msgs.build
-        while True:
-            if c.off >= len(c.out):
-                if c.ctrl:
-                    c.out = bytes(c.ctrl)
-                    c.ctrl.clear()
-                elif c.send_done:
-                    self.set_events(c, Poller.READ)
-                    self.on_send_done(c)
-                    return
-                else:
-                    now = time.monotonic_ns()
-                    n = BATCH - c.sent % BATCH
-                    if c.total >= 0:
-                        n = min(n, c.total - c.sent)
-                    elif now >= self.deadline_ns:
-                        n = 0
-                    if n <= 0:
-                        c.send_done = True
-                        continue
-                    if self.window and c.sent - c.peer.expect >= self.window:  # type: ignore[union-attr]
-                        c.blocked = True
-                        self.set_events(c, Poller.READ)
-                        return
-                    c.out = build(c.sent, n, now)
-                    c.sent += n
-                    if c.sent == c.total:
-                        c.send_done = True
-                c.outmv = memoryview(c.out)
-                c.off = 0
-            if not self.send_some(c, sock):
-                return
-
-    def on_send_done(self, c: Client) -> None:
-        """A flood/churn sender wrote its last message."""
-
-
-class LoadTraffic(LoadSending):
+class LoadTraffic(LoadAcking):
     """Reading, the checks, and the loop; the base of every workload.
 
     For the entry point: :meth:`prepare`, :meth:`run`, :meth:`measured_end`,
@@ -223,11 +118,16 @@ class LoadTraffic(LoadSending):
         end = n_left + n
         pos = self.process(c, end, now)
         c.left = bytes(buf[pos:end]) if pos < end else b""
+        got = c.received - before
+        if got:
+            self.record_delivered(now, got)
+            if c.ack_clock is not None and c.state != CLOSED:
+                self.count_for_ack(c, got, now)
         if self.ssl_ctx is not None and c.state != CLOSED:
             pending = sock.pending()  # type: ignore[attr-defined]
             if pending:
-                return c.received - before + self.on_readable(c)
-        return c.received - before
+                return got + self.on_readable(c)
+        return got
 
     def on_eof(self, c: Client, n_left: int) -> None:
         if c.state == CLOSING:
@@ -326,7 +226,12 @@ class LoadTraffic(LoadSending):
             except ValueError:
                 text = repr(payload[:100])
             self.fail_client(c, f"server error {text}")
-        elif ftype in (FrameType.WELCOME, FrameType.WAITING, _PONG):
+        elif ftype == _ACK:
+            self.on_ack(c, payload)
+        elif ftype == FrameType.WELCOME:
+            if c.ack_clock is not None and b'"session"' not in payload:
+                self.fail_client(c, "--resume: the server did not offer resume (its WELCOME has no session)")
+        elif ftype in (FrameType.WAITING, _PONG):
             pass
         elif ftype == FrameType.PEER_LEFT:
             if c.state == PAIRED and not self.peer_leaving_ok(c):
@@ -384,6 +289,8 @@ class LoadTraffic(LoadSending):
         """Close every client (the run is over; EOFs are expected now)."""
         self.deadline_ns = 0  # no new churn cycles from here on
         for c in list(self.clients.values()):
+            if c.ack_clock is not None:
+                self.bye_before_close(c)
             c.state = CLOSING
             self.close_client(c)
 

@@ -98,6 +98,12 @@ def render_table(result: BenchResult) -> str:
     if r.mode != "idle":
         rows.append(("messages", f"sent {_count(r.sent)}  delivered {_count(r.delivered)}  lost {r.lost}  "
                                  f"out of order {r.out_of_order}" + (f"  corrupt {r.corrupt}" if r.corrupt else "")))
+        if r.interrupted:
+            flight = f"{r.in_flight:,} sent but not yet arrived when interrupted (not counted as lost)"
+            rows.append(("in flight", flight))
+        if cfg.get("resume"):
+            per = f" (one per {r.delivered / r.acks_sent:,.1f} messages received)" if r.acks_sent else ""
+            rows.append(("resume ACKs", f"sent {r.acks_sent:,}{per}, received {r.acks_received:,}"))
         if r.undelivered_notices:
             rows.append(("undelivered", f"{r.undelivered_notices:,} NOTICE undelivered from the server"))
         rows.append(("throughput", f"{r.msgs_per_s:,.0f} msgs/s  {r.mb_per_s:,.1f} MB/s  over {r.elapsed:.3f} s"))
@@ -120,8 +126,13 @@ def render_table(result: BenchResult) -> str:
     if span:
         rows.append(("load CPU", (f"{r.load_cpu:.2f} s ({100 * r.load_cpu / span:.0f}% of a core) "
                                   f"in the measured phase, {r.load_cpu_total:.2f} s in all")))
+    if r.mode == "idle" and r.hold_elapsed:
+        rows.append(("held", f"{r.pairs_connected:,} pairs for {r.hold_elapsed:g} s"))
+    for warning in r.warnings:
+        rows.append(("warning", warning))
     failures = r.failures
-    rows.append(("result", "OK" if not failures else "FAIL: " + "; ".join(failures)))
+    verdict = "OK" if not failures else "FAIL: " + "; ".join(failures)
+    rows.append(("result", ("INTERRUPTED, partial: " + verdict) if r.interrupted else verdict))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

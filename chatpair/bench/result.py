@@ -12,7 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from chatpair.bench.config import MIN_SAMPLES, MIN_SECONDS
 from chatpair.bench.histogram import LogHistogram
+
+#: The throughput series is per this many seconds...
+SERIES_INTERVAL = 1.0
+#: ...or per tenth of it when the measured phase is shorter than this, so a
+#: short run still draws a line.
+SERIES_FINE_BELOW = 10.0
+#: Load processes count deliveries per tick of this many ns of ``monotonic_ns``
+#: (absolute ticks, so the main process lines the processes up exactly).
+TICK_NS = 10_000_000
 
 
 @dataclass
@@ -68,7 +78,18 @@ class BenchResult(MessageCounts):
     server_fds_before: int | None = None
     server_fds_after: int | None = None
     memory_per_pair: float | None = None  # bytes (idle)
+    hold_elapsed: float = 0.0  # idle: seconds the pairs were held after all were paired
     server_command: list[str] = field(default_factory=list)
+    #: The WELCOME of the probe connection (with --tls or --resume), else None.
+    server_welcome: dict[str, Any] | None = None
+    acks_sent: int = 0  # --resume: ACK frames the bench clients sent
+    acks_received: int = 0  # --resume: ACK frames the server sent them
+    #: Ctrl-C (or SIGTERM) cut the run short: a partial result.
+    interrupted: bool = False
+    #: Interrupted runs: messages sent but not yet arrived when the report was made.
+    in_flight: int = 0
+    #: Messages delivered per TICK_NS from 'go' (the throughput series is made of them).
+    ticks: list[int] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -92,17 +113,72 @@ class BenchResult(MessageCounts):
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def warnings(self) -> list[str]:
+        """Why the figures may mean little (the run still passes)."""
+        out: list[str] = []
+        if self.interrupted:
+            out.append("interrupted: a partial report of the run so far")
+        if self.mode in ("flood", "pingpong", "churn") and self.elapsed < MIN_SECONDS:
+            out.append(f"the measured phase lasted {self.elapsed:.2f} s: too short for the rates to mean much "
+                       "(run for a few seconds or more: --duration 5)")
+        if self.mode in ("flood", "pingpong") and self.latency.total < MIN_SAMPLES:
+            out.append(f"only {self.latency.total:,} latency samples: the high percentiles need at least "
+                       f"{MIN_SAMPLES:,} (more --messages or a longer --duration)")
+        if self.mode == "churn" and self.churn_cycles < 100:
+            out.append(f"only {self.churn_cycles} pairs completed: the pairing rate needs at least 100 "
+                       "(more --pairs or a longer --duration)")
+        if self.mode == "idle" and self.pairs_connected < 100 and self.memory_per_pair is not None:
+            out.append(f"memory per pair from {self.pairs_connected} pairs is mostly noise: "
+                       "use --pairs 1000 or more")
+        return out
+
+    def throughput_series(self) -> dict[str, Any]:
+        """Messages delivered over time: per second (per 0.1 s in runs under 10 s).
+
+        ``msgs_per_s[i]`` is the rate over ``[start_s[i], start_s[i] + width_s[i])``;
+        a last interval shorter than a quarter is folded into the one before it.
+        """
+        interval = SERIES_INTERVAL if self.elapsed >= SERIES_FINE_BELOW else SERIES_INTERVAL / 10
+        per = max(1, round(interval * 1e9 / TICK_NS))
+        starts: list[float] = []
+        counts: list[int] = []
+        widths: list[float] = []
+        ticks = self.ticks if self.mode != "idle" else []  # idle sends no messages
+        for i in range(0, len(ticks), per):
+            start = i * TICK_NS / 1e9
+            width = min(interval, max(self.elapsed - start, TICK_NS / 1e9))
+            n = sum(ticks[i:i + per])
+            if counts and width < interval / 4:
+                counts[-1] += n
+                widths[-1] += width
+                continue
+            starts.append(round(start, 3))
+            counts.append(n)
+            widths.append(width)
+        return {
+            "interval_s": interval, "start_s": starts, "width_s": [round(w, 3) for w in widths],
+            "delivered": counts, "msgs_per_s": [round(n / w, 1) if w > 0 else 0.0 for n, w in zip(counts, widths)],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
-        names = [f.name for f in fields(self)]
+        names = [f.name for f in fields(self) if f.name != "ticks"]
         for name in [*_IDENTITY, *(n for n in names if n not in _IDENTITY)]:
             value = getattr(self, name)
             if isinstance(value, LogHistogram):
                 d[name] = {k: (None if v is None else (round(v) if k != "count" else v))
                            for k, v in value.summary().items()}
                 d[name]["unit"] = "ns"
+                # [low, high) in ns and the count of every bucket that has one: what --plot draws
+                d[name]["buckets"] = [[*value.bounds(i), value.counts[i]] for i in sorted(value.counts)]
             else:
                 d[name] = value
+        pin = d["config"].get("fingerprint")
+        if isinstance(pin, bytes):
+            d["config"] = {**d["config"], "fingerprint": "SHA256:" + pin.hex()}
+        d["throughput_series"] = self.throughput_series()
+        d["warnings"] = self.warnings
         d["ok"] = self.ok
         d["failures"] = self.failures
         return d

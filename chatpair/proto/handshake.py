@@ -31,10 +31,15 @@ class Hello:
 
     name: str
     room: str | None
+    #: HELLO asked for a resumable session (PROTOCOL.md section 6); never in line mode
+    resume: bool = False
 
 
-def encode_hello(name: str, room: str | None = None) -> bytes:
-    return encode_json_frame(FrameType.HELLO, {"version": PROTOCOL_VERSION, "name": name, "room": room})
+def encode_hello(name: str, room: str | None = None, resume: bool = False) -> bytes:
+    obj: dict[str, Any] = {"version": PROTOCOL_VERSION, "name": name, "room": room}
+    if resume:
+        obj["resume"] = True
+    return encode_json_frame(FrameType.HELLO, obj)
 
 
 def make_banner(software: str, text: str = "type your name and press Enter") -> bytes:
@@ -114,7 +119,9 @@ def parse_hello(frame: Frame) -> Hello:
     if frame.type != FrameType.HELLO:
         raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
     obj = first_frame_json(frame, "HELLO")
-    return Hello(validate_name(obj.get("name")), validate_room(obj.get("room")))
+    # Only a literal true asks for resume: unknown or odd values are ignored,
+    # as section 3 asks of unknown keys.
+    return Hello(validate_name(obj.get("name")), validate_room(obj.get("room")), obj.get("resume") is True)
 
 
 def parse_name_line(line: str) -> Hello:

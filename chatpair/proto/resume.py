@@ -145,14 +145,14 @@ class Outbox:
                 self.acked += count
                 n -= count
                 continue
-            cut = _frame_offset(frames, n)
+            cut = frame_offset(frames, n)
             runs[0] = (frames[cut:], count - n)
             self.nbytes -= cut
             self.acked += n
             n = 0
 
 
-def _frame_offset(frames: bytes, n: int) -> int:
+def frame_offset(frames: bytes, n: int) -> int:
     """Byte offset just past the first ``n`` frames of ``frames``."""
     pos = 0
     unpack = HEADER.unpack_from
@@ -201,6 +201,11 @@ class AckClock:
         """When an ACK falls due if nothing else arrives (None: nothing to acknowledge)."""
         first = self._first_unacked_at
         return None if first is None else first + self.delay
+
+    def restore(self, received: int, acked: int, now: float) -> None:
+        """Carry the counts over from another process; an ACK still owed falls due a delay from ``now``."""
+        self.received, self.acked = received, acked
+        self._first_unacked_at = now if received > acked else None
 
     def take_ack(self) -> int:
         """The count to put in the ACK being sent now."""

@@ -6,6 +6,14 @@ readable event into up to :data:`ACCEPT_BATCH` new connections. Running out
 of descriptors (EMFILE and friends) is not an error to spin on: the acceptor
 leaves the selector for :data:`ACCEPT_BACKOFF_SECONDS`, pairs already
 chatting go on, and new clients wait in the kernel's backlog.
+
+Two things happen here before anything else is spent on a connection:
+
+* on a dual-stack socket an IPv4 client's address arrives IPv4-mapped
+  (``::ffff:10.0.0.5``); it is turned back into ``10.0.0.5`` for every
+  later use (logs, per-address limits, loopback exemption);
+* an address in the :class:`~chatpair.server.deny.DenyList` is closed at
+  once, with one log line: no banner, no handshake, no counts.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from chatpair.netutil import format_addr
+from chatpair.server.deny import DenyList
+
 log = logging.getLogger("chatpair")
 
 #: How long accept() rests after running out of file descriptors.
@@ -28,6 +39,7 @@ ACCEPT_BACKOFF_SECONDS = 0.5
 ACCEPT_BATCH = 256
 #: accept() errors that mean "out of descriptors or memory": rest, then retry.
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_MAPPED = "::ffff:"
 
 
 class AcceptState(enum.Enum):
@@ -53,19 +65,31 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
+def unmap_addr(addr: Any) -> Any:
+    """``('::ffff:10.0.0.5', port, flow, scope)`` -> ``('10.0.0.5', port)``; any other address as it is."""
+    if type(addr) is tuple and len(addr) == 4 and addr[0].startswith(_MAPPED) and "." in addr[0]:
+        return (addr[0][len(_MAPPED):], addr[1])
+    return addr
+
+
 class Acceptor:
     """The listening socket in a selector loop; new connections go to ``on_connection``.
 
-    ``on_connection(sock, addr)`` gets a non-blocking, tuned socket. The
+    ``on_connection(sock, addr)`` gets a non-blocking, tuned socket, and its
+    address with IPv4 unmapped; addresses in ``deny`` never get there. The
     owner calls :meth:`on_readable` when the socket is readable, :meth:`tick`
-    from its timer, and :meth:`stop` when the server stops.
+    from its timer, and :meth:`stop` when the server stops. :attr:`accepted`
+    and :attr:`denied` count connections (for status and metrics).
     """
 
     def __init__(self, sock: socket.socket, sel: selectors.BaseSelector,
-                 on_connection: Callable[[socket.socket, Any], None]) -> None:
+                 on_connection: Callable[[socket.socket, Any], None], deny: DenyList | None = None) -> None:
         self.sock = sock
         self._sel = sel
         self._on_connection = on_connection
+        self.deny = deny
+        self.accepted = 0  # connections accepted, denied ones included
+        self.denied = 0
         self.state = AcceptState.ACCEPTING
         self._resume_at = 0.0
         self._fd_warning_logged = False  # say "out of descriptors" once, not every backoff
@@ -90,10 +114,25 @@ class Acceptor:
                 else:
                     log.warning("accept failed: %s", err)
                 return
+            self.accepted += 1
+            addr = unmap_addr(addr)
+            if self.deny and self._denied(sock, addr):
+                continue
             sock.setblocking(False)
             if self._tune_each:
                 tune_socket(sock)
             self._on_connection(sock, addr)
+
+    def _denied(self, sock: socket.socket, addr: Any) -> bool:
+        """Close ``sock`` (one log line) if its address is denied."""
+        network = self.deny.match(str(addr[0])) if isinstance(addr, tuple) else None  # type: ignore[union-attr]
+        if network is None:
+            return False
+        self.denied += 1
+        log.info("%s: denied (%s); closed", format_addr(addr), network,
+                 extra={"fields": {"event": "denied", "addr": format_addr(addr), "network": network}})
+        sock.close()
+        return True
 
     def _rest(self, err: OSError, now: float) -> None:
         """Out of descriptors: rest instead of spinning; pairs already chatting go on."""

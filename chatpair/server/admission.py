@@ -41,18 +41,26 @@ class Admission:
         self.live: dict[int, str] = {}  # cid -> ip of every connection admitted and not yet gone
         self.per_ip: Counter[str] = Counter()
         self.refusing = 0  # connections being told why they are refused
+        self.refused: dict[str, int] = {}  # error code -> connections refused with it (for metrics)
 
     def check(self, ip: str) -> Refusal | None:
-        """Why a new connection from ``ip`` is refused, or None if it may come in."""
+        """Why a new connection from ``ip`` is refused, or None if it may come in.
+
+        Asked once per connection: a refusal is counted in :attr:`refused`.
+        """
+        refusal: Refusal | None = None
         if len(self.live) >= self.max_clients:
-            return (ErrorCode.SERVER_FULL.value,
-                    f"the server is full ({self.max_clients} client{'s' if self.max_clients != 1 else ''}); "
-                    "try again later")
-        limit = self.max_per_ip
-        if limit and self.per_ip[ip] >= limit and (self.per_ip_loopback or not is_loopback(ip)):
-            return (ErrorCode.TOO_MANY_CONNECTIONS.value,
-                    f"too many connections from {ip} (the limit is {limit})")
-        return None
+            refusal = (ErrorCode.SERVER_FULL.value,
+                       f"the server is full ({self.max_clients} client{'s' if self.max_clients != 1 else ''}); "
+                       + "try again later")
+        else:
+            limit = self.max_per_ip
+            if limit and self.per_ip[ip] >= limit and (self.per_ip_loopback or not is_loopback(ip)):
+                refusal = (ErrorCode.TOO_MANY_CONNECTIONS.value,
+                           f"too many connections from {ip} (the limit is {limit})")
+        if refusal is not None:
+            self.refused[refusal[0]] = self.refused.get(refusal[0], 0) + 1
+        return refusal
 
     @property
     def refusals_full(self) -> bool:

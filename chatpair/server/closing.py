@@ -23,7 +23,13 @@ from chatpair.proto import ErrorCode, FrameType
 from chatpair.server.conn import Conn
 from chatpair.server.render import event_bytes
 from chatpair.server.states import Phase
+from chatpair.server.stats import LoopStats
 from chatpair.server.tls import WOULD_BLOCK
+
+if TYPE_CHECKING:
+    import selectors
+
+    from chatpair.netutil import Waker
 
 log = logging.getLogger("chatpair")
 
@@ -42,9 +48,15 @@ class CloseMixin:
 
     if TYPE_CHECKING:  # provided by ConnLoop
         now: float
+        stats: LoopStats
         conns: set[Conn]
         closing: set[Conn]
+        sessions: dict[int, Conn]
         _dead: list[Conn]
+        sel: selectors.BaseSelector
+        waker: Waker
+
+        def drop_away(self) -> None: ...
 
         def send(self, conn: Conn, data: bytes | memoryview, msgs: int = 0, framed: bool = True) -> None: ...
         def update_interest(self, conn: Conn) -> None: ...
@@ -62,6 +74,7 @@ class CloseMixin:
         """Tell the client what it did wrong, then close."""
         code = code.value if isinstance(code, ErrorCode) else code
         log.info("%s: error %s: %s", conn.label, code, message)
+        self.stats.error(code)
         self.detach(conn, reason)
         self.finish(conn, event_bytes(conn, FrameType.ERROR, {"code": code, "message": message}))
 
@@ -69,6 +82,9 @@ class CloseMixin:
         """Close politely: write ``last``, shut our side, drain theirs, then close."""
         if conn.phase is _CLOSING:
             return
+        if conn.session is not None:
+            conn.session.ended = True  # BYE or an error: the session ends with the connection
+            self.sessions.pop(conn.cid, None)
         conn.paused = False
         if last:
             self.send(conn, last)
@@ -103,6 +119,9 @@ class CloseMixin:
             self._close_now(conn)
 
     def _close_now(self, conn: Conn) -> None:
+        if conn.session is not None:
+            conn.session.ended = True
+            self.sessions.pop(conn.cid, None)
         self.on_closed(conn)
         self._unregister(conn)
         self.conns.discard(conn)
@@ -115,6 +134,14 @@ class CloseMixin:
 
     def on_closed(self, conn: Conn) -> None:
         """The socket is about to be closed by this loop (may be called twice)."""
+
+    def close_all(self) -> None:
+        """The loop ends: close every socket it still owns, then the selector and its waker."""
+        self.drop_away()
+        for conn in list(self.conns) + list(self.closing):
+            self._close_now(conn)
+        self.sel.close()
+        self.waker.close()
 
     def _bury_dead(self) -> None:
         """Drop the connections whose socket failed during this batch of events."""

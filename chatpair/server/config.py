@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import io
+import json
 import logging
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from chatpair.proto import (
@@ -24,8 +26,9 @@ from chatpair.proto import (
     DEFAULT_PORT,
 )
 
-#: Where the server listens unless told otherwise.
-DEFAULT_HOST = "0.0.0.0"
+#: Where the server listens unless told otherwise: every interface, IPv6 and
+#: IPv4 on one dual-stack socket where the system allows (else IPv4 only).
+DEFAULT_HOST = "::"
 #: Room relay threads in the listener process, and the most one may ask for.
 DEFAULT_RELAY_THREADS = 1
 MAX_RELAY_THREADS = 64
@@ -40,6 +43,8 @@ DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_RATE = 0.0
 #: With --rate, how many messages a client may send at once before it is slowed.
 DEFAULT_BURST = 100
+#: Seconds a dropped resumable session is kept for its client's RESUME (PROTOCOL.md section 6).
+DEFAULT_RESUME_WINDOW = 30.0
 #: --max-clients when not given: 0 means derive it from the descriptor limit.
 DEFAULT_MAX_CLIENTS = 0
 #: Descriptors kept free for the server's own use when --max-clients is derived.
@@ -51,6 +56,11 @@ MAX_CLIENTS_LIMIT_INFINITE = 100_000
 MAX_CLIENTS_FLOOR = 16
 #: --max-per-ip when not given; by default it spares loopback (the operator's own tools).
 DEFAULT_MAX_PER_IP = 256
+#: How log lines are written: "text" (ISO 8601 time, level, message) or "json" (one object a line).
+LOG_FORMATS = ("text", "json")
+DEFAULT_LOG_FORMAT = "text"
+#: Seconds between two status lines in the log (connections, pairs, waiting, messages/s); 0: none.
+DEFAULT_STATUS_INTERVAL = 60.0
 
 
 class Limits:
@@ -64,6 +74,7 @@ class Limits:
         write_timeout: float,
         rate: float = 0.0,
         burst: int = 0,
+        resume_window: float = 0.0,
     ) -> None:
         self.max_frame = max_frame
         self.ping_interval = ping_interval
@@ -71,6 +82,7 @@ class Limits:
         self.write_timeout = write_timeout
         self.rate = rate
         self.burst = burst
+        self.resume_window = resume_window  # seconds a dropped resumable session is kept (0: no resume)
 
 
 @dataclass
@@ -94,10 +106,16 @@ class ServerConfig:
     per_ip_loopback: bool = False  # apply max_per_ip to 127.0.0.0/8 and ::1 too
     rate: float = DEFAULT_RATE  # messages per second per client; 0: no limit
     burst: int = DEFAULT_BURST
+    resume_window: float = DEFAULT_RESUME_WINDOW  # seconds; 0 turns resume off
+    log_format: str = DEFAULT_LOG_FORMAT  # "text" or "json"
+    deny: tuple[str, ...] = ()  # --deny CIDR: addresses closed at accept
+    deny_file: str | None = None  # --deny-file: more CIDRs, read again on SIGHUP
+    status_interval: float = DEFAULT_STATUS_INTERVAL  # seconds; 0: no periodic status line
+    metrics: str | None = None  # --metrics HOST:PORT: serve /metrics (Prometheus) there
 
     def limits(self) -> Limits:
         return Limits(self.max_frame, self.ping_interval, self.idle_timeout, self.write_timeout,
-                      self.rate, self.burst)
+                      self.rate, self.burst, self.resume_window)
 
     def effective_max_clients(self) -> int:
         """--max-clients, or what the descriptor limit allows with a reserve for the server."""
@@ -126,7 +144,53 @@ class ServerConfig:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-LOG_DATE_FORMAT = "%H:%M:%S"
+
+
+def iso_time(created: float) -> str:
+    """A log record's time in ISO 8601, local time with its UTC offset, to the millisecond."""
+    return datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
+
+
+def process_role(record: logging.LogRecord) -> str:
+    """Which of the server's processes wrote a record: main, listener, relay-worker-N."""
+    name = record.processName or ""
+    return "main" if name == "MainProcess" else name.removeprefix("chatpair-")
+
+
+class TextFormatter(logging.Formatter):
+    """``2025-05-01T12:34:56.789+02:00 INFO message``: the default format, for people."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_time(record.created)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers.
+
+    Keys: ``time`` (ISO 8601), ``level`` (lower case), ``message`` (the text
+    line's message), ``process`` (main, listener, relay-worker-N), then the
+    record's ``fields`` (``log.info(..., extra={"fields": {...}})``: numbers
+    stay numbers), and ``exception`` with the traceback if there is one. A
+    newline inside a value is escaped, so one record is always one line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {"time": iso_time(record.created), "level": record.levelname.lower(),
+                               "message": record.getMessage(), "process": process_role(record)}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                obj.setdefault(key, value)
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
 class BatchedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -168,17 +232,19 @@ def flush_logs() -> None:
         _batched.flush_now()
 
 
-def setup_logging(level: int, batched: bool = False) -> None:
-    """Log lines on stderr, with the time: the same format in every process of the server.
+def setup_logging(level: int, batched: bool = False, log_format: str = DEFAULT_LOG_FORMAT) -> None:
+    """Log lines on stderr, with the date and time: the same format in every process of the server.
 
     ``batched`` (the listener and relay workers) buffers lines until the
     selector loop calls :func:`flush_logs`; they are also flushed at exit.
+    ``log_format`` is "text" (:class:`TextFormatter`) or "json" (:class:`JsonFormatter`).
     """
     global _batched
+    handler: logging.Handler
     if batched:
-        _batched = BatchedStderrHandler()
-        _batched.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
-        logging.basicConfig(level=level, handlers=[_batched])
+        handler = _batched = BatchedStderrHandler()
         atexit.register(flush_logs)
     else:
-        logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler])

@@ -20,6 +20,7 @@ from collections import deque
 from typing import Any
 
 from chatpair.proto import FrameDecoder, LineDecoder
+from chatpair.server.session import Session
 from chatpair.server.states import Mode, Phase
 from chatpair.server.tls import is_tls
 
@@ -89,13 +90,15 @@ class Conn:
         # who: fixed when the connection is made
         "sock", "fd", "cid", "addr", "tls", "name", "room",
         # named states, and what each phase waits for
-        "mode", "phase", "tls_want", "handshake_deadline", "refusal", "close_at",
+        "mode", "phase", "tls_want", "tls_started", "handshake_deadline", "refusal", "close_at",
         # input: buffers, liveness, what holds reading back
         "decoder", "pending", "last_rx", "pinged", "paused", "throttled_until", "tokens", "token_time",
         # output
         "out",
         # pairing and ownership
         "partner", "quiet_waiting", "owner", "events",
+        # resume (PROTOCOL.md section 6): None for v1 and line-mode clients
+        "session",
     )
 
     def __init__(self, sock: socket.socket, cid: int, addr: str, now: float) -> None:
@@ -112,6 +115,8 @@ class Conn:
         self.phase = _TLS_HANDSHAKE if self.tls else _HANDSHAKE
         #: TLS_HANDSHAKE: the selector event its next step waits for (a server reads the ClientHello first)
         self.tls_want = selectors.EVENT_READ
+        #: TLS_HANDSHAKE: the first byte was a TLS record, the handshake has begun (see tls.peek_first_byte)
+        self.tls_started = False
         #: TLS_HANDSHAKE and HANDSHAKE: when the listener gives up (absolute, never extended; 0: none)
         self.handshake_deadline = 0.0
         #: (code, message) when a limit refuses this client: said as soon as its mode is known
@@ -140,6 +145,8 @@ class Conn:
         #: change it, each on its own loop's thread.
         self.owner: object | None = None
         self.events = 0  # selector mask currently registered (0 = not registered)
+        #: A resumable session (HELLO asked for resume): outlives this socket if it drops.
+        self.session: Session | None = None
 
     def __repr__(self) -> str:
         return f"<Conn {self.cid} {self.name or '?'}@{self.addr}>"
@@ -163,6 +170,7 @@ class Conn:
             "pending": self.pending.hex(), "line_buffer": line_buffer.hex(),
             "out": [(c.data.hex(), c.msgs, c.framed) for c in self.out], "out_off": self.out.first_sent,
             "pinged": self.pinged, "quiet_waiting": self.quiet_waiting, "tokens": self.tokens,
+            "session": self.session.state() if self.session is not None else None,
         }
 
     @classmethod
@@ -191,7 +199,24 @@ class Conn:
         conn.pinged = st["pinged"]
         conn.quiet_waiting = st["quiet_waiting"]
         conn.tokens = st["tokens"]
+        if st.get("session") is not None:
+            conn.session = Session.from_state(st["session"], now)
         return conn
+
+    def take_socket(self, other: Conn) -> None:
+        """RESUME: carry on this client's session on ``other``'s new socket (``other`` is discarded).
+
+        What was queued for the old socket is gone with it: the session's
+        replay log has everything the client may not have seen.
+        """
+        self.sock, self.fd, self.tls, self.addr = other.sock, other.fd, other.tls, other.addr
+        self.pending = other.pending
+        self.last_rx = other.last_rx
+        self.pinged = False
+        self.paused = False
+        self.out = OutQueue()
+        self.events = 0
+        self.phase = _CHATTING
 
 
 def _frames_ending_after(data: bytes, offset: int) -> int:

@@ -27,7 +27,8 @@ from chatpair.proto import (
     parse_hello,
     parse_name_line,
 )
-from chatpair.server.config import ServerConfig
+from chatpair.proto.resume import Resume, parse_resume
+from chatpair.server.config import Limits
 from chatpair.server.states import Mode
 
 #: How the server names itself in the banner and in WELCOME.
@@ -39,15 +40,23 @@ def server_banner() -> bytes:
     return make_banner(SERVER_SOFTWARE)
 
 
-def welcome_frame(config: ServerConfig) -> bytes:
-    """WELCOME, the answer to a frame-mode HELLO: the same bytes for every client."""
-    return encode_json_frame(FrameType.WELCOME, {
+def welcome_frame(limits: Limits, session: str | None = None) -> bytes:
+    """WELCOME, the answer to a frame-mode HELLO (and to RESUME).
+
+    The same bytes for every v1 client; a resumable session's WELCOME also
+    carries its token and the resume window (PROTOCOL.md section 6).
+    """
+    obj = {
         "version": PROTOCOL_VERSION,
         "server": SERVER_SOFTWARE,
-        "max_frame": config.max_frame,
-        "ping_interval": config.ping_interval,
-        "idle_timeout": config.idle_timeout,
-    })
+        "max_frame": limits.max_frame,
+        "ping_interval": limits.ping_interval,
+        "idle_timeout": limits.idle_timeout,
+    }
+    if session is not None:
+        obj["session"] = session
+        obj["resume_window"] = limits.resume_window
+    return encode_json_frame(FrameType.WELCOME, obj)
 
 
 def handshake_decoder(first_byte: int) -> tuple[Mode, FrameDecoder | LineDecoder]:
@@ -57,11 +66,11 @@ def handshake_decoder(first_byte: int) -> tuple[Mode, FrameDecoder | LineDecoder
     return Mode.LINE, LineDecoder(HANDSHAKE_MAX)
 
 
-def read_hello(decoder: FrameDecoder | LineDecoder) -> Hello | None:
-    """The HELLO (or name line) in what was fed so far; None: not complete yet.
+def read_hello(decoder: FrameDecoder | LineDecoder) -> Hello | Resume | None:
+    """The HELLO, RESUME or name line in what was fed so far; None: not complete yet.
 
     Raises :class:`ProtocolError` for anything else: the first frame must be
-    HELLO; in line mode, blank lines before the name are skipped.
+    HELLO or RESUME; in line mode, blank lines before the name are skipped.
     """
     if isinstance(decoder, FrameDecoder):
         event = decoder.next_event()
@@ -69,6 +78,8 @@ def read_hello(decoder: FrameDecoder | LineDecoder) -> Hello | None:
             return None
         if isinstance(event, EndOfStream):
             raise ProtocolError(ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+        if event.type == FrameType.RESUME:  # type: ignore[union-attr]
+            return parse_resume(event)  # type: ignore[arg-type]
         return parse_hello(event)  # type: ignore[arg-type]
     while True:
         line = decoder.next_line()

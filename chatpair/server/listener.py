@@ -34,11 +34,13 @@ from chatpair.server.config import ServerConfig
 from chatpair.server.conn import Conn
 from chatpair.server.lobby import Lobby, Matched, RoomFull
 from chatpair.server.loop import EVENT_READ, ConnLoop
+from chatpair.server.operations import Operations
 from chatpair.server.processes import prepare_child_process, stop_resource_tracker
 from chatpair.server.reception import Reception
-from chatpair.server.relay import PairEnd
-from chatpair.server.render import event_bytes, undelivered_notices
+from chatpair.server.relay import Bounce, Report
 from chatpair.server.relay_pool import RelayPool
+from chatpair.server.render import event_bytes, undelivered_notices
+from chatpair.server.resume_desk import ResumeDesk
 from chatpair.server.states import Phase
 from chatpair.server.workers import Stranded
 
@@ -66,10 +68,13 @@ class Listener(ConnLoop):
         self._control_buf = b""  # a partial line from the main process
         self.lobby = Lobby()
         self.waiting: dict[int, Conn] = {}  # cid -> conn, queued in the lobby and owned here
-        self._ended: deque[PairEnd] = deque()  # from relay threads
+        self._ended: deque[Report] = deque()  # from relay threads
         self.admission = Admission(config.effective_max_clients(), config.max_per_ip, config.per_ip_loopback)
-        self.reception = Reception(self, config, self.admission, self._queue)
-        self.acceptor = Acceptor(listen_sock, self.sel, self.reception.new_connection)
+        self.resumes = ResumeDesk(self, self.admission)  # where each RESUME goes (server/resume_desk.py)
+        self.registry = self.resumes.registry
+        self.reception = Reception(self, config, self.admission, self._queue, self.resumes.on_resume)
+        self.ops = Operations(self, config)  # the deny list, status lines, /metrics (server/operations.py)
+        self.acceptor = Acceptor(listen_sock, self.sel, self.reception.new_connection, self.ops.deny)
         if control is not None:
             control.setblocking(False)
             self.sel.register(control, EVENT_READ, None)
@@ -104,6 +109,8 @@ class Listener(ConnLoop):
                     self.control.send(b"clients %d\n" % len(self.admission.live))  # type: ignore[union-attr]
                 except OSError:
                     pass
+            else:
+                self.ops.on_command(line.strip())  # reload (SIGHUP), status (SIGUSR1)
 
     # -- new connections: the reception's ----------------------------------------------------
 
@@ -121,6 +128,8 @@ class Listener(ConnLoop):
 
     def _queue(self, conn: Conn, first: bytes = b"", requeued: bool = False) -> None:
         """Join the lobby; ``first`` is sent ahead of WAITING in the same write."""
+        if conn.session is not None and not requeued:
+            self.registry.add(conn.session.token, conn.cid)
         result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
         if isinstance(result, RoomFull):
             self.send(conn, first)
@@ -142,10 +151,13 @@ class Listener(ConnLoop):
             self.release_conn(me)
         relay = self.relays.pick()
         log.info("paired %s with %s%s", a.label, b.label, f" in room {a.room}" if a.room else "")
+        self.registry.moved(a.cid, relay)
+        self.registry.moved(b.cid, relay)
         relay.submit_pair(a, b)
 
     def detach(self, conn: Conn, reason: str) -> None:
         self.reception.leave(conn)
+        self.registry.forget(conn.cid)
         if self.waiting.pop(conn.cid, None) is not None:
             log.info("%s: left while waiting (%s)", conn.label, reason)
         if conn.cid in self.lobby:
@@ -163,7 +175,7 @@ class Listener(ConnLoop):
 
     # -- clients coming back from relays -------------------------------------------------------
 
-    def post_pair_end(self, end: PairEnd) -> None:
+    def post_pair_end(self, end: Report) -> None:
         """Called from relay threads (or the worker channel): queue it and wake up."""
         self._ended.append(end)
         self.wake()
@@ -172,12 +184,18 @@ class Listener(ConnLoop):
         while self._ended:
             self.handle_pair_end(self._ended.popleft())
 
-    def handle_pair_end(self, end: PairEnd) -> None:
-        self.lobby.unpair(end.a, end.b, next_by=end.next_by)
+    def handle_pair_end(self, end: Report) -> None:
+        if isinstance(end, Bounce):
+            self.resumes.on_bounce(end)
+            return
+        if end.unpair:
+            self.lobby.unpair(end.a, end.b, next_by=end.next_by)
         for cid in end.gone:
             self.lobby.leave(cid)
             self.admission.forget(cid)
+            self.registry.forget(cid)
         for conn in end.back:
+            self.registry.moved(conn.cid, None)
             self.adopt_conn(conn)
             if not self.running:
                 self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
@@ -200,6 +218,7 @@ class Listener(ConnLoop):
         for held in stranded:
             self.lobby.leave(held.cid)
             self.admission.forget(held.cid)
+            self.registry.forget(held.cid)  # a RESUME for it hears session_expired
             if held.sock is None:
                 continue
             # Through the listener's duplicate of the descriptor, with the
@@ -214,6 +233,21 @@ class Listener(ConnLoop):
             self.adopt_conn(conn)
             self.fail(conn, ErrorCode.SHUTDOWN, WORKER_LOST_MESSAGE)
 
+    # -- resumable sessions (PROTOCOL.md section 6) ----------------------------------------------
+
+    def on_away(self, conn: Conn) -> None:
+        if conn.cid in self.waiting:
+            self.lobby.set_away(conn.cid)  # keeps its place; never paired while away
+
+    def on_resumed(self, conn: Conn) -> None:
+        if conn.cid in self.waiting:
+            matched = self.lobby.back(conn.cid)
+            if matched is not None:
+                self._pair(self.waiting[matched.waiter], conn)
+
+    def on_session_ended(self, conn: Conn) -> None:
+        self.admission.forget(conn.cid)
+
     # -- stopping and timers -----------------------------------------------------------------------
 
     def begin_stop(self) -> None:
@@ -221,6 +255,7 @@ class Listener(ConnLoop):
             return
         log.info("stopping: telling every client (%d not in a pair) the server is shutting down", len(self.conns))
         self.running = False
+        self.drop_away()
         self.acceptor.stop()
         for conn in list(self.conns):
             if conn.mode:
@@ -236,19 +271,23 @@ class Listener(ConnLoop):
         self.acceptor.tick(now)
         self.reception.expire(now)
         self.relays.tick(now)
+        self.ops.tick(now)
         super().tick(now)
 
 
-def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig) -> None:
+def listener_main(listen_sock: socket.socket, control: socket.socket, config: ServerConfig,
+                  metrics_sock: socket.socket | None = None) -> None:
     """Entry point of the listener process."""
     # Ctrl-C, a hang-up or SIGTERM to the whole process group reach us too; the
     # main process decides when we stop and tells us through ``control``. The
     # worker processes we start inherit the ignoring.
-    prepare_child_process(config.log_level)
+    prepare_child_process(config.log_level, config.log_format)
     listener = Listener(listen_sock, control, config)
+    listener.ops.serve_metrics(metrics_sock)  # a thread of ours, stopped and joined by ops.close()
     try:
         listener.run()
     finally:
+        listener.ops.close()
         listener.relays.join()
         listen_sock.close()
         control.close()

@@ -15,6 +15,9 @@ Rules (docs/protocol.md, "Pairing" and "Requeue"):
   but we do not throw out someone who was already in).
 * After NEXT the two clients are never paired with each other again while
   both connections last.
+* A waiting client whose connection dropped while its session is kept for
+  a RESUME (PROTOCOL.md section 6) is *away*: it keeps its place in the
+  queue but is never paired until it is back.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Lobby:
         self._room_of: dict[int, str | None] = {}  # queued or chatting clients
         self._partner: dict[int, int] = {}
         self._excluded: dict[int, set[int]] = {}
+        self._away: set[int] = set()  # queued, but not to be paired until back
 
     # -- queries -----------------------------------------------------------
 
@@ -90,7 +94,7 @@ class Lobby:
             state = self._rooms[room] = _Room()
         excluded = self._excluded.get(cid, ())
         for waiter in state.queue:
-            if waiter not in excluded:
+            if waiter not in excluded and waiter not in self._away:
                 state.queue.remove(waiter)
                 self._room_of[cid] = room
                 self._partner[waiter] = cid
@@ -103,6 +107,29 @@ class Lobby:
         state.queue.append(cid)
         self._room_of[cid] = room
         return Queued(cid)
+
+    def set_away(self, cid: int) -> None:
+        """A queued client's connection dropped: keep its place, pair nobody with it."""
+        if cid in self._room_of and cid not in self._partner:
+            self._away.add(cid)
+
+    def back(self, cid: int) -> Matched | None:
+        """An away client is back: pair it now if someone it may join is waiting."""
+        if cid not in self._away:
+            return None
+        self._away.discard(cid)
+        room = self._room_of[cid]
+        state = self._rooms[room]
+        excluded = self._excluded.get(cid, ())
+        for waiter in state.queue:
+            if waiter != cid and waiter not in excluded and waiter not in self._away:
+                state.queue.remove(waiter)
+                state.queue.remove(cid)
+                self._partner[waiter] = cid
+                self._partner[cid] = waiter
+                state.chatting += 1
+                return Matched(waiter, cid)
+        return None
 
     def unpair(self, a: int, b: int, *, next_by: int | None = None) -> None:
         """End the pair (a, b); both leave the lobby until they join again.
@@ -130,6 +157,7 @@ class Lobby:
         """
         if cid in self._partner:
             raise ValueError(f"client {cid} is still paired; unpair first")
+        self._away.discard(cid)
         room = self._room_of.pop(cid, _MISSING)
         if room is not _MISSING:
             state = self._rooms[room]  # type: ignore[index]

@@ -11,6 +11,7 @@ concern:
 ``scanner``     the fast frame scanner, a pure function
 ``output``      writing, output queues, flow control
 ``closing``     leaving, and the polite close that makes sure a final ERROR is read
+``resuming``    resumable sessions: ACKs, a dropped client kept away, RESUME, expiry
 ``timers``      keepalive PING, idle timeout, write deadline: who is due, decided purely
 ``ratelimit``   token buckets and the timetable of throttled clients
 ``tls``         the non-blocking TLS handshake, and bytes select() cannot see
@@ -38,9 +39,11 @@ from chatpair.server.conn import Conn
 from chatpair.server.output import OutputMixin
 from chatpair.server.ratelimit import RateLimiter
 from chatpair.server.reader import ReadMixin
+from chatpair.server.resuming import ResumeMixin
 from chatpair.server.states import Mode, Phase
+from chatpair.server.stats import LoopStats
 from chatpair.server.timers import TICK_SECONDS, Expired, sweep, sweep_interval
-from chatpair.server.tls import handshake_step
+from chatpair.server.tls import PLAINTEXT_MESSAGE, handshake_step, plaintext_on_tls
 
 log = logging.getLogger("chatpair")
 
@@ -54,10 +57,11 @@ _TLS_HANDSHAKE = Phase.TLS_HANDSHAKE
 _HANDSHAKE = Phase.HANDSHAKE
 _CHATTING = Phase.CHATTING
 _CLOSING = Phase.CLOSING
+_AWAY = Phase.AWAY
 _LINE = Mode.LINE
 
 
-class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
+class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
     """A selector loop owning a set of connections. Run it in exactly one thread.
 
     For other threads: :meth:`wake`. For the owner thread: :meth:`run`,
@@ -93,6 +97,8 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
         # Other threads (the listener handing over a pair) wake select() with it.
         self.waker = Waker()
         self.sel.register(self.waker.reader, EVENT_READ, None)
+        self.init_resume()
+        self.stats = LoopStats()  # for the status line and /metrics; written by this loop's thread only
 
     def wake(self) -> None:
         """Wake ``select()`` from another thread (after putting work in an inbox)."""
@@ -167,12 +173,6 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
         """Something besides our own sockets still needs the loop (e.g. relays winding down)."""
         return False
 
-    def close_all(self) -> None:
-        for conn in list(self.conns) + list(self.closing):
-            self._close_now(conn)
-        self.sel.close()
-        self.waker.close()
-
     # -- ownership and registration ------------------------------------------------
 
     def adopt_conn(self, conn: Conn) -> None:
@@ -186,6 +186,8 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
         conn.owner = self
         conn.events = 0
         self.conns.add(conn)
+        if conn.session is not None:
+            self.track_session(conn)
         if conn.throttled_until:
             # Over its rate when it moved here: this loop must end the pause.
             self.limiter.throttle(conn, conn.throttled_until)
@@ -203,6 +205,8 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
         conn.paused = False  # flow control is this loop's bookkeeping; the next owner starts afresh
         self._unregister(conn)
         self.conns.discard(conn)
+        if conn.session is not None:
+            self.untrack_session(conn)
         conn.owner = None
 
     def owns(self, conn: Conn) -> bool:
@@ -222,6 +226,8 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
         phase = conn.phase
         if phase is _TLS_HANDSHAKE:
             want = conn.tls_want
+        elif phase is _AWAY:
+            return  # no socket: nothing to register
         elif phase is _CLOSING:
             want = EVENT_READ | (EVENT_WRITE if conn.out else 0)
         else:
@@ -247,6 +253,9 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
 
     def tls_step(self, conn: Conn) -> None:
         """Drive the TLS handshake one step; when it is done, the handshake proper begins."""
+        if not conn.tls_started and plaintext_on_tls(conn):  # told at once, in plaintext (see tls.py)
+            self.fail(conn, ErrorCode.BAD_HELLO, PLAINTEXT_MESSAGE)
+            return
         try:
             want = handshake_step(conn.sock)
         except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
@@ -269,6 +278,7 @@ class ConnLoop(ReadMixin, OutputMixin, CloseMixin):
     def tick(self, now: float) -> None:
         """Lingering closes; every sweep interval, keepalive, idle timeout and write deadline."""
         self.close_lingering(now)
+        self.tick_sessions(now)
         if now < self._next_sweep:
             return
         self._next_sweep = now + sweep_interval(self.limits)

@@ -4,7 +4,10 @@ The main process does little on purpose, so it cannot be taken down by what
 clients send:
 
 * it binds the listening socket itself (so the port survives a listener
-  restart and ``listening on HOST:PORT`` can be printed at once);
+  restart and ``listening on HOST:PORT`` can be printed at once) - by
+  default ``::`` on one dual-stack socket that takes IPv6 and IPv4 clients
+  alike (IPv4 only where the system has no IPv6) - and the ``--metrics``
+  socket, so a port that cannot be had is one clear line at start;
 * it starts the pairing listener in a separate process
   (:func:`chatpair.server.listener.listener_main`, spawn-safe) and hands it the
   listening socket and one end of a control socket pair;
@@ -18,19 +21,25 @@ clients send:
   main process joins it, reaps multiprocessing's resource tracker and
   returns 0: when it exits, nothing it started is left.
 
-Signals. Only the main process acts on SIGINT, SIGTERM and SIGHUP. A signal
-to the whole process group (Ctrl-C, a terminal hang-up, systemd's default
-``KillMode``) reaches the listener and the workers too: they ignore all
-three and stop when the main process tells them to, or when it is gone
-(:mod:`chatpair.server.processes` has the rules every process follows).
-SIGHUP means "the terminal went away" when stdin is a terminal, and stops
-the server like SIGTERM; detached (systemd, nohup, a supervisor) it is
-ignored with one log line - a later release will reload the configuration
-on it. The "any key" watcher is :mod:`chatpair.server.keys`.
+Signals. Only the main process acts on SIGINT, SIGTERM, SIGHUP and SIGUSR1.
+A signal to the whole process group (Ctrl-C, a terminal hang-up, systemd's
+default ``KillMode``) reaches the listener and the workers too: they ignore
+them and do what the main process tells them on the control socket, and
+stop when it is gone (:mod:`chatpair.server.processes` has the rules every
+process follows). With ``--deny-file``, SIGHUP re-reads the file: the main
+process writes ``reload`` on the control socket and the listener reads the
+file and logs the outcome. Without it, SIGHUP means "the terminal went
+away" when stdin is a terminal, and stops the server like SIGTERM; detached
+(systemd, nohup, a supervisor) it is ignored with one log line. SIGUSR1
+asks for a status line in the log (``status`` on the control socket).
+Commands from signal handlers are queued and written by :meth:`Server.serve`,
+the one user of the control socket besides :meth:`Server.client_count`,
+in the same thread. The "any key" watcher is :mod:`chatpair.server.keys`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -40,15 +49,18 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TextIO
 
-from chatpair.errors import ChatpairError
+from chatpair.errors import ChatpairError, ConfigError
 from chatpair.netutil import format_addr
 from chatpair.server.config import ServerConfig, setup_logging
+from chatpair.server.deny import DenyList
 from chatpair.server.keys import KeyWatcher, StopPrompt, stdin_is_terminal
 from chatpair.server.listener import listener_main
 from chatpair.server.processes import (
+    STATUS_SIGNALS,
     STOP_SIGNALS,
     RestartBackoff,
     signals_blocked,
@@ -64,20 +76,65 @@ STOP_GRACE_SECONDS = 6.0
 COUNT_TIMEOUT_SECONDS = 0.5
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """Bind and listen; a clear ChatpairError if the address cannot be had."""
+#: Hosts that mean "every interface": served on one dual-stack socket (IPv6 and IPv4) where possible.
+ANY_HOSTS = ("::", "")
+#: bind() errors that mean "this system has no IPv6" (so "every interface" falls back to IPv4).
+_NO_IPV6_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def _reason(err: OSError) -> str:
+    # create_server appends "(while attempting to bind on address ...)": we name the address already
+    return (err.strerror or str(err)).split(" (while attempting", 1)[0]
+
+
+def bind_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """Bind and listen; a clear ChatpairError if the address cannot be had.
+
+    ``::`` (the default) is every interface, IPv6 and IPv4 on one
+    dual-stack socket where the system allows it; IPv4 clients then show as
+    their IPv4 address (the acceptor unmaps ``::ffff:a.b.c.d``). Without
+    IPv6 it falls back to ``0.0.0.0``, with one warning. Any other IPv6
+    address is IPv6 only, as asked.
+    """
+    if host in ANY_HOSTS:
+        if socket.has_dualstack_ipv6():
+            try:
+                return socket.create_server(("::", port), family=socket.AF_INET6, backlog=backlog,
+                                            dualstack_ipv6=True)
+            except OSError as err:
+                if err.errno not in _NO_IPV6_ERRNOS:
+                    raise ChatpairError(f"cannot listen on [::]:{port}: {_reason(err)}") from None
+        log.warning("IPv6 and IPv4 cannot share one socket on this system; listening on IPv4 only")
+        host = "0.0.0.0"
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
         raise ChatpairError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     family, _, _, _, addr = infos[0]
     try:
-        sock = socket.create_server(addr, family=family, backlog=4096, reuse_port=False)
+        sock = socket.create_server(addr, family=family, backlog=backlog, reuse_port=False)
     except OSError as err:
-        # create_server appends "(while attempting to bind on address ...)": we name the address already
-        reason = (err.strerror or str(err)).split(" (while attempting", 1)[0]
-        raise ChatpairError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise ChatpairError(f"cannot listen on {host}:{port}: {_reason(err)}") from None
     return sock
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every interface) -> (host, port); ConfigError otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--metrics: {text!r} is not HOST:PORT (or :PORT for every interface)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "::", int(port)
+
+
+def bind_metrics(text: str) -> socket.socket:
+    """The listening socket for ``--metrics HOST:PORT``."""
+    host, port = parse_metrics_address(text)
+    try:
+        return bind_listener(host, port, backlog=64)
+    except ChatpairError as err:
+        raise ChatpairError(f"--metrics: {err}") from None
 
 
 def certificate_fingerprint(cert_path: str) -> str:
@@ -118,7 +175,20 @@ def check_tls(config: ServerConfig) -> str | None:
 
 
 def bound_address(sock: socket.socket) -> str:
-    return format_addr(sock.getsockname())
+    """``HOST:PORT`` the socket listens on, and ``(IPv6 and IPv4)`` for a dual-stack one."""
+    address = format_addr(sock.getsockname())
+    if sock.family == socket.AF_INET6:
+        try:
+            if not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                address += " (IPv6 and IPv4)"
+        except (OSError, AttributeError):
+            pass
+    return address
+
+
+def check_deny(config: ServerConfig) -> int:
+    """Read --deny and --deny-file once here, so a mistake is one clear line; how many networks."""
+    return DenyList(config.deny, config.deny_file).reload()
 
 
 class Server:
@@ -129,6 +199,12 @@ class Server:
         self.sock = bind_listener(config.host, config.port)
         self.address = bound_address(self.sock)
         self.port = self.sock.getsockname()[1]
+        try:
+            self.metrics_sock = bind_metrics(config.metrics) if config.metrics else None
+        except ChatpairError:
+            self.sock.close()
+            raise
+        self._commands: deque[bytes] = deque()  # for the listener, queued by signal handlers
         self._ctx = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
         self._control: socket.socket | None = None
@@ -142,7 +218,8 @@ class Server:
     def start(self) -> None:
         ours, theirs = socket.socketpair()
         process = self._ctx.Process(
-            target=listener_main, args=(self.sock, theirs, self.config), name="chatpair-listener", daemon=False
+            target=listener_main, args=(self.sock, theirs, self.config, self.metrics_sock), name="chatpair-listener",
+            daemon=False
         )
         start_resource_tracker()
         with signals_blocked():  # until listener_main ignores them: see ignore_stop_signals
@@ -158,6 +235,21 @@ class Server:
         """Thread- and signal-safe: ask :meth:`serve` to stop."""
         self._stop.set()
 
+    def request_command(self, command: bytes) -> None:
+        """Signal-safe: have :meth:`serve` write ``command`` (``reload``, ``status``) to the listener."""
+        self._commands.append(command)
+
+    def _send_commands(self) -> None:
+        while self._commands:
+            command = self._commands.popleft()
+            if self._control is None or self._process is None or not self._process.is_alive():
+                log.warning("the listener is not running; %s not done", command.decode())
+                continue
+            try:
+                self._control.sendall(command + b"\n")
+            except OSError as err:
+                log.warning("could not ask the listener to %s: %s", command.decode(), err.strerror or err)
+
     def serve(self, poll: Callable[[], bool] | None = None) -> None:
         """Run until stopped; restart the listener if it dies. ``poll`` returning True stops."""
         self.start()
@@ -167,6 +259,8 @@ class Server:
             self._process.join(0.1)
             if poll is not None and poll():
                 break
+            if self._commands:
+                self._send_commands()
             if self._stop.is_set() or self._process.is_alive():
                 continue
             code = self._process.exitcode
@@ -194,6 +288,8 @@ class Server:
                 process.join()
         self._close_control()
         self.sock.close()
+        if self.metrics_sock is not None:
+            self.metrics_sock.close()
         stop_resource_tracker()
 
     def client_count(self, timeout: float = COUNT_TIMEOUT_SECONDS) -> int | None:
@@ -241,27 +337,40 @@ class Server:
 def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
     """What ``chatpair server`` does. Returns the exit code."""
     out = out or sys.stdout
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, log_format=config.log_format)
     fingerprint = check_tls(config)
+    denied = check_deny(config)
     server = Server(config)  # raises ChatpairError when the port cannot be had
     in_terminal = stdin_is_terminal(sys.stdin)
 
     def on_signal(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        if name == "SIGUSR1":
+            server.request_command(b"status")
+            return
+        if name == "SIGHUP" and config.deny_file:
+            log.debug("SIGHUP: reading the deny file %s again", config.deny_file)  # the listener says how it went
+            server.request_command(b"reload")
+            return
         if name == "SIGHUP" and not in_terminal:
-            log.warning("SIGHUP ignored: not running in a terminal (a later release will reload "
-                        "the configuration on SIGHUP; stop the server with SIGTERM)")
+            log.warning("SIGHUP ignored: not running in a terminal, and no --deny-file to read again "
+                        "(stop the server with SIGTERM)")
             return
         if not server.stopping:
             log.info("%s: stopping", "the terminal hung up (SIGHUP)" if name == "SIGHUP" else name)
         server.request_stop()
 
     # Before "listening on": whoever reads that line may signal us at once.
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS + STATUS_SIGNALS}
     try:
         print(f"listening on {server.address}" + (" (TLS)" if fingerprint else ""), file=out, flush=True)
         if fingerprint:
             print(f"certificate fingerprint {fingerprint}", file=out, flush=True)
+        if server.metrics_sock is not None:
+            print(f"metrics at http://{format_addr(server.metrics_sock.getsockname())}/metrics", file=out,
+                  flush=True)
+        if denied:
+            log.info("denying %d network%s", denied, "" if denied == 1 else "s")
         keys = KeyWatcher(sys.stdin)
         try:
             if keys.active:

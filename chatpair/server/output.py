@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from chatpair.proto import FrameType
 from chatpair.server.conn import Conn, OutChunk
 from chatpair.server.render import event_bytes
+from chatpair.server.session import SESSION_HIGH_WATER, Session
 from chatpair.server.states import Mode, Phase
 from chatpair.server.tls import WOULD_BLOCK
 
@@ -35,6 +36,7 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 _CLOSING = Phase.CLOSING
+_AWAY = Phase.AWAY
 _LINE = Mode.LINE
 
 
@@ -63,6 +65,9 @@ class OutputMixin:
         ``framed`` is false for line-mode text.
         """
         if not data:
+            return
+        session = conn.session
+        if session is not None and self.hold_for_session(conn, session, data, msgs):
             return
         out = conn.out
         if out:  # behind what is queued already: order first
@@ -97,10 +102,26 @@ class OutputMixin:
         it, after it has done what the bytes announce.
         """
         if data:
+            session = conn.session
+            if session is not None and self.hold_for_session(conn, session, data, 0):
+                return
             out = conn.out
             if not out:
                 out.last_progress = self.now
             out.push(OutChunk(bytes(data)))
+
+    def hold_for_session(self, conn: Conn, session: Session, data: bytes | memoryview, msgs: int) -> bool:
+        """Keep ``data`` in a resumable session's replay log; true if the client is away (nothing to write).
+
+        Unacknowledged bytes count towards flow control (PROTOCOL.md section
+        6): past :data:`SESSION_HIGH_WATER` the partner feeding them is no
+        longer read. It is read again when an ACK (or the client's return)
+        brings the log below the low-water mark.
+        """
+        session.record(data, msgs)
+        if session.log_bytes > SESSION_HIGH_WATER and conn.partner is not None:
+            self.pause(conn.partner)
+        return conn.phase is _AWAY
 
     def send_event(self, conn: Conn, ftype: FrameType, obj: dict[str, Any]) -> None:
         """A server event, as a frame or a ``* `` line as ``conn``'s mode wants."""

@@ -5,10 +5,12 @@ relay worker processes. They follow the same rules, written once here:
 
 * **Signals are the main process's.** SIGINT, SIGTERM and SIGHUP sent to the
   whole process group (Ctrl-C, a terminal hang-up, systemd's default
-  ``KillMode``) reach every process. A parent starts a child with them
-  blocked (:func:`signals_blocked`); the child ignores them first thing
-  (:func:`prepare_child_process`), and stops when its parent tells it to on
-  its control socket or channel, or when that reaches end of file.
+  ``KillMode``) reach every process, and so may SIGUSR1 (status) when an
+  operator signals the group. A parent starts a child with them blocked
+  (:func:`signals_blocked`); the child ignores them first thing
+  (:func:`prepare_child_process`), and stops (or reloads, or logs its
+  status) when its parent tells it to on its control socket or channel; it
+  stops when that reaches end of file.
 * **Nothing is left behind.** multiprocessing's resource tracker (a helper
   process every ``spawn`` start on POSIX makes sure of) is started by the
   main process immune to SIGHUP and stopped and reaped by whoever started it
@@ -28,12 +30,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from chatpair.netutil import raise_fd_limit
-from chatpair.server.config import setup_logging
+from chatpair.server.config import DEFAULT_LOG_FORMAT, setup_logging
 
 log = logging.getLogger("chatpair")
 
 #: The signals a terminal or a service manager sends to a whole process group.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: SIGUSR1 asks the main process for a status line (its default action would kill a child).
+STATUS_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1",) if hasattr(signal, name))
+#: What the listener and the workers ignore: every signal above is the main process's to act on.
+CHILD_SIGNALS = STOP_SIGNALS + STATUS_SIGNALS
 #: How long the resource tracker may take to go after the last process using it.
 TRACKER_EXIT_SECONDS = 2.0
 #: The n-th death of a child within CRASH_WINDOW_SECONDS waits the n-th delay
@@ -43,7 +49,7 @@ CRASH_WINDOW_SECONDS = 30.0
 
 
 @contextmanager
-def signals_blocked(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+def signals_blocked(signums: tuple[int, ...] = CHILD_SIGNALS) -> Iterator[None]:
     """Block ``signums`` in this thread; a process started meanwhile inherits the mask.
 
     The calling process receives what arrives meanwhile as soon as the block
@@ -60,7 +66,7 @@ def signals_blocked(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
 
 
 def ignore_stop_signals() -> None:
-    """For the listener and worker processes: SIGINT, SIGTERM and SIGHUP are the main process's.
+    """For the listener and worker processes: SIGINT, SIGTERM, SIGHUP and SIGUSR1 are the main process's.
 
     Sent to the whole process group they reach us too; we ignore them and stop
     when told on our control socket or channel (or when it reaches end of file
@@ -68,18 +74,18 @@ def ignore_stop_signals() -> None:
     :func:`signals_blocked`): ignore first, then unblock, so one that arrived
     in between is discarded rather than fatal.
     """
-    for signum in STOP_SIGNALS:
+    for signum in CHILD_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
 
 
-def prepare_child_process(log_level: int) -> None:
+def prepare_child_process(log_level: int, log_format: str = DEFAULT_LOG_FORMAT) -> None:
     """First thing in the listener and in each relay worker: signals, logging, descriptors."""
     # Signals first: until they are ignored, only the mask inherited from the
     # parent keeps a group-wide Ctrl-C from killing us.
     ignore_stop_signals()
-    setup_logging(log_level, batched=True)
+    setup_logging(log_level, batched=True, log_format=log_format)
     raise_fd_limit()
 
 

@@ -54,6 +54,7 @@ log = logging.getLogger("chatpair")
 
 _UNPACK_HEADER = HEADER.unpack_from
 _MSG = int(FrameType.MSG)
+_ACK = int(FrameType.ACK)
 _UTF8 = "utf-8"
 _CHATTING = Phase.CHATTING
 _CLOSING = Phase.CLOSING
@@ -92,6 +93,8 @@ class ReadMixin:
         def finish(self, conn: Conn, last: bytes = b"") -> None: ...
         def tls_step(self, conn: Conn) -> None: ...
         def drain_closing(self, conn: Conn) -> None: ...
+        def count_received(self, conn: Conn, msgs: int) -> None: ...
+        def on_ack(self, conn: Conn, payload: bytes) -> None: ...
 
     def on_readable(self, conn: Conn) -> None:
         """Dispatch on the phase (and, chatting, on the mode): the hot case is tested first."""
@@ -157,6 +160,8 @@ class ReadMixin:
                     msgs = 1
         if msgs < 0:
             msgs = self.scan_frames(conn, have + n)
+        if msgs and conn.session is not None:
+            self.count_received(conn, msgs)
         if rate_limited and conn in self.conns:
             self.charge(conn, msgs)
         if conn.tls and conn in self.conns and has_pending(conn.sock):
@@ -190,6 +195,9 @@ class ReadMixin:
 
     def on_control(self, conn: Conn, ftype: int, payload: bytes) -> None:
         """A frame that is not a MSG: checked by the protocol's rules, then acted on."""
+        if ftype == _ACK and conn.session is not None:
+            self.on_ack(conn, payload)
+            return
         try:
             check_client_frame(Frame(ftype, payload))
         except ProtocolError as err:
@@ -216,6 +224,8 @@ class ReadMixin:
             pending = conn.pending
             self.scratch[: len(pending)] = pending
             msgs = self.scan_frames(conn, len(pending))
+            if msgs and conn.session is not None:
+                self.count_received(conn, msgs)
             if self.limits.rate and conn in self.conns:
                 self.charge(conn, msgs)
         elif conn.mode is _LINE:
@@ -302,6 +312,6 @@ class ReadMixin:
 
     def on_bye(self, conn: Conn) -> None:
         """BYE (or ``/quit``): leave and close."""
-        log.info("%s: bye", conn.label)
+        log.debug("%s: bye", conn.label)  # INFO: detach says "left (bye)", one line per leaving
         self.detach(conn, "bye")
         self.finish(conn)

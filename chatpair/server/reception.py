@@ -23,10 +23,10 @@ from typing import Any
 
 from chatpair.netutil import format_addr
 from chatpair.proto import ErrorCode, Hello, ProtocolError
+from chatpair.proto.resume import Resume
 from chatpair.server.admission import Admission
 from chatpair.server.config import ServerConfig
 from chatpair.server.conn import Conn
-from chatpair.server.states import Mode
 from chatpair.server.handshake import (
     handshake_decoder,
     read_hello,
@@ -34,7 +34,8 @@ from chatpair.server.handshake import (
     welcome_frame,
 )
 from chatpair.server.loop import ConnLoop
-from chatpair.server.states import Phase
+from chatpair.server.session import Session, new_token
+from chatpair.server.states import Mode, Phase
 
 log = logging.getLogger("chatpair")
 
@@ -50,14 +51,16 @@ class Reception:
     """
 
     def __init__(self, loop: ConnLoop, config: ServerConfig, admission: Admission,
-                 on_hello: Callable[[Conn, bytes], None]) -> None:
+                 on_hello: Callable[[Conn, bytes], None], on_resume: Callable[[Conn, Resume], None]) -> None:
         self.loop = loop
         self.config = config
         self.admission = admission
         self._on_hello = on_hello
+        self._on_resume = on_resume
         self.tls = config.tls_context()
         self.banner = server_banner()
-        self.welcome = welcome_frame(config)
+        self.limits = config.limits()
+        self.welcome = welcome_frame(self.limits)
         self.handshaking: set[Conn] = set()
         self._cids = itertools.count(1)
 
@@ -78,16 +81,17 @@ class Reception:
                 return
         conn = Conn(sock, next(self._cids), label, loop.now)
         conn.handshake_deadline = loop.now + self.config.handshake_timeout
+        # DEBUG: the INFO log says who joined (below) or why a connection
+        # ended before that - one line per client instead of two. A refusal
+        # is said (and logged at INFO, by fail) once the first byte shows the mode.
+        log.debug("%s: connected", label)
         if refusal is not None:
             conn.refusal = refusal
             admission.start_refusal()
-            log.info("%s: refused: %s", label, refusal[1])
+            log.debug("%s: refused: %s", label, refusal[1])
         else:
             admission.admit(conn.cid, ip)
         self.handshaking.add(conn)
-        # DEBUG: the INFO log says who joined (below) or why a connection
-        # ended before that - one line per client instead of two.
-        log.debug("%s: connected", label)
         loop.adopt_conn(conn)
         if self.tls is None:  # with TLS the banner waits for the TLS handshake (on_tls_ready)
             loop.send(conn, self.banner)
@@ -124,8 +128,7 @@ class Reception:
         if hello is not None:
             self._complete(conn, hello)
 
-    def _complete(self, conn: Conn, hello: Hello) -> None:
-        conn.name, conn.room = hello.name, hello.room
+    def _complete(self, conn: Conn, hello: Hello | Resume) -> None:
         conn.phase = Phase.CHATTING
         conn.tokens, conn.token_time = float(self.config.burst), self.loop.now
         self.handshaking.discard(conn)
@@ -134,11 +137,20 @@ class Reception:
             conn.decoder = None
         else:
             conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
+        if isinstance(hello, Resume):
+            self._on_resume(conn, hello)
+            return
+        conn.name, conn.room = hello.name, hello.room
+        welcome = self.welcome
+        if hello.resume and conn.mode is Mode.FRAME and self.config.resume_window > 0:
+            conn.session = Session(new_token())
+            self.loop.track_session(conn)
+            welcome = welcome_frame(self.limits, conn.session.token)
         log.info("%s: joined%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
                  "frame" if conn.mode is Mode.FRAME else "line")
         # WELCOME goes out with WAITING (and PAIRED, if a partner is there) in
         # one send: fewer syscalls is most of what connect+pair costs.
-        self._on_hello(conn, self.welcome if conn.mode is Mode.FRAME else b"")
+        self._on_hello(conn, welcome if conn.mode is Mode.FRAME else b"")
 
     def leave(self, conn: Conn) -> None:
         """``conn`` is leaving (harmless if it finished its handshake)."""
@@ -158,6 +170,10 @@ class Reception:
             if conn.mode:
                 loop.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT,
                           f"no valid hello within {self.config.handshake_timeout:g} seconds")
-            else:
-                log.info("%s: sent nothing; closed at the handshake deadline", conn.label)
+            else:  # nothing arrived (or, with TLS, the TLS handshake did not finish)
+                why = ("TLS handshake not finished" if conn.tls_started else
+                       "no TLS hello (a client without --tls waits for a banner)" if conn.tls else "sent nothing")
+                if conn.refusal is not None:
+                    why = f"refused ({conn.refusal[1]}) and {why}"
+                log.info("%s: %s; closed at the handshake deadline", conn.label, why)
                 loop.drop(conn, "disconnected")

@@ -33,34 +33,54 @@ from chatpair.server.conn import Conn
 from chatpair.server.loop import ConnLoop
 from chatpair.server.output import LOW_WATER
 from chatpair.server.render import event_bytes, line_msg_bytes, undelivered_notices
-from chatpair.server.states import Mode
+from chatpair.server.session import SESSION_LOW_WATER
+from chatpair.server.states import Mode, Phase
 
 log = logging.getLogger("chatpair")
 
 _FRAME = Mode.FRAME
+_AWAY = Phase.AWAY
 
 
 @dataclass(slots=True)
 class PairEnd:
-    """What a relay reports when a pair ends: who left, who comes back."""
+    """What a relay reports when a pair ends (who left, who comes back), or a lone client does.
+
+    ``unpair`` is false for a client the relay kept after its pair ended
+    because it was away (resume): it comes back, or its session ends, later
+    and alone (then ``a == b``).
+    """
 
     a: int
     b: int
     next_by: int | None = None
-    gone: list[int] = field(default_factory=list)  # connections closed
+    gone: list[int] = field(default_factory=list)  # connections closed (sessions ended)
     back: list[Conn] = field(default_factory=list)  # connections to queue again
+    unpair: bool = True
+
+
+@dataclass(slots=True)
+class Bounce:
+    """A RESUME handed to a relay that no longer holds the session: the listener looks again."""
+
+    new: Conn  # the new connection, its RESUME read
+    cid: int  # the session's client id
+    received: int  # the count its RESUME said
+
+
+Report = PairEnd | Bounce
 
 
 class Relay(ConnLoop):
     """One relay loop: serves any number of pairs, in one thread."""
 
-    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[PairEnd], None]) -> None:
+    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None]) -> None:
         super().__init__(limits)
         self.index = index
         self.name = f"relay-{index}"
         self._on_pair_end = on_pair_end
         self._inbox: deque[tuple[str, object]] = deque()  # filled by other threads
-        self._ended: list[PairEnd] = []
+        self._ended: list[Report] = []
         self.pairs = 0
 
     # -- commands from the listener (any thread) -------------------------------------
@@ -71,6 +91,11 @@ class Relay(ConnLoop):
         if wake:
             self.wake()
 
+    def submit_resume(self, new: Conn, cid: int, received: int) -> None:
+        """Any thread: ``new`` sent RESUME for the session of client ``cid``, which we relay."""
+        self._inbox.append(("resume", (new, cid, received)))
+        self.wake()
+
     def submit_stop(self) -> None:
         self._inbox.append(("stop", None))
         self.wake()
@@ -80,6 +105,8 @@ class Relay(ConnLoop):
             what, arg = self._inbox.popleft()
             if what == "pair":
                 self.adopt_pair(*arg)  # type: ignore[misc]
+            elif what == "resume":
+                self.take_resume(*arg)  # type: ignore[misc]
             elif what == "stop":
                 self.stop()
 
@@ -92,14 +119,36 @@ class Relay(ConnLoop):
             return
         a.partner, b.partner = b, a
         self.pairs += 1
+        self.stats.pair_started(a.cid, b.cid, self.now)
         for conn in (a, b):
             self.adopt_conn(conn)
         for conn in (a, b):
             self.process_buffered(conn)
 
+    def take_resume(self, new: Conn, cid: int, received: int) -> None:
+        """A RESUME for a session here: carry it on on ``new``, or send it back if it is not ours."""
+        self.adopt_conn(new)
+        conn = self.sessions.get(cid)
+        if conn is None:
+            # It left for the listener (or ended) while the RESUME was on its way.
+            self.release_conn(new)
+            self._ended.append(Bounce(new, cid, received))
+        elif not self.running:
+            self.fail(new, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
+        else:
+            self.attach_resume(new, conn, received)
+
+    def on_resumed(self, conn: Conn) -> None:
+        if conn.partner is None:
+            # Its partner left while it was away: it has heard PEER_LEFT (in
+            # the replay); now it is the listener's to queue again.
+            self.release_conn(conn)
+            self._ended.append(PairEnd(conn.cid, conn.cid, back=[conn], unpair=False))
+
     def stop(self) -> None:
         """Tell every client ``shutdown`` (no PEER_LEFT: everyone hears the same) and wind down."""
         self.running = False
+        self.drop_away()
         for conn in list(self.conns):
             conn.partner = None
             self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
@@ -117,6 +166,9 @@ class Relay(ConnLoop):
         if partner is None:
             self.send(conn, undelivered_notices(conn, count, "you have no partner right now"))
             return
+        stats = self.stats  # for status and /metrics (server/stats.py)
+        stats.msgs += count
+        stats.bytes += end - start
         if partner.mode is _FRAME:
             self.send(partner, view[start:end], count)
         else:
@@ -128,6 +180,9 @@ class Relay(ConnLoop):
 
     def on_line_msg(self, conn: Conn, text: str) -> None:
         partner = conn.partner
+        if partner is not None:  # for status and /metrics (server/stats.py)
+            self.stats.msgs += 1
+            self.stats.bytes += len(text.encode("utf-8", "replace")) + 1
         if partner is None:
             self.send(conn, undelivered_notices(conn, 1, "you have no partner right now"))
         elif partner.mode is _FRAME:
@@ -156,7 +211,11 @@ class Relay(ConnLoop):
 
     def may_read(self, conn: Conn) -> bool:
         partner = conn.partner
-        return conn.out.unsent < LOW_WATER and (partner is None or partner.out.unsent < LOW_WATER)
+        if partner is None:
+            return conn.out.unsent < LOW_WATER
+        held = partner.session  # what the partner has not acknowledged counts too
+        return (conn.out.unsent < LOW_WATER and partner.out.unsent < LOW_WATER
+                and (held is None or held.log_bytes < SESSION_LOW_WATER))
 
     # -- leaving ----------------------------------------------------------------------------
 
@@ -171,13 +230,22 @@ class Relay(ConnLoop):
         if conn.partner is not None:
             log.info("%s: left (%s); %s is queued again", conn.label, reason, conn.partner.label)
             self._end_pair(conn, reason, closing=True)
+        elif conn.session is not None and not conn.session.ended and self.running:
+            # Kept here while away after its pair ended, and now gone for good.
+            self._ended.append(PairEnd(conn.cid, conn.cid, gone=[conn.cid], unpair=False))
 
     def _end_pair(self, leaver: Conn, reason: str, closing: bool) -> None:
         stayer = leaver.partner
         assert stayer is not None
         leaver.partner = stayer.partner = None
         self.pairs -= 1
-        lost = leaver.undelivered_msgs() if closing else 0
+        self.stats.pair_ended(leaver.cid, stayer.cid, self.now)
+        if leaver.phase is _AWAY:
+            # Its window passed: what it never acknowledged may never have
+            # reached it, and the server cannot know; it says so (section 6).
+            lost = leaver.session.unacked  # type: ignore[union-attr]
+        else:
+            lost = leaver.undelivered_msgs() if closing else 0
         # Queued, not written: the listener writes these after it has put the
         # stayer back in the lobby, so whoever hears "bob left" and reacts
         # (a newcomer told by the stayer, say) finds the lobby already updated.
@@ -186,6 +254,8 @@ class Relay(ConnLoop):
         self.enqueue(stayer, event_bytes(stayer, FrameType.PEER_LEFT, {"peer": leaver.name, "reason": reason}))
         end = PairEnd(leaver.cid, stayer.cid, next_by=None if closing else leaver.cid)
         for conn in (stayer,) if closing else (stayer, leaver):
+            if conn.phase is _AWAY:
+                continue  # stays here, events kept for it, until it comes back or its window ends
             self.release_conn(conn)
             end.back.append(conn)
         if closing:
@@ -196,7 +266,7 @@ class Relay(ConnLoop):
 class RelayThread:
     """A :class:`Relay` running in its own thread; the listener owns and joins it."""
 
-    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[PairEnd], None]) -> None:
+    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None]) -> None:
         self.relay = Relay(limits, index, on_pair_end)
         self.thread = threading.Thread(target=self._run, name=f"chatpair-relay-{index}", daemon=True)
         self._wake_owed = False  # pairs submitted since the last flush()
@@ -228,6 +298,9 @@ class RelayThread:
         if self._wake_owed:
             self._wake_owed = False
             self.relay.wake()
+
+    def submit_resume(self, new: Conn, cid: int, received: int) -> None:
+        self.relay.submit_resume(new, cid, received)
 
     def stop(self) -> None:
         self.relay.submit_stop()

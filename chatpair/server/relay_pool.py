@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from chatpair.server.config import ServerConfig
 from chatpair.server.conn import Conn
-from chatpair.server.relay import PairEnd, RelayThread
+from chatpair.server.relay import RelayThread, Report
 from chatpair.server.workers import Stranded, WorkerHandle
 
 log = logging.getLogger("chatpair")
@@ -32,6 +32,8 @@ class RelayHandle(Protocol):
     def start(self) -> None: ...
 
     def submit_pair(self, a: Conn, b: Conn) -> None: ...
+
+    def submit_resume(self, new: Conn, cid: int, received: int) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -51,7 +53,7 @@ class RelayPool:
     watches the workers' channels.
     """
 
-    def __init__(self, config: ServerConfig, on_pair_end: Callable[[PairEnd], None],
+    def __init__(self, config: ServerConfig, on_pair_end: Callable[[Report], None],
                  on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector) -> None:
         self._limits = config.limits()
         self._on_pair_end = on_pair_end

@@ -14,6 +14,11 @@ Phase - where the connection is in its life::
           |                         |                                |
           +-------------------------+----------> CLOSING <-----------+
 
+A resumable connection (PROTOCOL.md section 6) whose socket drops goes from
+CHATTING to AWAY instead of ending: no socket, kept by the loop that owned
+it; a RESUME brings it back to CHATTING on a new socket, and the end of the
+resume window ends it like a disconnect.
+
 A connection starts in TLS_HANDSHAKE if its socket is a TLS socket, else in
 HANDSHAKE (:class:`~chatpair.server.conn.Conn` decides once, when it is
 made); one handed over from a relay worker starts in CHATTING. CHATTING
@@ -47,3 +52,4 @@ class Phase(enum.Enum):
     HANDSHAKE = "handshake"  # banner sent; reading HELLO or the name line, with one deadline
     CHATTING = "chatting"  # past the handshake: waiting for a partner, or paired
     CLOSING = "closing"  # our side done; reading only to see the client close
+    AWAY = "away"  # resumable session whose socket dropped: no socket, kept for the resume window

@@ -12,6 +12,15 @@ Which of the two kinds a socket is gets decided once per connection
 (:func:`is_tls`, when the :class:`~chatpair.server.conn.Conn` is made), so
 the read path tests a boolean rather than the socket's class.
 
+A client that speaks plaintext to the TLS port is told so at once instead
+of at the handshake deadline: before the first handshake step the loop
+peeks at the first byte (:func:`peek_first_byte`). A TLS client's first
+byte is a handshake record (0x16); a chatpair frame-mode client's is 0x00
+and a person's with netcat is what they typed. For those the socket drops
+its TLS layer (:func:`plain_socket`, nothing of TLS was read or written)
+and the loop answers in plaintext, as an ERROR frame or a ``* error:``
+line, :data:`PLAINTEXT_MESSAGE`.
+
 Python built without OpenSSL has no TLS; everything else works.
 """
 
@@ -20,6 +29,8 @@ from __future__ import annotations
 import selectors
 import socket
 from typing import Any
+
+from chatpair.server.states import Mode, Phase
 
 try:
     import ssl
@@ -33,6 +44,10 @@ except ImportError:  # no OpenSSL: no TLS socket can exist
 
 #: "Try again later" from a non-blocking socket, plain or TLS.
 WOULD_BLOCK: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError, *_SSL_WANT)
+#: The first byte of every TLS connection: a handshake record (the ClientHello).
+TLS_HANDSHAKE_RECORD = 0x16
+#: What a plaintext client on the TLS port is told (its first byte decides frame or line).
+PLAINTEXT_MESSAGE = "this server speaks TLS: use --tls"
 
 
 def is_tls(sock: socket.socket | Any) -> bool:
@@ -61,3 +76,43 @@ def has_pending(sock: Any) -> bool:
     """Decrypted bytes left in the SSL object, which ``select()`` will not report?"""
     pending = getattr(sock, "pending", None)
     return pending is not None and bool(pending())
+
+
+def peek_first_byte(sock: Any) -> int | None:
+    """The first byte a client sent, left unread; None if nothing has arrived yet (or end of stream).
+
+    Only meaningful before the first TLS handshake step has read anything:
+    peeks under the TLS layer, at the socket itself.
+    """
+    try:
+        data = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+    except OSError:  # BlockingIOError included: nothing yet
+        return None
+    return data[0] if data else None
+
+
+def plain_socket(sock: Any) -> socket.socket:
+    """The same connection without its TLS layer (same descriptor: selector registrations hold)."""
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+
+def plaintext_on_tls(conn: Any) -> bool:
+    """Before a TLS connection's handshake step: is its client speaking plaintext?
+
+    Peeks at the first byte once (``conn.tls_started`` records that it was
+    TLS). For plaintext, ``conn`` becomes a plain connection in the mode its
+    first byte shows, in its handshake, ready for the loop to fail it with
+    :data:`PLAINTEXT_MESSAGE`. False for TLS, and while nothing has arrived.
+    """
+    first = peek_first_byte(conn.sock)
+    if first is None:
+        return False
+    if first == TLS_HANDSHAKE_RECORD:
+        conn.tls_started = True
+        return False
+    conn.sock = plain_socket(conn.sock)
+    conn.sock.setblocking(False)
+    conn.tls = False
+    conn.mode = Mode.FRAME if first == 0 else Mode.LINE
+    conn.phase = Phase.HANDSHAKE
+    return True

@@ -15,7 +15,15 @@ owner at a time, across processes too. The messages (:class:`Op`)::
     listener -> worker   {"op": "pair", "a": state, "b": state}  + 2 sockets
     worker -> listener   {"op": "end", "a": cid, "b": cid, "next_by": cid | null,
                           "gone": [cid, ...], "back": [state, ...]}  + a socket per "back"
+    listener -> worker   {"op": "resume", "new": state, "cid": cid, "received": n}  + the new socket
+    worker -> listener   {"op": "bounce", "new": state, "cid": cid, "received": n}  + the new socket
     listener -> worker   {"op": "stop"}
+
+A resumable client's session (PROTOCOL.md section 6) moves with its
+connection, inside :meth:`Conn.state`. A client that is *away* has no socket
+and never moves: it stays in its worker until it comes back - the listener
+sends the RESUME's new socket to that worker ("resume"), which sends it
+back ("bounce") if the session has left meanwhile - or its window ends.
 
 One exception, for when a worker dies: the listener keeps a *duplicate* of
 every descriptor it hands to a worker, never registered, never read, until
@@ -51,7 +59,7 @@ from chatpair.server.processes import (
     RestartBackoff,
     prepare_child_process,
 )
-from chatpair.server.relay import PairEnd, Relay
+from chatpair.server.relay import Bounce, PairEnd, Relay, Report
 from chatpair.server.states import Mode
 
 log = logging.getLogger("chatpair")
@@ -68,13 +76,19 @@ class Op(str, enum.Enum):
     PAIR = "pair"  # listener -> worker: relay this new pair
     END = "end"  # worker -> listener: a pair ended; who is gone, who comes back
     STOP = "stop"  # listener -> worker: tell your clients "shutdown" and exit
+    RESUME = "resume"  # listener -> worker: a RESUME for a session you hold, on this new socket
+    BOUNCE = "bounce"  # worker -> listener: that session is not here (any more)
+    STATS = "stats"  # worker -> listener: its counters (server/stats.py), at most once a second
 
 
-def _end_message(end: PairEnd) -> tuple[dict[str, Any], list[socket.socket]]:
+def _report_message(report: Report) -> tuple[dict[str, Any], list[socket.socket]]:
+    if isinstance(report, Bounce):
+        return ({"op": Op.BOUNCE.value, "new": report.new.state(), "cid": report.cid,
+                 "received": report.received}, [report.new.sock])
     return (
-        {"op": Op.END.value, "a": end.a, "b": end.b, "next_by": end.next_by, "gone": end.gone,
-         "back": [c.state() for c in end.back]},
-        [c.sock for c in end.back],
+        {"op": Op.END.value, "a": report.a, "b": report.b, "next_by": report.next_by, "gone": report.gone,
+         "back": [c.state() for c in report.back], "unpair": report.unpair},
+        [c.sock for c in report.back],
     )
 
 
@@ -103,8 +117,8 @@ class WorkerRelay(Relay):
         self._channel_events = EVENT_READ  # what the channel is registered for
         self.sel.register(channel.sock, EVENT_READ, None)
 
-    def _send_end(self, end: PairEnd) -> None:
-        obj, socks = _end_message(end)
+    def _send_end(self, report: Report) -> None:
+        obj, socks = _report_message(report)
         self.channel.send(obj, socks)
         self._channel_interest()
 
@@ -123,6 +137,9 @@ class WorkerRelay(Relay):
             if obj["op"] == Op.PAIR:
                 a, b = _conns_from([obj["a"], obj["b"]], socks, self.max_line)
                 self.adopt_pair(a, b)
+            elif obj["op"] == Op.RESUME:
+                (new,) = _conns_from([obj["new"]], socks, self.max_line)
+                self.take_resume(new, obj["cid"], obj["received"])
             elif obj["op"] == Op.STOP:
                 self.stop()
         if self.channel.closed and self.running:
@@ -136,6 +153,9 @@ class WorkerRelay(Relay):
     def after_events(self) -> None:
         super().after_events()
         if not self.channel.closed:
+            report = self.stats.report_due(self.now)  # for the listener's status line and /metrics
+            if report is not None:
+                self.channel.send({"op": Op.STATS.value, "stats": report})
             self._channel_interest()
 
 
@@ -143,7 +163,7 @@ def relay_worker_main(channel_sock: socket.socket, config: ServerConfig, index: 
     """Entry point of a relay worker process (spawn-safe)."""
     # Signals to the whole process group are the main process's to act on; we
     # stop on {"op": "stop"} or the channel's end of file.
-    prepare_child_process(config.log_level)
+    prepare_child_process(config.log_level, config.log_format)
     relay = WorkerRelay(Channel(channel_sock), config, index)
     try:
         relay.run()
@@ -192,7 +212,7 @@ class WorkerHandle:
     Everything here runs in the listener's loop thread.
     """
 
-    def __init__(self, config: ServerConfig, index: int, on_pair_end: Callable[[PairEnd], None],
+    def __init__(self, config: ServerConfig, index: int, on_pair_end: Callable[[Report], None],
                  on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector) -> None:
         self.index = index
         self.config = config
@@ -209,6 +229,7 @@ class WorkerHandle:
         self._events = 0  # what the channel is registered for in the selector; 0: not registered
         self._backoff = RestartBackoff()
         self.restart_at = 0.0  # DEAD: when to start a new process
+        self.stats_report: dict[str, Any] = {}  # the worker's latest counters ({"op": "stats"})
 
     # -- state -------------------------------------------------------------------------
 
@@ -291,6 +312,23 @@ class WorkerHandle:
         self.channel.send({"op": Op.PAIR.value, "a": a.state(), "b": b.state()}, [a.sock, b.sock])
         self._interest()
 
+    def submit_resume(self, new: Conn, cid: int, received: int) -> None:
+        """A RESUME for a session this worker holds: send it the new socket."""
+        assert self.channel is not None
+        held = self._held.get(cid)
+        if held is not None:
+            # From now on the duplicate to tell the client through, should
+            # this worker die, is the new socket's.
+            if held.sock is not None:
+                held.sock.close()
+            try:
+                held.sock = new.sock.dup()
+            except OSError:
+                held.sock = None
+        self.channel.send({"op": Op.RESUME.value, "new": new.state(), "cid": cid, "received": received},
+                          [new.sock])
+        self._interest()
+
     def _release(self, cid: int) -> None:
         """The worker reported the client gone or back: the duplicate has served its purpose."""
         held = self._held.pop(cid, None)
@@ -320,12 +358,21 @@ class WorkerHandle:
 
     def _on_message(self, message: Message) -> None:
         obj, socks = message
+        max_line = self.config.max_frame - 1
         if obj["op"] == Op.END:
-            self.pairs -= 1
-            self._release(obj["a"])
-            self._release(obj["b"])
-            back = _conns_from(obj["back"], socks, self.config.max_frame - 1)
-            self._on_pair_end(PairEnd(obj["a"], obj["b"], obj["next_by"], obj["gone"], back))
+            if obj["unpair"]:
+                self.pairs -= 1
+            for cid in obj["gone"]:
+                self._release(cid)
+            back = _conns_from(obj["back"], socks, max_line)
+            for conn in back:
+                self._release(conn.cid)
+            self._on_pair_end(PairEnd(obj["a"], obj["b"], obj["next_by"], obj["gone"], back, obj["unpair"]))
+        elif obj["op"] == Op.BOUNCE:
+            (new,) = _conns_from([obj["new"]], socks, max_line)
+            self._on_pair_end(Bounce(new, obj["cid"], obj["received"]))
+        elif obj["op"] == Op.STATS:
+            self.stats_report = obj["stats"]
 
     # -- death and restart -------------------------------------------------------------------
 
@@ -347,7 +394,8 @@ class WorkerHandle:
                     held.sock.close()
             return
         self.state = WorkerState.DEAD
-        how = self._reap()
+        how = _reap(self.process)
+        self.process = None
         now = time.monotonic()
         delay = self._backoff.record_death(now)
         self.restart_at = now + delay
@@ -355,29 +403,6 @@ class WorkerHandle:
                   self.index, how, lost, "" if lost == 1 else "s", delay)
         if stranded:
             self._on_lost(stranded)
-
-    def _reap(self) -> str:
-        """Wait for the dead process (kill it if it lingers); how it ended, for the log."""
-        assert self.process is not None
-        # Reap it now, so that the log says how it ended and no zombie is
-        # left. A process whose channel has hit end of file is exiting: this
-        # waits a few milliseconds at most. One still alive after that (a
-        # failed write on our side, or a hang) could be handed no pair and
-        # give none back: end it, so its clients hear one story, ours.
-        killed = False
-        self.process.join(0.1)
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join()
-            killed = True
-        code = self.process.exitcode
-        self.process.close()
-        self.process = None
-        if killed:
-            return "its channel broke; killed it"
-        if code is not None and code < 0:
-            return f"signal {-code}"
-        return f"exit code {code}"
 
     def tick(self, now: float) -> None:
         """Called by the listener's timer: notice a death the channel did not show; restart when due."""
@@ -419,3 +444,25 @@ class WorkerHandle:
             if held.sock is not None:
                 held.sock.close()
         self._held.clear()
+
+
+def _reap(process: multiprocessing.process.BaseProcess) -> str:
+    """Wait for a dead worker process (kill it if it lingers); how it ended, for the log."""
+    # Reap it now, so that the log says how it ended and no zombie is
+    # left. A process whose channel has hit end of file is exiting: this
+    # waits a few milliseconds at most. One still alive after that (a
+    # failed write on our side, or a hang) could be handed no pair and
+    # give none back: end it, so its clients hear one story, ours.
+    killed = False
+    process.join(0.1)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        killed = True
+    code = process.exitcode
+    process.close()
+    if killed:
+        return "its channel broke; killed it"
+    if code is not None and code < 0:
+        return f"signal {-code}"
+    return f"exit code {code}"

@@ -1,0 +1,74 @@
+"""Where a RESUME that reaches the listener goes: the listener itself, or the relay holding the session.
+
+Every connection, RESUME included, is accepted and handshaken by the
+listener. The session it names lives with its client's connection: in the
+listener while the client waits, in a relay thread or relay worker while it
+is paired (and there it stays if it drops). :class:`ResumeDesk` looks the
+token up in the :class:`~chatpair.server.registry.SessionRegistry` and
+hands the new connection on: to the listener's own loop, or to that relay,
+which carries the session on (or sends it back, a
+:class:`~chatpair.server.relay.Bounce`, if the session left meanwhile).
+Tokens that are unknown, ended or expired all hear the same
+``session_expired``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from chatpair.proto import ErrorCode
+from chatpair.proto.resume import Resume
+from chatpair.server.conn import Conn
+from chatpair.server.registry import SessionRegistry
+from chatpair.server.relay import Bounce
+from chatpair.server.relay_pool import RelayHandle
+from chatpair.server.session import EXPIRED_MESSAGE
+
+if TYPE_CHECKING:
+    from chatpair.server.admission import Admission
+    from chatpair.server.loop import ConnLoop
+
+
+class ResumeDesk:
+    """The listener's RESUME desk; runs on the listener's thread."""
+
+    def __init__(self, listener: ConnLoop, admission: Admission) -> None:
+        self.listener = listener
+        self.admission = admission
+        #: resumable sessions: token -> client, and which relay holds it (None: the listener)
+        self.registry: SessionRegistry[RelayHandle] = SessionRegistry()
+
+    def on_resume(self, new: Conn, resume: Resume) -> None:
+        """A new connection sent RESUME: carry the session on here, or hand it to the relay holding it."""
+        listener = self.listener
+        cid = self.registry.lookup(resume.session)
+        if cid is None or not listener.running:
+            listener.fail(new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
+            return
+        # The session holds its client's place in the limits; the new
+        # connection is that client, not one more.
+        self.admission.forget(new.cid)
+        self._resume_at(new, cid, resume.received, self.registry.where(cid))
+
+    def _resume_at(self, new: Conn, cid: int, received: int, where: RelayHandle | None) -> None:
+        listener = self.listener
+        if where is not None:
+            listener.release_conn(new)
+            where.submit_resume(new, cid, received)
+            return
+        conn = listener.sessions.get(cid)
+        if conn is None or conn.session is None or conn.session.ended:
+            listener.fail(new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
+        else:
+            listener.attach_resume(new, conn, received)
+
+    def on_bounce(self, bounce: Bounce) -> None:
+        """A relay did not hold the session any more: it came back here meanwhile, or it ended."""
+        listener = self.listener
+        listener.adopt_conn(bounce.new)
+        if bounce.cid not in self.registry or self.registry.where(bounce.cid) is not None or not listener.running:
+            # Ended, or (never expected) still placed at a relay that says it
+            # is not there: expired either way, rather than send it round again.
+            listener.fail(bounce.new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
+            return
+        self._resume_at(bounce.new, bounce.cid, bounce.received, None)
