@@ -98,12 +98,25 @@ def main() -> None:
     parser.add_argument("--bench", action="append", required=True, help="NAME=chatpair bench arguments")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bench-python", default=sys.executable)
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate the benches too (run 1: A B, run 2: B A, ...), to compare bench "
+                             "options (e.g. with and without --resume) against the same server")
     args = parser.parse_args()
     servers = [tuple(s.split("=", 1)) for s in args.server]
     benches = [tuple(b.split("=", 1)) for b in args.bench]
-    for bench_name, bench_args in benches:
-        samples: dict[str, list[dict]] = {name: [] for name, _ in servers}
+    every: dict[tuple[str, str], list[dict]] = {(b, s): [] for b, _ in benches for s, _ in servers}
+    if args.interleave:
         for run in range(args.runs):
+            for bench_name, bench_args in (benches if run % 2 == 0 else benches[::-1]):
+                for name, command in (servers if run % 2 == 0 else servers[::-1]):
+                    proc, port = start_server(command)
+                    try:
+                        every[bench_name, name].append(run_bench(args.bench_python, port, proc.pid, bench_args))
+                    finally:
+                        stop_server(proc)
+    for bench_name, bench_args in benches:
+        samples: dict[str, list[dict]] = {name: every[bench_name, name] for name, _ in servers}
+        for run in range(0 if args.interleave else args.runs):
             order = servers if run % 2 == 0 else servers[::-1]
             for name, command in order:
                 proc, port = start_server(command)
