@@ -12,15 +12,30 @@ import json
 import shutil
 import socket
 import ssl
-import subprocess
 import struct
+import subprocess
 import threading
 import time
 
 import pytest
 import wire
-from conftest import ServerProcess, wait_for
-from wire import ACK, BYE, ERROR, MSG, NEXT, NOTICE, PAIRED, PEER_LEFT, PING, PONG, RESUME, RESUMED, WAITING, WELCOME
+from conftest import wait_for
+from wire import (
+    ACK,
+    BYE,
+    ERROR,
+    MSG,
+    NEXT,
+    NOTICE,
+    PAIRED,
+    PEER_LEFT,
+    PING,
+    PONG,
+    RESUME,
+    RESUMED,
+    WAITING,
+    WELCOME,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,7 +178,7 @@ def test_bad_acks_are_bad_frames(server):
     a.expect_error("bad_frame")
     assert b.want(PEER_LEFT)["reason"] == "error"
 
-    c, d = pair(server.port, a_resume=False, room="r2")
+    c, _ = pair(server.port, a_resume=False, room="r2")
     c.send_frame(ACK, b'{"received": 0}')  # no session
     c.expect_error("bad_frame")
 
@@ -174,7 +189,7 @@ def test_bad_acks_are_bad_frames(server):
     e.ack(1)  # goes back
     e.expect_error("bad_frame")
 
-    g, h = pair(server.port, room="r4")
+    g, _ = pair(server.port, room="r4")
     g.send_frame(RESUME, json.dumps({"version": 1, "session": g.session, "received": 0}).encode())
     g.expect_error("bad_frame")  # RESUME anywhere but first
 
@@ -299,7 +314,7 @@ def test_expired_tokens_are_indistinguishable(start_server):
     x = Peer(srv.port)
     messages.add(_expired(x.resume(session="A" * 32, received=0)))
     # a token after BYE
-    a, b = pair(srv.port)
+    a, _b = pair(srv.port)
     a.send_frame(BYE)
     a.expect_closed()
     messages.add(_expired(a.resume()))

@@ -136,3 +136,16 @@ def test_any_drop_and_resume_replays_exactly_the_messages_past_the_count(batches
     received = data.draw(st.integers(s.acked, n))
     replay, _ = s.plan_resume(received)
     assert [t for t in texts(replay)] == [str(i) for i in range(received, n)]
+
+
+def test_events_sent_with_welcome_are_followed():
+    """The newcomer's WELCOME, WAITING and PAIRED go out in one write: PAIRED still names the partner."""
+    s = Session("t")
+    s.record(event(FrameType.WELCOME, version=1) + event(FrameType.WAITING, room=None)
+             + event(FrameType.PAIRED, peer="bob", room=None), 0)
+    assert s.peer == "bob"
+    assert texts(s.log) == ["WAITING", "PAIRED"]
+    s.record(msgs("hi"), 1)
+    s.go_away(written=s.stream, until=1.0)
+    replay, peer = s.plan_resume(0)
+    assert texts(replay) == ["hi"] and peer == "bob"

@@ -59,6 +59,7 @@ class ResumeMixin:
         limits: Limits
         running: bool
         conns: set[Conn]
+        _dead: list[Conn]
 
         def send(self, conn: Conn, data: bytes | memoryview, msgs: int = 0, framed: bool = True) -> None: ...
         def adopt_conn(self, conn: Conn) -> None: ...
@@ -163,6 +164,10 @@ class ResumeMixin:
         self._unregister(conn)
         self.conns.discard(conn)
         self.acks_owed.discard(conn)
+        while conn in self._dead:
+            # A failed write on the old socket, due to be buried after this
+            # batch: this is its burial. Left in, it would close the new socket.
+            self._dead.remove(conn)
         old = conn.sock
         if last:
             # A husk: the old socket alone, closed politely so the client reads

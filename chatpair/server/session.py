@@ -123,28 +123,37 @@ class Session:
     def record(self, data: bytes | memoryview, msgs: int) -> None:
         """``data`` (whole frames, ``msgs`` of them MSG) goes to the client now (or is held for it)."""
         self.stream += len(data)
-        ftype = data[4]
-        if ftype in _NOT_LOGGED:
-            return
         peer_before = self.peer
-        if ftype != _MSG:
-            self._follow_events(data)
+        if data[4] != _MSG:  # (a MSG run is MSG frames only; anything else is one frame or a few)
+            data = self._events(data)
+            if not data:
+                return
         self.log.append(LogEntry(bytes(data), msgs, self.stream, peer_before))
         self.log_bytes += len(data)
         self.sent += msgs
 
-    def _follow_events(self, data: bytes | memoryview) -> None:
-        """Keep :attr:`peer` up to date through PAIRED and PEER_LEFT (events are rare: parse them)."""
+    def _events(self, data: bytes | memoryview) -> bytes:
+        """The frames of ``data`` worth replaying; :attr:`peer` follows PAIRED and PEER_LEFT.
+
+        Events are rare, so they are parsed. One write may hold several
+        (WELCOME, WAITING and PAIRED go out together): each is judged alone.
+        """
+        kept = []
         pos = 0
         while pos + 5 <= len(data):
             end = pos + 4 + int.from_bytes(data[pos:pos + 4], "big")
             ftype = data[pos + 4]
+            if ftype in _NOT_LOGGED:
+                pos = end
+                continue
             if ftype == _PAIRED:
                 peer = decode_json(bytes(data[pos + 5:end])).get("peer")
                 self.peer = peer if isinstance(peer, str) else None
             elif ftype == _PEER_LEFT:
                 self.peer = None
+            kept.append(bytes(data[pos:end]))
             pos = end
+        return b"".join(kept)
 
     # -- acknowledgements ------------------------------------------------------------
 
