@@ -222,9 +222,11 @@ def _client_option(*decls: str, **kwargs: Any) -> Callable[[Any], Any]:
                 help="Seconds allowed to connect and complete the handshake.")
 @_client_option("--no-color", is_flag=True, help="No colours (also: NO_COLOR set in the environment).")
 @_client_option("--no-reconnect", is_flag=True, help="Interactive mode: exit when the connection is lost.")
+@_client_option("--no-resume", is_flag=True,
+                help="Do not ask the server to keep the conversation over a dropped connection.")
 def client(target: str | None, port_arg: str | None, host: str | None, port: int | None, name: str | None,
            room: str | None, json_mode: bool, log_path: str | None, tls: bool, cafile: str | None,
-           fingerprint: str | None, timeout: float, no_color: bool, no_reconnect: bool) -> None:
+           fingerprint: str | None, timeout: float, no_color: bool, no_reconnect: bool, no_resume: bool) -> None:
     """Chat: connect to a server and get paired.
 
     The server is HOST, HOST:PORT, HOST PORT (as for nc), [IPv6]:PORT or
@@ -247,7 +249,7 @@ def client(target: str | None, port_arg: str | None, host: str | None, port: int
     name = name if name is not None else default_name()  # a bad name is the server's to refuse
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     config = ClientConfig(name=name, host=host, port=port, room=room, tls=tls or pin is not None,
-                          cafile=cafile, fingerprint=pin, timeout=timeout)
+                          cafile=cafile, fingerprint=pin, timeout=timeout, resume=not no_resume)
     sys.exit(run_client(config, json_mode=json_mode, log_path=log_path,
                         color=False if no_color else None, reconnect=not no_reconnect))
 

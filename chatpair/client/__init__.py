@@ -13,6 +13,7 @@ module         what lives there
 ``transport``  TCP, TLS (CA-verified or pinned), OS errors in words
 ``session``    :func:`connect` and :class:`~.session.Connection`: the socket
                fed to the sans-IO protocol; handshake deadline, sends, BYE
+``resuming``   a dropped session: what counts as a drop, when to retry
 ``present``    events -> sanitized display lines, ``--json``, ``--log``
 ``commands``   what a typed line means (``/next``, ``/quit``, ``/ping``...)
 ``stdin``      lines from standard input, waited on with a selector

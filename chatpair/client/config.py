@@ -45,6 +45,9 @@ class ClientConfig:
     #: checks are skipped and only this pin counts (trust on first use).
     fingerprint: bytes | None = None
     timeout: float = DEFAULT_TIMEOUT
+    #: Ask the server to keep the conversation over a dropped connection
+    #: (PROTOCOL.md section 6); a server without it just ignores the ask.
+    resume: bool = True
 
     @property
     def label(self) -> str:

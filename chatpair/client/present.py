@@ -17,11 +17,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from chatpair.client.resuming import failed_line, lost_line
 from chatpair.client.transport import os_reason
 from chatpair.errors import ConfigError
 from chatpair.proto import sanitize, sanitize_name
-from chatpair.proto.events import Closed, Event, Message, Notice, Paired
-from chatpair.proto.events import PeerLeft, Pong, ServerError, Waiting, Welcome
+from chatpair.proto.events import Closed, Event, Message, Notice, Paired, PeerAway, PeerBack, PeerLeft, Pong
+from chatpair.proto.events import Reconnecting, Resumed, ResumeFailed, ServerError, Waiting, Welcome
 
 
 class LineStyle(str, enum.Enum):
@@ -64,10 +65,14 @@ class Presenter:
     me: str
     peer: str | None = None
     paired: bool = False
+    #: The partner's connection dropped and the server waits for them (NOTICE peer_away).
+    away: bool = False
     #: The next WAITING was already said (in a PEER_LEFT or /next line).
     _quiet_waiting: bool = field(default=False, repr=False)
 
     def lines(self, ev: Event) -> list[Line]:
+        if isinstance(ev, (Waiting, Paired, PeerLeft, PeerBack, ServerError, Closed, Resumed, ResumeFailed)):
+            self.away = False
         if isinstance(ev, Welcome):
             return []
         if isinstance(ev, Waiting):
@@ -88,6 +93,8 @@ class Presenter:
             self._quiet_waiting = True
             reason = _LEFT_REASONS.get(ev.reason, sanitize_name(ev.reason))
             return [Line(LineStyle.NOTICE, f"{sanitize_name(ev.peer)} left ({reason}); waiting for a partner")]
+        if isinstance(ev, (PeerAway, PeerBack, Resumed, Reconnecting, ResumeFailed)):
+            return self._resume_lines(ev)
         if isinstance(ev, Notice):
             return [Line(LineStyle.NOTICE, sanitize(ev.message, False))]
         if isinstance(ev, ServerError):
@@ -99,6 +106,23 @@ class Presenter:
             self.paired, self.peer = False, None
             return [Line(LineStyle.ERROR, sanitize(ev.reason, False))]
         return []
+
+    def _resume_lines(self, ev: PeerAway | PeerBack | Resumed | Reconnecting | ResumeFailed) -> list[Line]:
+        """The events of resuming (PROTOCOL.md section 6); the server's words where it gave some."""
+        who = self.peer or "your partner"
+        if isinstance(ev, PeerAway):
+            self.away = True
+            text = sanitize(ev.message, False) or f"{who} lost the connection; waiting for them to return"
+            return [Line(LineStyle.NOTICE, text)]
+        if isinstance(ev, PeerBack):
+            return [Line(LineStyle.NOTICE, sanitize(ev.message, False) or f"{who} is back")]
+        if isinstance(ev, Resumed):
+            self.paired, self.peer = ev.peer is not None, None if ev.peer is None else sanitize_name(ev.peer)
+            return [Line(LineStyle.NOTICE, "reconnected")]
+        if isinstance(ev, Reconnecting):
+            return [Line(LineStyle.ERROR, lost_line(ev.reason))]
+        self.paired, self.peer = False, None
+        return [Line(LineStyle.ERROR, failed_line(ev.message, ev.unconfirmed))]
 
     def left_by_us(self) -> list[Line]:
         """After /next: the server answers WAITING, which this line already covers."""
@@ -132,8 +156,16 @@ def event_json(ev: Event) -> dict[str, Any]:
         return {"event": "message", "from": ev.peer, "text": ev.text}
     if isinstance(ev, PeerLeft):
         return {"event": "peer_left", "peer": ev.peer, "reason": ev.reason}
+    if isinstance(ev, (PeerAway, PeerBack)):
+        return {"event": ev.code, "message": ev.message}
     if isinstance(ev, Notice):
         return {"event": "notice", "code": ev.code, "message": ev.message}
+    if isinstance(ev, Resumed):
+        return {"event": "resumed", "peer": ev.peer, "room": ev.room, "resent": ev.resent}
+    if isinstance(ev, Reconnecting):
+        return {"event": "reconnecting", "reason": ev.reason}
+    if isinstance(ev, ResumeFailed):
+        return {"event": "resume_failed", "message": ev.message, "unconfirmed": ev.unconfirmed}
     if isinstance(ev, ServerError):
         return {"event": "error", "code": ev.code, "message": ev.message}
     if isinstance(ev, Pong):

@@ -7,6 +7,8 @@ handshake's deadline, non-blocking sends from the protocol's outbox, reads
 that turn OS errors into :class:`~chatpair.proto.events.Closed` events, and
 a polite BYE. :func:`connect` turns every way a handshake can fail into one
 :class:`~chatpair.errors.ChatpairError` whose message names ``host:port``.
+Given a :class:`~chatpair.proto.clientsession.ClientSession`, it resumes
+that session instead of saying hello (PROTOCOL.md section 6).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from chatpair.client.transport import open_socket, os_reason
 from chatpair.errors import ChatpairError, ConnectError, RefusedError
 from chatpair.proto import sanitize
 from chatpair.proto.clientside import ClientProtocol, ClientState
+from chatpair.proto.clientsession import ClientSession
 from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Notice, ServerError, Welcome
 
 #: After BYE, how long to wait for the server to close before we do. The
@@ -32,17 +35,20 @@ SEND_CHUNK = 1 << 18
 RECV_SIZE = 65536
 
 
-def connect(config: ClientConfig, heard: list[Event] | None = None) -> Connection:
+def connect(config: ClientConfig, heard: list[Event] | None = None,
+            session: ClientSession | None = None) -> Connection:
     """Open a connection and complete the handshake, or raise ChatpairError.
 
     Returns once WELCOME is in; frames that came with it (WAITING, PAIRED)
     are returned by the first :meth:`Connection.receive`. If the handshake
     fails, what the server said before (a NOTICE) is appended to ``heard``,
-    in order, so the caller can show it before the error.
+    in order, so the caller can show it before the error. With ``session``
+    it sends RESUME: RefusedError ``session_expired`` if the server has
+    forgotten it (RESUMED is then the first event).
     """
     deadline = time.monotonic() + config.timeout
     sock = open_socket(config)
-    conn = Connection(sock, config)
+    conn = Connection(sock, config, session=session)
     try:
         conn.handshake(deadline)
     except BaseException:
@@ -73,11 +79,13 @@ class Connection:
     HELLO; otherwise :meth:`handshake` does both.
     """
 
-    def __init__(self, sock: socket.socket, config: ClientConfig, banner: str | None = None) -> None:
+    def __init__(self, sock: socket.socket, config: ClientConfig, banner: str | None = None,
+                 session: ClientSession | None = None) -> None:
         self.sock = sock
         self.config = config
         self.label = config.label
-        self.proto = ClientProtocol(config.name, config.room, self.label, banner)
+        self.proto = ClientProtocol(config.name, config.room, self.label, banner, resume=config.resume,
+                                    session=session)
         #: Events of the handshake not returned yet: the first receive() returns them.
         self.early: list[Event] = []
         #: True once the socket failed or was closed by us (the protocol may not know).
@@ -91,6 +99,27 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._down or self.proto.state is ClientState.CLOSED
+
+    @property
+    def session(self) -> ClientSession | None:
+        """The resumable session (None: the server offers none, or ``--no-resume``)."""
+        return self.proto.session
+
+    @property
+    def can_send(self) -> bool:
+        """False while flow control holds our messages back (too much unacknowledged)."""
+        return self.proto.session is None or not self.proto.session.blocked
+
+    def deadline(self) -> float | None:
+        """When :meth:`tick` has work if nothing else happens (None: no timers)."""
+        session = self.proto.session
+        return None if session is None or self.proto.state is not ClientState.OPEN else session.deadline()
+
+    def tick(self, now: float | None = None) -> list[Event]:
+        """Run the session's timers (ACK, keepalive PING); [Closed] once the server went silent."""
+        idle = not self.outbox
+        ev = self.proto.tick(time.monotonic() if now is None else now)
+        return [ev] if ev is not None else self._take_events(idle)
 
     @property
     def outbox(self) -> bytearray:

@@ -25,6 +25,16 @@ never grow the outbox past :data:`PONG_ROOM`, and past :data:`PING_RATE` a
 second :meth:`ClientProtocol.read_pause` tells the owner to read more slowly.
 Every ``reason`` in a :class:`~chatpair.proto.events.Closed` is one line for
 a person and names the server by the ``label`` given.
+
+Resuming (PROTOCOL.md section 6): with ``resume=True`` HELLO asks for it;
+a WELCOME with a ``session`` token starts a :class:`ClientSession`, which
+outlives the connection. Given to the protocol of the next connection, it
+makes it send RESUME instead of HELLO, hold our MSGs until RESUMED, then
+send again every MSG past the server's count. Within a session the protocol
+counts the server's MSGs and ACKs them (:meth:`ClientProtocol.tick` and the
+end of each batch read), keeps our MSGs until ACKed, and watches for a dead
+connection: after ``ping_after`` seconds without a byte from the server it
+PINGs, after ``dead_after`` it gives up (:func:`keepalive_times`).
 """
 
 from __future__ import annotations
@@ -32,10 +42,11 @@ from __future__ import annotations
 import enum
 from typing import Any, Final
 
-from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Message, Notice, Paired
+from chatpair.proto.clientsession import ClientSession, first_frame
+from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Message, Notice, Paired, PeerAway, PeerBack
 from chatpair.proto.events import PeerLeft, Pong, ServerError, Waiting, Welcome
 from chatpair.proto.frames import EndOfStream, Frame, FrameDecoder, encode_frame, encode_msg, split_utf8
-from chatpair.proto.handshake import check_banner, encode_hello
+from chatpair.proto.handshake import check_banner
 from chatpair.proto.sanitize import sanitize
 from chatpair.proto.wire import BANNER_PREFIX, DEFAULT_MAX_FRAME, MAX_BANNER, MAX_FRAME_CEILING, MAX_PING_PAYLOAD
 from chatpair.proto.wire import NEED_DATA, ErrorCode, FrameType, ProtocolError, _NeedData
@@ -67,6 +78,7 @@ PING_PAUSE_MAX: Final = 1.0
 MAX_PINGS_KEPT: Final = 16
 #: The code of a ProtocolError for a server that is not a chatpair server (as in check_banner).
 _NOT_CHATPAIR: Final = "not_chatpair"
+_NOTICES: Final = {"peer_away": PeerAway, "peer_back": PeerBack}
 
 
 def split_message(text: str, max_bytes: int) -> list[str]:
@@ -177,9 +189,11 @@ class ClientProtocol:
 
     ``banner``: the banner's text when the caller has already read the
     banner and sent HELLO itself; the protocol then starts in HANDSHAKE.
+    ``resume``: HELLO asks for a session; ``session``: an earlier one, to resume.
     """
 
-    def __init__(self, name: str, room: str | None, label: str, banner: str | None = None) -> None:
+    def __init__(self, name: str, room: str | None, label: str, banner: str | None = None, *,
+                 resume: bool = False, session: ClientSession | None = None) -> None:
         self.name = name
         self.room = room
         #: How the server is named in every reason and message (``host:port``).
@@ -204,6 +218,8 @@ class ClientProtocol:
         self._ping_seq = 0
         self._chatter = ChatterBudget()
         self._now = 0.0  # when the bytes being decoded arrived
+        self.resume = resume or session is not None
+        self.session = session  # None: a plain v1 connection, or not welcomed yet
 
     # -- receiving -----------------------------------------------------------
 
@@ -212,6 +228,8 @@ class ClientProtocol:
         self._now = now
         if self.state is ClientState.CLOSED:
             return  # after a final event nothing the server says counts
+        if data and self.session is not None:
+            self.session.heard(now)
         if self.state is ClientState.BANNER:
             self._banner.feed(data)
         else:
@@ -230,6 +248,8 @@ class ClientProtocol:
             except ProtocolError as err:
                 return self._close(self._broken(err))
             if isinstance(item, _NeedData):
+                if self.session is not None and self.state is ClientState.OPEN:
+                    self.outbox += self.session.ack(self._now)  # one ACK for a whole batch read
                 return item
             if isinstance(item, EndOfStream):
                 during = "" if self.welcome is not None else " during the handshake"
@@ -260,6 +280,17 @@ class ClientProtocol:
         """
         return self._chatter.pause(now)
 
+    def tick(self, now: float) -> Closed | None:
+        """A session's timers (ACK, keepalive PING; when: ``session.deadline()``); Closed: the server went silent."""
+        session = self.session
+        if session is None or self.state is not ClientState.OPEN:
+            return None
+        due = session.timers(now)
+        if due is None:
+            return self._close(f"{self.label} stopped answering (nothing for {session.dead_after:g} s)")
+        self.outbox += due
+        return None
+
     def _close(self, reason: str) -> Closed:
         self.state = ClientState.CLOSED
         return Closed(reason)
@@ -274,7 +305,7 @@ class ClientProtocol:
             return text
         self.banner = text
         self.state = ClientState.HANDSHAKE
-        self.outbox += encode_hello(self.name, self.room)
+        self.outbox += first_frame(self.name, self.room, self.resume, self.session)
         if self._banner.rest:
             self.decoder.feed(self._banner.rest)
         if self._banner.eof:
@@ -283,19 +314,16 @@ class ClientProtocol:
 
     def _broken(self, err: ProtocolError) -> str:
         """The one line for a server that broke the framing."""
-        if err.code == ErrorCode.FRAME_TOO_LARGE:
-            size = int.from_bytes(self.decoder.buffered[:4], "big")
-            if self.welcome is not None:
-                return (f"{self.label} sent a frame of {size:,} bytes, over its own limit of "
-                        f"{self.max_frame:,} (a broken server?)")
-            return (f"{self.label} sent a frame of {size:,} bytes before its WELCOME, over the limit of "
-                    f"{self.decoder.max_frame:,}: not a working chatpair server")
-        return f"{self.label} broke the protocol: {err.message}"
+        return _broken_reason(self.label, err, self.decoder, self.max_frame if self.welcome else None)
 
     def _on_frame(self, frame: Frame) -> Event | None:
         t = frame.type
         if t == FrameType.MSG:
+            if self.session is not None:
+                self.session.clock.received_msgs(1, self._now)
             return Message(self.peer or "?", frame.payload.decode("utf-8", "replace"))
+        if t in (FrameType.ACK, FrameType.RESUMED) and self.session is not None and self.welcome is not None:
+            return self._on_session_frame(frame)
         if t == FrameType.PING:
             self._chatter.spend(self._now)
             if self.state is not ClientState.LEAVING:  # after BYE our side is shut for writing
@@ -319,20 +347,10 @@ class ClientProtocol:
     def _on_control(self, t: int, obj: dict[str, Any]) -> Event | None:
         if t == FrameType.WELCOME:
             return self._on_welcome(obj)
-        if t == FrameType.WAITING:
-            self.peer = None
-            return Waiting(_room(obj))
-        if t == FrameType.PAIRED:
-            self.peer = _text(obj, "peer", "?")
-            return Paired(self.peer, _room(obj))
-        if t == FrameType.PEER_LEFT:
-            self.peer = None
-            return PeerLeft(_text(obj, "peer", "?"), _text(obj, "reason", "disconnected"))
-        if t == FrameType.NOTICE:
-            return Notice(_text(obj, "code"), _text(obj, "message"))
-        if t == FrameType.ERROR:
-            return ServerError(_text(obj, "code"), _text(obj, "message", "error"))
-        return None
+        ev = control_event(t, obj)
+        if isinstance(ev, (Waiting, Paired, PeerLeft)):
+            self.peer = ev.peer if isinstance(ev, Paired) else None
+        return ev
 
     def _on_welcome(self, obj: dict[str, Any]) -> Welcome | Closed | None:
         if self.welcome is not None:
@@ -340,17 +358,31 @@ class ClientProtocol:
             return None  # one WELCOME per connection: a second one changes nothing
         max_frame = obj.get("max_frame")
         if type(max_frame) is not int or not MIN_SERVER_MAX_FRAME <= max_frame <= MAX_FRAME_CEILING:
-            shown = sanitize(repr(max_frame)[:40], False) if "max_frame" in obj else "missing"
-            return self._close(f"{self.label} sent a WELCOME with max_frame {shown}; a working server announces "
-                               f"a whole number from {MIN_SERVER_MAX_FRAME} to {MAX_FRAME_CEILING:,} "
-                               "(a broken server?)")
+            return self._close(_bad_max_frame(self.label, obj))
         self.max_frame = max_frame
         self.decoder.max_frame = max(max_frame, DEFAULT_MAX_FRAME)
         self.welcome = Welcome(_text(obj, "server"), max_frame, _number(obj.get("ping_interval")),
                                _number(obj.get("idle_timeout")), self.banner)
         if self.state is ClientState.HANDSHAKE:
             self.state = ClientState.OPEN
+        if self.session is not None:
+            self.session.attach(self._now)  # a RESUME was welcomed: RESUMED comes next
+        elif self.resume:
+            self.session = ClientSession.offered(obj, self.welcome.ping_interval, self._now)
         return self.welcome
+
+    def _on_session_frame(self, frame: Frame) -> Event | None:
+        """ACK (forget what it covers) or RESUMED (send again what the server lacks)."""
+        assert self.session is not None
+        try:
+            resumed, again = self.session.on_frame(frame)
+        except ProtocolError as err:
+            return self._close(f"{self.label} broke the protocol: {err.message}")
+        for frames in again:
+            self.outbox += frames
+        if resumed is not None:
+            self.peer = resumed.peer
+        return resumed
 
     # -- sending -------------------------------------------------------------
 
@@ -372,8 +404,10 @@ class ClientProtocol:
         """Queue text as MSG frames, split if longer than the server's limit; empty text sends nothing."""
         if not text:
             return
-        for piece in split_message(text, self.max_frame - 1):
-            self.outbox += encode_msg(piece)
+        pieces = split_message(text, self.max_frame - 1)
+        frames = b"".join(encode_msg(piece) for piece in pieces)
+        if self.session is None or self.session.record(frames, len(pieces)):
+            self.outbox += frames
 
     def send_next(self) -> None:
         """Queue NEXT: leave the partner (the server answers WAITING)."""
@@ -395,6 +429,40 @@ class ClientProtocol:
             self.state = ClientState.LEAVING
         self._pong_owed = None
         self.outbox += encode_frame(FrameType.BYE)
+
+
+def control_event(t: int, obj: dict[str, Any]) -> Event | None:
+    """The event of a server's control frame other than WELCOME (None: not one)."""
+    if t == FrameType.WAITING:
+        return Waiting(_room(obj))
+    if t == FrameType.PAIRED:
+        return Paired(_text(obj, "peer", "?"), _room(obj))
+    if t == FrameType.PEER_LEFT:
+        return PeerLeft(_text(obj, "peer", "?"), _text(obj, "reason", "disconnected"))
+    if t == FrameType.NOTICE:
+        code = _text(obj, "code")
+        return _NOTICES.get(code, Notice)(code, _text(obj, "message"))
+    if t == FrameType.ERROR:
+        return ServerError(_text(obj, "code"), _text(obj, "message", "error"))
+    return None
+
+
+def _broken_reason(label: str, err: ProtocolError, decoder: FrameDecoder, max_frame: int | None) -> str:
+    """The one line for a server that broke the framing (``max_frame``: its own limit, once welcomed)."""
+    if err.code == ErrorCode.FRAME_TOO_LARGE:
+        size = int.from_bytes(decoder.buffered[:4], "big")
+        if max_frame is not None:
+            return f"{label} sent a frame of {size:,} bytes, over its own limit of {max_frame:,} (a broken server?)"
+        return (f"{label} sent a frame of {size:,} bytes before its WELCOME, over the limit of "
+                f"{decoder.max_frame:,}: not a working chatpair server")
+    return f"{label} broke the protocol: {err.message}"
+
+
+def _bad_max_frame(label: str, obj: dict[str, Any]) -> str:
+    max_frame = obj.get("max_frame")
+    shown = sanitize(repr(max_frame)[:40], False) if "max_frame" in obj else "missing"
+    return (f"{label} sent a WELCOME with max_frame {shown}; a working server announces "
+            f"a whole number from {MIN_SERVER_MAX_FRAME} to {MAX_FRAME_CEILING:,} (a broken server?)")
 
 
 def _text(obj: dict[str, Any], key: str, default: str = "") -> str:

@@ -8,6 +8,11 @@ server's (or the partner's) exactly as sent: untrusted, to be sanitized
 
 An event with a ``reason`` or ``message`` is written for a person; the
 ``code`` fields are the wire's (docs/protocol.md).
+
+Resuming (PROTOCOL.md section 6) adds :class:`PeerAway`, :class:`PeerBack`
+and :class:`Resumed`, which come from the server, and two that the client
+itself makes while it keeps a conversation going over a new connection:
+:class:`Reconnecting` and :class:`ResumeFailed`.
 """
 
 from __future__ import annotations
@@ -71,6 +76,16 @@ class Notice(_CodedMessage):
 
 
 @dataclass(frozen=True)
+class PeerAway(Notice):
+    """NOTICE ``peer_away``: the partner's connection dropped; the server waits for them to return."""
+
+
+@dataclass(frozen=True)
+class PeerBack(Notice):
+    """NOTICE ``peer_back``: the partner is back on a new connection."""
+
+
+@dataclass(frozen=True)
 class ServerError(_CodedMessage):
     """ERROR from the server; the connection is closed right after it."""
 
@@ -89,6 +104,39 @@ class Closed:
     reason: str
 
 
-Event = Welcome | Waiting | Paired | Message | PeerLeft | Notice | ServerError | Pong | Closed
+@dataclass(frozen=True)
+class Resumed:
+    """RESUMED: the conversation goes on over a new connection.
+
+    ``peer`` is the partner we had when the connection dropped (None if we
+    were waiting), ``resent`` how many of our MSG frames were sent again.
+    """
+
+    peer: str | None
+    room: str | None
+    resent: int
+
+
+@dataclass(frozen=True)
+class Reconnecting:
+    """Made by the client: the connection of a resumable session was lost; trying to resume it."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResumeFailed:
+    """Made by the client: the server could not resume the session (``message``: why); starting afresh.
+
+    ``unconfirmed``: how many of our messages the server never acknowledged
+    (they may or may not have reached the partner).
+    """
+
+    message: str
+    unconfirmed: int
+
+
+Event = (Welcome | Waiting | Paired | Message | PeerLeft | Notice | ServerError | Pong | Closed | Resumed
+         | Reconnecting | ResumeFailed)
 #: The events after which nothing more comes from this connection.
 FINAL_EVENTS = (ServerError, Closed)

@@ -15,7 +15,11 @@ Ctrl-D, /quit, SIGTERM, or an exception.
 Reconnecting: when the connection is lost (server gone, ERROR shutdown or
 timeout), the UI says so and retries with exponential backoff, then says
 hello again with the same name and room. A refusal that would repeat
-(a bad name...) is not retried.
+(a bad name...) is not retried. When the server keeps a session for us
+(PROTOCOL.md section 6), a dropped connection is resumed instead: the status
+line says "reconnecting...", lines typed meanwhile are shown and sent once
+the connection is back, and the conversation goes on with nothing missing or
+doubled; the status line also says when the partner is away.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from chatpair.client.present import Line, LineStyle, Presenter, Transcript
 from chatpair.client.session import Connection, connect, final_error
 from chatpair.client.tui.keys import KeyAction, apply_key
 from chatpair.client.tui.link import Failure, Link, is_fatal
-from chatpair.client.tui.screen import Painter, status_line, want_color
+from chatpair.client.tui.screen import Painter, partner_text, status_line, want_color
 from chatpair.client.tui.widgets import ChatLog, InputLine
 from chatpair.errors import ChatpairError
 from chatpair.netutil import Waker
@@ -100,10 +104,7 @@ class TuiApp:
         self.show([Line(kind, text)])
 
     def redraw(self) -> None:
-        if self.link.conn is None:
-            partner = self.link.state(time.monotonic())
-        else:
-            partner = f"partner: {self.presenter.peer}" if self.presenter.paired else "waiting..."
+        partner = partner_text(self.presenter) if self.link.conn else self.link.state(time.monotonic())
         rtt = self.rtt if self.link.conn else None
         self.painter.draw(self.log, status_line(self.config, partner, rtt), self.line)
 
@@ -119,6 +120,10 @@ class TuiApp:
             return
         if isinstance(ev, Waiting):
             self.link.welcomed()
+        if isinstance(ev, FINAL_EVENTS) and self.reconnect and (told := self.link.drop(ev, time.monotonic())):
+            self.rtt = None
+            self.show(self.presenter.lines(told))  # not the error: we are resuming
+            return
         self.show(self.presenter.lines(ev))
         if isinstance(ev, FINAL_EVENTS):
             self.lost(ev)
@@ -153,7 +158,9 @@ class TuiApp:
                     result.close()
             elif isinstance(result, Connection):
                 self.attach(result)
-                self.say(f"reconnected to {self.config.label}")
+                if self.link.plan is None:
+                    self.say(f"reconnected to {self.config.label}")
+                self.link.plan = None  # resumed: RESUMED says so
                 for ev in result.receive():
                     self.on_event(ev)
             else:
@@ -162,7 +169,15 @@ class TuiApp:
     def on_failed_attempt(self, failure: Failure) -> None:
         for ev in failure.heard:  # what the server said before refusing (a NOTICE)
             self.show(self.presenter.lines(ev))
-        if is_fatal(failure.error):
+        if self.link.plan is not None:
+            told = self.link.resume_failed(failure.error, time.monotonic())
+            if isinstance(told, float):
+                self.say(f"{failure.error}; reconnecting in {told:g}s", LineStyle.ERROR)
+            else:
+                self.show(self.presenter.lines(told))  # the session is gone: a fresh HELLO (now, or later)
+                if self.link.retry_at is None:
+                    self.schedule_retry(str(failure.error))
+        elif is_fatal(failure.error):
             self.give_up(failure.error, f"{failure.error}; not reconnecting (press any key to leave)")
         else:
             self.schedule_retry(str(failure.error))
@@ -203,7 +218,7 @@ class TuiApp:
                 self.say(prefix + HELP_TEXT)
             return
         conn = self.link.conn
-        if conn is None:
+        if conn is None and not (self.link.plan is not None and cmd.kind is LineKind.MSG):  # (resuming: kept)
             self.say("not connected; your line is kept", LineStyle.ERROR)
             return
         if cmd.kind is LineKind.MSG and not self.presenter.paired:
@@ -212,12 +227,13 @@ class TuiApp:
         self.line.take()
         try:
             if cmd.kind is LineKind.MSG:
-                conn.send_msg(cmd.text)
-                self.show(self.presenter.own(sanitize(cmd.text)))
-            elif cmd.kind is LineKind.NEXT:
+                self.show(self.presenter.own(sanitize(cmd.text)))  # first: a message whose send fails goes again
+                self.link.held.append(cmd.text)
+                self.link.send_held()  # now, or when the connection is back (and flow control allows)
+            elif cmd.kind is LineKind.NEXT and conn is not None:
                 conn.send_next()
                 self.show(self.presenter.left_by_us())
-            elif cmd.kind is LineKind.PING:
+            elif cmd.kind is LineKind.PING and conn is not None:
                 self.show_next_pong = True
                 conn.send_ping()
         except ChatpairError as err:
@@ -235,12 +251,16 @@ class TuiApp:
 
     def timers(self, now: float) -> None:
         conn = self.link.conn
-        if conn is not None and now >= self.next_ping:
-            self.next_ping = now + PING_EVERY
-            try:
+        try:
+            if conn is not None and now >= self.next_ping:
+                self.next_ping = now + PING_EVERY
                 conn.send_ping()
-            except ChatpairError as err:
-                self.on_event(Closed(str(err)))
+            self.link.send_held()
+        except ChatpairError as err:
+            self.on_event(Closed(str(err)))
+        if self.link.conn is not None:
+            for ev in self.link.conn.tick(now):  # a resumable session's ACKs and keepalive
+                self.on_event(ev)
         self.link.retry_if_due(now)
 
     def on_conn_ready(self, mask: int) -> None:
@@ -271,12 +291,7 @@ class TuiApp:
         while not self.done:
             now = time.monotonic()
             self.timers(now)
-            deadlines = [self.next_ping if self.link.conn else now + TICK, now + TICK]
-            if self.link.retry_at is not None:
-                deadlines.append(self.link.retry_at)
-            resume = self.link.follow(now)
-            if resume is not None:
-                deadlines.append(resume)
+            deadlines = [self.next_ping if self.link.conn else now + TICK, now + TICK, *self.link.wake_times(now)]
             timeout = max(0.0, min(deadlines) - time.monotonic())
             for key, mask in self.sel.select(timeout):
                 key.data(mask)

@@ -7,10 +7,16 @@ run on a thread owned by its :class:`Reconnector` (one at a time, joined
 before the next and at exit), which hands back a Connection or a
 :class:`Failure` and wakes the loop. What to tell the user is the app's.
 No curses here.
+
+A dropped resumable session (PROTOCOL.md section 6) is retried on its own
+schedule (:class:`~chatpair.client.resuming.ResumePlan`: 0.2, 0.5, 1, 2 s...
+within the server's resume window) with RESUME; if the server forgot it, or
+the window passes, a fresh HELLO follows on the usual schedule.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import selectors
 import threading
@@ -18,9 +24,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from chatpair.client.config import ClientConfig
+from chatpair.client.resuming import ResumePlan, expired_message, is_drop, is_expired
 from chatpair.client.session import Connection, SocketWatch, connect
 from chatpair.errors import ChatpairError, RefusedError
-from chatpair.proto.events import Event
+from chatpair.proto.clientsession import ClientSession
+from chatpair.proto.events import Closed, Event, Reconnecting, ResumeFailed, ServerError
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
@@ -56,15 +64,17 @@ class Reconnector:
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def start(self) -> None:
+    def start(self, config: ClientConfig | None = None, session: ClientSession | None = None) -> None:
+        """Try to connect (``session``: resume it), with ``config`` if given (a shorter timeout)."""
         self.join()
-        self.thread = threading.Thread(target=self._attempt, name="chatpair-reconnect", daemon=True)
+        self.thread = threading.Thread(target=self._attempt, args=(config or self.config, session),
+                                       name="chatpair-reconnect", daemon=True)
         self.thread.start()
 
-    def _attempt(self) -> None:
+    def _attempt(self, config: ClientConfig, session: ClientSession | None) -> None:
         heard: list[Event] = []
         try:
-            result: Connection | Failure = connect(self.config, heard)
+            result: Connection | Failure = connect(config, heard, session)
         except ChatpairError as err:
             result = Failure(err, tuple(heard))
         self.results.put(result)
@@ -98,6 +108,10 @@ class Link:
         self.retry_at: float | None = None
         self.backoff = BACKOFF_FIRST
         self.reconnector = Reconnector(config, wake)
+        #: While a dropped session is being resumed: its attempts.
+        self.plan: ResumePlan | None = None
+        #: Messages typed while resuming (or held back by flow control), sent in order once possible.
+        self.held: collections.deque[str] = collections.deque()
 
     def attach(self, conn: Connection) -> None:
         self.conn = conn
@@ -121,6 +135,11 @@ class Link:
         pause = self.watch.follow(self.sel, now)
         return now + pause if pause else None
 
+    def wake_times(self, now: float) -> list[float]:
+        """When the loop must look again: a paused read's end, the next attempt, the session's timers."""
+        due = self.conn.deadline() if self.conn is not None else None
+        return [t for t in (self.follow(now), self.retry_at, due) if t is not None]
+
     def schedule_retry(self, now: float) -> float:
         """Plan the next attempt; returns the delay, which doubles each time (up to BACKOFF_MAX)."""
         delay = self.backoff
@@ -132,7 +151,46 @@ class Link:
         if self.conn is None and self.retry_at is not None and now >= self.retry_at \
                 and not self.reconnector.busy:
             self.retry_at = None
-            self.reconnector.start()
+            if self.plan is None:
+                self.reconnector.start()
+            else:
+                self.reconnector.start(self.plan.attempt_config(self.reconnector.config, now), self.plan.session)
+
+    def drop(self, ev: Event, now: float) -> Reconnecting | None:
+        """A final event: if a resume can repair it, detach and plan the attempts (returned: what to say)."""
+        conn = self.conn
+        if conn is None or conn.session is None or not is_drop(conn.session, ev):
+            return None
+        self.detach()
+        self.plan = ResumePlan(conn.session, now)
+        self.retry_at = self.plan.retry_at
+        return Reconnecting(ev.reason if isinstance(ev, Closed) else ev.message if isinstance(ev, ServerError) else "")
+
+    def send_held(self) -> None:
+        """Send what was typed while resuming, as far as flow control allows (ChatpairError if a send fails)."""
+        conn = self.conn
+        while conn is not None and self.held and conn.can_send and not conn.closed:
+            conn.send_msg(self.held.popleft())
+
+    def resume_failed(self, err: ChatpairError, now: float) -> ResumeFailed | float:
+        """An attempt to resume failed: plan the next (returned: its delay), or give the session up.
+
+        Given up (returned: what to say), lines typed meanwhile are dropped
+        with it, and counted in what may not have reached the partner.
+        """
+        plan = self.plan
+        assert plan is not None
+        if not is_expired(err) and plan.failed(now):
+            self.retry_at = plan.retry_at
+            return plan.retry_at - now
+        self.plan = None
+        unsent = len(self.held)
+        self.held.clear()
+        label = self.reconnector.config.label
+        why = (expired_message(err, label) if is_expired(err)
+               else f"not back within the server's {plan.session.window:g} s ({err})")
+        self.retry_at = now if is_expired(err) else None  # expired: the server is there, say hello at once
+        return ResumeFailed(why, plan.session.sent.unacked + unsent)
 
     def results(self) -> list[Connection | Failure]:
         """Finished attempts (the thread joined)."""
@@ -152,6 +210,8 @@ class Link:
 
     def state(self, now: float) -> str:
         """For the status line while disconnected."""
+        if self.plan is not None:
+            return "reconnecting..."
         if self.reconnector.busy:
             return "connecting..."
         if self.retry_at is None:

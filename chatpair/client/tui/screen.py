@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from chatpair.client.config import ClientConfig
-from chatpair.client.present import LineStyle, format_rtt
+from chatpair.client.present import LineStyle, Presenter, format_rtt
 from chatpair.client.tui.terminal import clip, input_view, str_width, wrap
 from chatpair.client.tui.widgets import ChatLog, InputLine
 from chatpair.proto import sanitize
@@ -42,6 +42,13 @@ def status_line(config: ClientConfig, partner: str, rtt: float | None) -> str:
     shown_rtt = f"rtt {format_rtt(rtt)}" if rtt is not None else "rtt -"
     room = f" | room {config.room}" if config.room else ""
     return f" {config.label} | you: {sanitize(config.name, False)}{room} | {partner} | {shown_rtt} | /help"
+
+
+def partner_text(presenter: Presenter) -> str:
+    """The status line's partner part while connected: who, and whether they are away."""
+    if not presenter.paired:
+        return "waiting..."
+    return f"partner: {presenter.peer}" + (" (away)" if presenter.away else "")
 
 
 class Painter:
