@@ -151,6 +151,16 @@ def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callab
 @click.option("--metrics", default=None, metavar="HOST:PORT", envvar="CHATPAIR_METRICS", show_envvar=True,
               callback=_metrics_address,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT: every interface).")
+@click.option("--proxy-protocol", is_flag=True, envvar="CHATPAIR_PROXY_PROTOCOL", show_envvar=True,
+              help="Behind HAProxy (send-proxy or send-proxy-v2): every connection must start with a "
+                   "PROXY protocol header (v1 or v2); the client address it names is the one the log, "
+                   "--deny and --max-per-ip see. Connections without one are closed.")
+@click.option("--cluster", default=None, metavar="redis://HOST:PORT/DB", envvar="CHATPAIR_CLUSTER",
+              show_envvar=True,
+              help="Run as one node of a cluster sharing one lobby in Redis (needs the cluster extra: "
+                   "pip install 'chatpair[cluster]'). Prints `listening on` once the node has joined.")
+@click.option("--node-id", default=None, metavar="NAME", envvar="CHATPAIR_NODE_ID", show_envvar=True,
+              help="This node's name in the cluster (A-Z a-z 0-9 _ . -; default: host name and port).")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default=DEFAULT_LOG_FORMAT, show_default=True,
               envvar="CHATPAIR_LOG_FORMAT", show_envvar=True,
               help="Log lines as text (ISO 8601 time, level, message) or as one JSON object each.")
@@ -162,7 +172,8 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
            idle_timeout: float, write_timeout: float, relay_threads: int, workers: int,
            tls_cert: str | None, tls_key: str | None, max_clients: int, max_per_ip: int | None,
            rate: float, burst: int, resume_window: float, deny: tuple[str, ...], deny_file: str | None,
-           status_interval: float, metrics: str | None, log_format: str, verbose: int, quiet: int) -> None:
+           status_interval: float, metrics: str | None, proxy_protocol: bool, cluster: str | None,
+           node_id: str | None, log_format: str, verbose: int, quiet: int) -> None:
     """Run a pairing server.
 
     Prints `listening on HOST:PORT` once ready. Stop it with Ctrl-C or
@@ -189,6 +200,7 @@ def server(host: str, port: int, max_frame: int, handshake_timeout: float, ping_
         relay_threads=relay_threads, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
         max_clients=max_clients, rate=rate, burst=burst, resume_window=resume_window,
         deny=deny, deny_file=deny_file, status_interval=status_interval, metrics=metrics, log_format=log_format,
+        proxy_protocol=proxy_protocol, cluster=cluster or None, node_id=node_id or "",
         max_per_ip=DEFAULT_MAX_PER_IP if max_per_ip is None else max_per_ip,
         per_ip_loopback=max_per_ip is not None, log_level=max(logging.DEBUG, min(level, logging.CRITICAL)),
     )
@@ -306,8 +318,10 @@ def _plot_path(ctx: click.Context, param: click.Parameter, value: str | None) ->
               help="Load-generating processes.")
 @click.option("--window", default=2000, show_default=True, type=click.IntRange(0),
               help="flood: messages a sender may be ahead of its partner's reading (0: no limit).")
-@click.option("--target", "-t", default=None, metavar="HOST:PORT",
-              help="Measure a running server instead of starting one.")
+@click.option("--target", "-t", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+              help="Measure a running server instead of starting one. Several (cluster nodes): client k "
+                   "connects to the k-th mod N, so partners are on different servers; the report adds "
+                   "per-target and cross-target figures.")
 @click.option("--server-pid", default=None, type=int, help="With --target: sample this local server's RSS/CPU.")
 @click.option("--tls", is_flag=True, help="Connect with TLS (verified against the system CAs or --cafile).")
 @click.option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify a TLS server with.")
@@ -338,12 +352,12 @@ def bench(mode: str, pairs: int, messages: int | None, duration: float | None, s
     """
     import json
 
-    from chatpair.bench import BenchConfig, ProgressBar, render, run_bench, target_address
+    from chatpair.bench import BenchConfig, ProgressBar, render, run_bench, target_addresses
     from chatpair.client import parse_fingerprint
 
     config = BenchConfig(
         mode=mode, pairs=pairs, messages=messages, duration=duration, size=size, procs=procs, window=window,
-        target=target_address(target) if target else None, tls=tls, cafile=cafile, insecure=insecure,
+        targets=target_addresses(target) if target else (), tls=tls, cafile=cafile, insecure=insecure,
         fingerprint=parse_fingerprint(fingerprint) if fingerprint else None, resume=resume,
         server_args=tuple(server_args), server_pid=server_pid, timeout=timeout,
     )

@@ -46,13 +46,22 @@ def _stop_all(started: list[Server]) -> None:
             s.kill()
 
 
+@pytest.fixture(scope="module")
+def make_server():
+    """What every server below is started with: ``make_server(*args)`` -> an object with
+    ``port``, ``proc``, ``children()``, ``stop()`` and ``kill()``. A module that
+    imports these tests may override it (tests/test_conformance_haproxy.py:
+    the same tests through HAProxy)."""
+    return Server
+
+
 @pytest.fixture
-def servers():
+def servers(make_server):
     """``servers(*args)`` starts a fresh server on port 0; all are stopped at the end."""
     started: list[Server] = []
 
     def start(*args: str) -> Server:
-        s = Server(*args)
+        s = make_server(*args)
         started.append(s)
         return s
 
@@ -61,24 +70,24 @@ def servers():
 
 
 @pytest.fixture(scope="module")
-def shared():
+def shared(make_server):
     """One default server for tests that only touch their own rooms or never pair."""
-    s = Server()
+    s = make_server()
     yield s
     _stop_all([s])
 
 
 @pytest.fixture(scope="module")
-def small():
+def small(make_server):
     """A server with the smallest max_frame the CLI allows (1,024)."""
-    s = Server("--max-frame", "1024")
+    s = make_server("--max-frame", "1024")
     yield s
     _stop_all([s])
 
 
 @pytest.fixture(scope="module")
-def quick_handshake():
-    s = Server("--handshake-timeout", "1")
+def quick_handshake(make_server):
+    s = make_server("--handshake-timeout", "1")
     yield s
     _stop_all([s])
 

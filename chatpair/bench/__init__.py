@@ -22,7 +22,8 @@ What it may use
 module               what lives there
 ===================  ========================================================
 ``config``           BenchConfig (every knob, each default once), tuning
-                     constants, the ``--target`` address
+                     constants, the ``--target`` addresses (one server, or
+                     several: client k on target k mod N, partners apart)
 ``messages``         the numbered, timestamped MSG payloads: MessageFactory
 ``histogram``        LogHistogram (percentiles within 1.6 %)
 ``result``           BenchResult, MessageCounts
@@ -44,7 +45,7 @@ module               what lives there
 ===================  ========================================================
 """
 
-from chatpair.bench.config import MODES, BenchConfig, target_address
+from chatpair.bench.config import MODES, BenchConfig, target_address, target_addresses
 from chatpair.bench.histogram import LogHistogram
 from chatpair.bench.messages import BATCH, MessageFactory
 from chatpair.bench.orchestrate import run_bench
@@ -53,5 +54,5 @@ from chatpair.bench.result import BenchResult
 
 __all__ = [
     "BATCH", "MODES", "BenchConfig", "BenchResult", "LogHistogram", "MessageFactory", "ProgressBar",
-    "render", "render_histogram", "run_bench", "target_address",
+    "render", "render_histogram", "run_bench", "target_address", "target_addresses",
 ]

@@ -56,6 +56,11 @@ class BenchConfig:
     #: Load processes; 0 picks enough for the descriptors needed (at least 1).
     procs: int = 0
     target: tuple[str, int] | None = None
+    #: ``--target H1:P1,H2:P2,...``: client ``k`` (pair ``i``'s A is ``2i``, its B
+    #: ``2i + 1``) connects to target ``k mod N``, so with two targets or more
+    #: the partners of every pair are on different targets (cross-node pairs
+    #: in a cluster). ``resolved()`` makes ``target`` the first of them.
+    targets: tuple[tuple[str, int], ...] = ()
     tls: bool = False
     cafile: str | None = None
     insecure: bool = False
@@ -91,11 +96,13 @@ class BenchConfig:
             raise ConfigError("--messages must be at least 1")
         if self.duration is not None and self.duration < 0:
             raise ConfigError("--duration cannot be negative")
-        if self.server_args and self.target:
+        if self.server_args and (self.target or self.targets):
             raise ConfigError("server options only apply to the server bench starts; not with --target")
         if self.insecure and self.fingerprint is not None:
             raise ConfigError("--insecure and --fingerprint contradict each other: a pin is a check")
         cfg = BenchConfig(**asdict(self))
+        cfg.targets = tuple(tuple(t) for t in cfg.targets) or ((tuple(cfg.target),) if cfg.target else ())  # type: ignore[misc]
+        cfg.target = cfg.targets[0] if cfg.targets else None
         cfg.tls = cfg.tls or cfg.fingerprint is not None
         if cfg.mode == "churn":
             cfg.messages = cfg.messages or 10
@@ -134,3 +141,11 @@ def target_address(text: str) -> tuple[str, int]:
     if host is None or port is None:
         raise ConfigError(f"--target must be HOST:PORT, not {text!r}")
     return host, port
+
+
+def target_addresses(text: str) -> tuple[tuple[str, int], ...]:
+    """``--target H1:P1,H2:P2,...`` -> every (host, port), in order (see :func:`target_address`)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--target must be HOST:PORT or a comma-separated list of them, not {text!r}")
+    return tuple(target_address(part) for part in parts)

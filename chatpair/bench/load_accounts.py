@@ -27,8 +27,8 @@ class LoadSpec:
 
     index: int
     config: BenchConfig
-    host: str
-    port: int
+    #: The servers to connect to: client ``k`` (A of pair ``i`` is ``2i``, B ``2i + 1``) uses ``k mod len``.
+    targets: tuple[tuple[str, int], ...]
     first_pair: int
     pairs: int
     run_id: str
@@ -65,9 +65,20 @@ class LoadReport(MessageCounts):
     t_end: int = 0
     cpu_end: float = 0.0
     errors: list[str] = field(default_factory=list)
+    #: target index -> [clients, clients paired, messages sent, messages delivered] of its clients
+    per_target: dict[int, list[int]] = field(default_factory=dict)
+    #: pairs whose partners were paired on different targets (churn: pair cycles)
+    cross_pairs: int = 0
 
     def add_client(self, c: Client) -> None:
         """Add one client's counts; what its partner sent and it never got is lost."""
+        counts = self.per_target.setdefault(c.target, [0, 0, 0, 0])
+        counts[0] += 1
+        counts[1] += 1 if c.t_paired else 0
+        counts[2] += c.sent
+        counts[3] += c.received
+        if c.role == 0 and c.t_paired and c.peer is not None and c.peer.target != c.target:
+            self.cross_pairs += 1
         self.sent += c.sent
         self.delivered += c.received
         self.out_of_order += c.ooo

@@ -3,7 +3,10 @@
 The second layer of a load process (see :mod:`chatpair.bench.load`): it
 opens both sockets of each pair (non-blocking, or blocking for TLS), sends
 HELLO with the pair's own room, counts a pair as paired when both ends got
-PAIRED, and closes clients. Frames are the next layer's business.
+PAIRED, and closes clients. Frames are the next layer's business. With
+several targets (``--target H1:P1,H2:P2``) client ``2i`` (A of pair ``i``)
+connects to target ``2i mod N`` and its partner to ``(2i + 1) mod N``: with
+two or more targets the two ends of every pair are on different servers.
 
 Thousands of connections from one process spread over many loopback source
 addresses where the kernel allows it (:func:`spread_sources_possible`).
@@ -75,8 +78,8 @@ class LoadConnections(LoadAccounts):
 
     def __init__(self, spec: LoadSpec, progress: Any = None) -> None:
         super().__init__(spec, progress)
-        self.addr = (spec.host, spec.port)
-        self._spread = spread_sources_possible(spec.host)
+        self.addrs = spec.targets
+        self._spread = all(spread_sources_possible(host) for host, _ in spec.targets)
         self._connects = 0  # sockets opened so far (picks the source address)
         self.poller = Poller()
         self.clients: dict[int, Client] = {}  # by descriptor
@@ -130,6 +133,8 @@ class LoadConnections(LoadAccounts):
             pair.room = f"{self.spec.run_id}-{pair.index}-{pair.cycle}"
         a, b = Client(pair, 0, f"a{tag}"), Client(pair, 1, f"b{tag}")
         a.peer, b.peer = b, a
+        n = len(self.addrs)
+        a.target, b.target = (2 * pair.index) % n, (2 * pair.index + 1) % n
         pair.a, pair.b, pair.closed = a, b, 0
         pair.pending = True
         self.connecting += 1
@@ -139,7 +144,8 @@ class LoadConnections(LoadAccounts):
     def connect(self, c: Client) -> None:
         """Open ``c``'s socket; HELLO goes out once it is connected."""
         c.t0 = time.monotonic_ns()
-        family = socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET
+        addr = self.addrs[c.target]
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_ctx is not None:
@@ -147,8 +153,8 @@ class LoadConnections(LoadAccounts):
             # SSLWant* cases; throughput over TLS is not what this measures best.
             sock.settimeout(30)
             try:
-                sock.connect(self.addr)
-                sock = self.ssl_ctx.wrap_socket(sock, server_hostname=self.addr[0])
+                sock.connect(addr)
+                sock = self.ssl_ctx.wrap_socket(sock, server_hostname=addr[0])
             except (OSError, ssl.SSLError) as err:
                 sock.close()
                 self.fail_client(c, f"connect: {err}")
@@ -167,7 +173,7 @@ class LoadConnections(LoadAccounts):
         if self._spread:
             spread_source(sock, self.spec.index, self._connects)
         self._connects += 1
-        err = sock.connect_ex(self.addr)
+        err = sock.connect_ex(addr)
         c.sock, c.fd = sock, sock.fileno()
         self.clients[c.fd] = c
         if err == 0:
@@ -202,7 +208,7 @@ class LoadConnections(LoadAccounts):
         assert c.sock is not None
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.fail_client(c, f"connect to {format_hostport(*self.addr)}: {os.strerror(err)}")
+            self.fail_client(c, f"connect to {format_hostport(*self.addrs[c.target])}: {os.strerror(err)}")
             return
         self.on_connected(c)
 

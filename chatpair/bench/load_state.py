@@ -38,7 +38,7 @@ class Client:
         "sock", "fd", "pair", "peer", "role", "name", "state", "left", "t0", "t_paired",
         "sent", "total", "send_done", "out", "outmv", "off", "ctrl", "expect", "received",
         "ooo", "corrupt", "undelivered", "t_last", "events", "slow_until", "blocked",
-        "ack_clock", "server_acked",
+        "ack_clock", "server_acked", "target",
     )
 
     def __init__(self, pair: Pair, role: int, name: str) -> None:
@@ -71,6 +71,8 @@ class Client:
         #: --resume: what this client received and when it must acknowledge it (None: no resume).
         self.ack_clock: AckClock | None = None
         self.server_acked = 0  # --resume: the server's highest ACK of this client's messages
+        #: which of ``--target``'s servers it connects to: client number (2 * pair + role) mod targets
+        self.target = 0
 
 
 class Pair:

@@ -52,7 +52,7 @@ class LoadProcesses:
         self.stop = self.ctx.RawValue("b", 0)  # set on Ctrl-C: every load process winds down
         self.deadline = time.monotonic() + cfg.timeout
 
-    def start_load_processes(self, host: str, port: int) -> None:
+    def start_load_processes(self, targets: tuple[tuple[str, int], ...]) -> None:
         """Split the pairs over ``procs`` processes and start them (they connect at once)."""
         cfg = self.cfg
         run_id = "bench" + secrets.token_hex(4)
@@ -67,7 +67,7 @@ class LoadProcesses:
         try:
             for i in range(cfg.procs):
                 n = share + (1 if i < extra else 0)
-                spec = LoadSpec(i, cfg, host, port, first, n, run_id)
+                spec = LoadSpec(i, cfg, targets, first, n, run_id)
                 first += n
                 ours, theirs = self.ctx.Pipe()
                 p = self.ctx.Process(target=load_process_main, args=(spec, theirs, self.shared, self.stop),
@@ -175,21 +175,23 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
         old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server: ServerUnderTest | None = None
-        if cfg.target:
-            host, port = cfg.target
+        if cfg.targets:
+            targets = cfg.targets
             if cfg.server_pid:
                 server = ServerUnderTest(cfg.server_pid)
         else:
             raise_fd_limit()
             local = LocalServer(cfg.server_args)
             server = local
-            host, port = local.host, local.port
+            targets = ((local.host, local.port),)
             result.server_command = local.command
         if cfg.tls or cfg.resume:
-            # TLS and resume are checked once, with one clear error, not once per client.
-            result.server_welcome = probe_server(cfg, host, port)
+            # TLS and resume are checked once per server, with one clear error, not once per client.
+            for host, port in dict.fromkeys(targets):
+                welcome = probe_server(cfg, host, port)
+                result.server_welcome = result.server_welcome or welcome
         try:
-            _run_phases(cfg, result, loads, server, host, port, progress)
+            _run_phases(cfg, result, loads, server, targets, progress)
         except KeyboardInterrupt:
             if not loads.procs:
                 raise
@@ -209,7 +211,7 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
 
 
 def _run_phases(cfg: BenchConfig, result: BenchResult, loads: LoadProcesses, server: ServerUnderTest | None,
-                host: str, port: int, progress: ProgressFn | None) -> None:
+                targets: tuple[tuple[str, int], ...], progress: ProgressFn | None) -> None:
     """Start the load processes and take them through their phases, sampling the server."""
     before = server.stats() if server else None
     if before:
@@ -217,7 +219,7 @@ def _run_phases(cfg: BenchConfig, result: BenchResult, loads: LoadProcesses, ser
         result.server_pids = before.pids
         result.server_rss_before = before.rss
         result.server_fds_before = before.fds
-    loads.start_load_processes(host, port)
+    loads.start_load_processes(targets)
 
     def pair_progress() -> tuple[float, str]:
         paired, _ = loads.totals()
@@ -316,6 +318,7 @@ def _merge(result: BenchResult, reports: list[LoadReport], cfg: BenchConfig) -> 
         result.acks_received += r.acks_received
     if cfg.mode == "churn":
         result.pairs_connected = sum(r.paired for r in reports)
+    result.add_targets(reports, cfg.targets)
     t_go = min((r.t_go for r in reports if r.t_go), default=0)
     t_end = max((r.t_end for r in reports), default=0)
     result.elapsed = max(0.0, (t_end - t_go) / 1e9)

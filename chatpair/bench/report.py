@@ -72,6 +72,18 @@ def _latency_row(name: str, hist: LogHistogram) -> tuple[str, str]:
     return name, "  ".join(f"{k} {format_ns(s[k])}" for k in ("p50", "p90", "p99", "p99.9", "max"))
 
 
+def _target_rows(r: BenchResult) -> list[tuple[str, str]]:
+    """Per-target and cross-target figures (``--target H1:P1,H2:P2,...``)."""
+    rows = [(f"target {i + 1}", (f"{t['target']}: {t['clients']:,} clients ({t['paired']:,} paired), "
+                                 f"sent {_count(t['sent'])}, delivered {_count(t['delivered'])}"))
+            for i, t in enumerate(r.targets)]
+    what = f"{r.cross_target_pairs:,} of {r.pairs_connected:,} pairs had their partners on different targets"
+    if r.mode != "idle" and r.delivered:
+        what += f"; all {_count(r.delivered)} messages delivered crossed targets (latency below)"
+    rows.append(("cross-target", what))
+    return rows
+
+
 def render_table(result: BenchResult) -> str:
     """The figures of a run as aligned ``label  value`` lines."""
     r = result
@@ -84,11 +96,16 @@ def render_table(result: BenchResult) -> str:
     rows.append(("run", what))
     if r.server_command:
         rows.append(("server", " ".join(["chatpair", *r.server_command[3:]])))
+    elif len(r.targets) > 1:
+        rows.append(("servers", (f"{len(r.targets)} targets (not started by bench): client k on target k mod "
+                                 f"{len(r.targets)}, so partners are on different targets")))
     elif cfg.get("target"):
         host, port = cfg["target"]
         rows.append(("server", f"{host}:{port} (not started by bench)"))
     rows.append(("pairs paired", f"{r.pairs_connected:,}" + (f" in {r.connect_elapsed:.3f} s "
                  f"({r.pairs_per_s:,.0f} pairs/s)" if r.mode != "churn" and r.connect_elapsed else "")))
+    if len(r.targets) > 1:
+        rows.extend(_target_rows(r))
     if r.pair_time.total:
         s = r.pair_time.summary()
         rows.append(("time to pair", (f"p50 {format_ns(s['p50'])}  p99 {format_ns(s['p99'])}  "

@@ -14,6 +14,7 @@ from typing import Any
 
 from chatpair.bench.config import MIN_SAMPLES, MIN_SECONDS
 from chatpair.bench.histogram import LogHistogram
+from chatpair.netutil import format_hostport
 
 #: The throughput series is per this many seconds...
 SERIES_INTERVAL = 1.0
@@ -90,6 +91,30 @@ class BenchResult(MessageCounts):
     in_flight: int = 0
     #: Messages delivered per TICK_NS from 'go' (the throughput series is made of them).
     ticks: list[int] = field(default_factory=list)
+    #: Per ``--target`` server, in order: its clients' counts (see :meth:`add_targets`).
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    #: Pairs (churn: pair cycles) whose partners were paired on different targets.
+    cross_target_pairs: int = 0
+
+    def add_targets(self, reports: list[Any], targets: tuple[tuple[str, int], ...]) -> None:
+        """Per-target figures from the load processes' ``per_target`` counts.
+
+        ``delivered`` counts messages received by that target's clients; with
+        two targets or more every partner is on another target, so each one
+        crossed from one server to another (in a cluster: a cross-node message).
+        """
+        totals: dict[int, list[int]] = {}
+        for r in reports:
+            self.cross_target_pairs += r.cross_pairs
+            for index, counts in r.per_target.items():
+                into = totals.setdefault(index, [0, 0, 0, 0])
+                for i, n in enumerate(counts):
+                    into[i] += n
+        self.targets = []
+        for index, (host, port) in enumerate(targets or ()):
+            clients, paired, sent, delivered = totals.get(index, [0, 0, 0, 0])
+            self.targets.append({"target": format_hostport(host, port), "clients": clients, "paired": paired, "sent": sent,
+                                 "delivered": delivered})
 
     @property
     def failures(self) -> list[str]:

@@ -228,6 +228,23 @@ class Outbox:
         d = self._out.pop((source, target), None)
         return tuple(d.unacked) if d else ()
 
+    def forfeit(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Redis lost its data: every message written but not acknowledged may be gone with it.
+
+        Returns them per direction (NOTICE undelivered each) and stops waiting
+        for their acks; messages still queued here are kept (they go out with
+        the next flush), and numbering goes on where it was.
+        """
+        queued = {(f["s"], f["t"], f["q"]) for _, f in self._queued if f["k"] == "msg"}
+        out = []
+        for (source, target), d in self._out.items():
+            keep = deque(seq for seq in d.unacked if (source, target, seq) in queued)
+            gone = tuple(seq for seq in d.unacked if (source, target, seq) not in queued)
+            d.unacked = keep
+            if gone:
+                out.append((source, target, gone))
+        return out
+
     def drop_node(self, node: str) -> list[tuple[str, str, tuple[int, ...]]]:
         """``node`` died: for each of our senders with messages to it, those never acknowledged."""
         out = []

@@ -44,3 +44,11 @@ def describe(error: BaseException) -> str:
     """One line for a log or a user: what went wrong talking to Redis."""
     text = " ".join(str(error).split()) or type(error).__name__
     return f"Redis: {text}"
+
+
+def public_url(url: str) -> str:
+    """The Redis URL without a password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

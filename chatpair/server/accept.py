@@ -14,6 +14,11 @@ Two things happen here before anything else is spent on a connection:
   later use (logs, per-address limits, loopback exemption);
 * an address in the :class:`~chatpair.server.deny.DenyList` is closed at
   once, with one log line: no banner, no handshake, no counts.
+
+Behind a load balancer (``--proxy-protocol``) the socket's address is the
+balancer's: the reception reads the real one from the PROXY header and asks
+:meth:`Acceptor.denied_network` then (``deny_at_accept`` is off), and
+:func:`real_address` unmaps it the same way.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ def unmap_addr(addr: Any) -> Any:
     return addr
 
 
+def real_address(source: tuple[str, int]) -> tuple[str, int]:
+    """A PROXY header's source as the acceptor would have given it: IPv4 unmapped."""
+    host, port = source
+    if host.startswith(_MAPPED) and "." in host:
+        return (host[len(_MAPPED):], port)
+    return (host, port)
+
+
 class Acceptor:
     """The listening socket in a selector loop; new connections go to ``on_connection``.
 
@@ -79,7 +92,10 @@ class Acceptor:
     address with IPv4 unmapped; addresses in ``deny`` never get there. The
     owner calls :meth:`on_readable` when the socket is readable, :meth:`tick`
     from its timer, and :meth:`stop` when the server stops. :attr:`accepted`
-    and :attr:`denied` count connections (for status and metrics).
+    and :attr:`denied` count connections (for status and metrics). With
+    :attr:`deny_at_accept` off (``--proxy-protocol``) the deny list is not
+    asked at accept; whoever learns the real address asks
+    :meth:`denied_network` and closes the connection itself.
     """
 
     def __init__(self, sock: socket.socket, sel: selectors.BaseSelector,
@@ -91,6 +107,7 @@ class Acceptor:
         self.accepted = 0  # connections accepted, denied ones included
         self.denied = 0
         self.state = AcceptState.ACCEPTING
+        self.deny_at_accept = True  # False behind a load balancer: the address here is the balancer's
         self._resume_at = 0.0
         self._fd_warning_logged = False  # say "out of descriptors" once, not every backoff
         sock.setblocking(False)
@@ -116,7 +133,7 @@ class Acceptor:
                 return
             self.accepted += 1
             addr = unmap_addr(addr)
-            if self.deny and self._denied(sock, addr):
+            if self.deny and self.deny_at_accept and self._denied(sock, addr):
                 continue
             sock.setblocking(False)
             if self._tune_each:
@@ -125,14 +142,25 @@ class Acceptor:
 
     def _denied(self, sock: socket.socket, addr: Any) -> bool:
         """Close ``sock`` (one log line) if its address is denied."""
-        network = self.deny.match(str(addr[0])) if isinstance(addr, tuple) else None  # type: ignore[union-attr]
-        if network is None:
+        if self.denied_network(addr) is None:
             return False
+        sock.close()
+        return True
+
+    def denied_network(self, addr: Any) -> str | None:
+        """The deny-list network ``addr`` is in (counted, one log line), or None.
+
+        The caller closes the connection at once, without a word.
+        """
+        if not self.deny or not isinstance(addr, tuple):
+            return None
+        network = self.deny.match(str(addr[0]))
+        if network is None:
+            return None
         self.denied += 1
         log.info("%s: denied (%s); closed", format_addr(addr), network,
                  extra={"fields": {"event": "denied", "addr": format_addr(addr), "network": network}})
-        sock.close()
-        return True
+        return network
 
     def _rest(self, err: OSError, now: float) -> None:
         """Out of descriptors: rest instead of spinning; pairs already chatting go on."""

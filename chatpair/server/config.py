@@ -112,6 +112,9 @@ class ServerConfig:
     deny_file: str | None = None  # --deny-file: more CIDRs, read again on SIGHUP
     status_interval: float = DEFAULT_STATUS_INTERVAL  # seconds; 0: no periodic status line
     metrics: str | None = None  # --metrics HOST:PORT: serve /metrics (Prometheus) there
+    cluster: str | None = None  # --cluster redis://HOST:PORT/DB: one of many nodes sharing a lobby in Redis
+    node_id: str = ""  # --node-id: this node's name in the cluster (default: host name and port)
+    proxy_protocol: bool = False  # --proxy-protocol: every connection starts with HAProxy's PROXY header
 
     def limits(self) -> Limits:
         return Limits(self.max_frame, self.ping_interval, self.idle_timeout, self.write_timeout,

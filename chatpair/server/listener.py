@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatpair.proto import ErrorCode, FrameType
 from chatpair.server.accept import Acceptor
@@ -43,6 +43,9 @@ from chatpair.server.render import event_bytes, undelivered_notices
 from chatpair.server.resume_desk import ResumeDesk
 from chatpair.server.states import Phase
 from chatpair.server.workers import Stranded
+
+if TYPE_CHECKING:
+    from chatpair.server.cluster_desk import ClusterDesk
 
 log = logging.getLogger("chatpair")
 
@@ -74,11 +77,17 @@ class Listener(ConnLoop):
         self.registry = self.resumes.registry
         self.reception = Reception(self, config, self.admission, self._queue, self.resumes.on_resume)
         self.ops = Operations(self, config)  # the deny list, status lines, /metrics (server/operations.py)
-        self.acceptor = Acceptor(listen_sock, self.sel, self.reception.new_connection, self.ops.deny)
+        self.acceptor = self.reception.attach(Acceptor(listen_sock, self.sel, self.reception.new_connection, self.ops.deny))
         if control is not None:
             control.setblocking(False)
             self.sel.register(control, EVENT_READ, None)
-        self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.sel)
+        self.cluster: ClusterDesk | None = None  # --cluster: the lobby in Redis (server/cluster_desk.py)
+        if config.cluster:
+            from chatpair.server.cluster_desk import ClusterDesk
+
+            self.cluster = ClusterDesk(self, config)  # threads stopped and joined by finish() in listener_main
+        self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.sel,
+                                self.cluster.make_relay if self.cluster is not None else None)
 
     # -- sockets that are not clients -----------------------------------------------------
 
@@ -128,6 +137,9 @@ class Listener(ConnLoop):
 
     def _queue(self, conn: Conn, first: bytes = b"", requeued: bool = False) -> None:
         """Join the lobby; ``first`` is sent ahead of WAITING in the same write."""
+        if self.cluster is not None:
+            self.cluster.queue(conn, first, requeued)
+            return
         if conn.session is not None and not requeued:
             self.registry.add(conn.session.token, conn.cid)
         result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
@@ -160,7 +172,9 @@ class Listener(ConnLoop):
         self.registry.forget(conn.cid)
         if self.waiting.pop(conn.cid, None) is not None:
             log.info("%s: left while waiting (%s)", conn.label, reason)
-        if conn.cid in self.lobby:
+        if self.cluster is not None:
+            self.cluster.leave(conn)
+        elif conn.cid in self.lobby:
             self.lobby.leave(conn.cid)
 
     def on_msg_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
@@ -183,8 +197,13 @@ class Listener(ConnLoop):
     def on_wake(self) -> None:
         while self._ended:
             self.handle_pair_end(self._ended.popleft())
+        if self.cluster is not None:
+            self.cluster.on_wake()
 
     def handle_pair_end(self, end: Report) -> None:
+        if self.cluster is not None:
+            self.cluster.pair_end(end)
+            return
         if isinstance(end, Bounce):
             self.resumes.on_bounce(end)
             return
@@ -289,6 +308,8 @@ def listener_main(listen_sock: socket.socket, control: socket.socket, config: Se
     finally:
         listener.ops.close()
         listener.relays.join()
+        if listener.cluster is not None:
+            listener.cluster.finish(listener._ended)  # then its threads are stopped and joined
         listen_sock.close()
         control.close()
         # Workers share the main process's resource tracker; only if it had died

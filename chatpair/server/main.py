@@ -250,9 +250,29 @@ class Server:
             except OSError as err:
                 log.warning("could not ask the listener to %s: %s", command.decode(), err.strerror or err)
 
+    def wait_ready(self) -> bool:
+        """Cluster mode: wait for the listener's ``ready`` (it joined the cluster); False if stopped first."""
+        seen = b""
+        while not self._stop.is_set():
+            control, process = self._control, self._process
+            if control is None or process is None or not process.is_alive():
+                return False
+            if select.select([control], [], [], 0.1)[0]:
+                try:
+                    chunk = control.recv(64)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    return False
+                seen += chunk
+                if b"ready\n" in seen:
+                    return True
+        return False
+
     def serve(self, poll: Callable[[], bool] | None = None) -> None:
         """Run until stopped; restart the listener if it dies. ``poll`` returning True stops."""
-        self.start()
+        if self._process is None:
+            self.start()
         backoff = RestartBackoff()
         while not self._stop.is_set():
             assert self._process is not None
@@ -341,6 +361,14 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
     fingerprint = check_tls(config)
     denied = check_deny(config)
     server = Server(config)  # raises ChatpairError when the port cannot be had
+    if config.cluster:
+        from chatpair.server.cluster_desk import check_cluster
+
+        try:
+            check_cluster(config, server.port)
+        except ChatpairError:
+            server.stop()
+            raise
     in_terminal = stdin_is_terminal(sys.stdin)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -363,6 +391,15 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
     # Before "listening on": whoever reads that line may signal us at once.
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS + STATUS_SIGNALS}
     try:
+        if config.cluster:
+            from chatpair.cluster.redisconn import public_url
+
+            log.info("node %s: joining the cluster at %s", config.node_id, public_url(config.cluster))
+            server.start()
+            if not server.wait_ready():  # stopped (or the listener died) before it joined
+                server.stop()
+                log.info("stopped")
+                return 0 if server.stopping else 1
         print(f"listening on {server.address}" + (" (TLS)" if fingerprint else ""), file=out, flush=True)
         if fingerprint:
             print(f"certificate fingerprint {fingerprint}", file=out, flush=True)

@@ -92,7 +92,7 @@ class Operations:
         totals.connections = len(listener.admission.live)
         totals.handshaking = len(listener.reception.handshaking)
         totals.waiting = len(listener.waiting)
-        totals.pairs = listener.lobby.pairs_chatting()
+        totals.pairs = (listener.cluster or listener.lobby).pairs_chatting()
         totals.accepted = listener.acceptor.accepted
         totals.refusals["denied"] += listener.acceptor.denied
         for reason, n in listener.admission.refused.items():

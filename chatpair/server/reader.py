@@ -59,6 +59,7 @@ _UTF8 = "utf-8"
 _CHATTING = Phase.CHATTING
 _CLOSING = Phase.CLOSING
 _HANDSHAKE = Phase.HANDSHAKE
+_PROXY_HEADER = Phase.PROXY_HEADER
 _FRAME = Mode.FRAME
 _LINE = Mode.LINE
 #: A line-mode read takes at most this much (lines are at most max_frame - 1 bytes anyway).
@@ -104,10 +105,10 @@ class ReadMixin:
                 self.read_frames(conn)
             else:
                 self.read_lines(conn)
-        elif phase is _HANDSHAKE:
+        elif phase is _HANDSHAKE or phase is _PROXY_HEADER:
             # The first byte fixed the mode, but the HELLO or name line may
             # arrive in several pieces (telnet sends a key at a time), and
-            # every piece belongs to the handshake.
+            # every piece belongs to the handshake (as does a PROXY header).
             self.on_handshake_readable(conn)
         elif phase is _CLOSING:
             self.drain_closing(conn)

@@ -57,6 +57,8 @@ class PairEnd:
     gone: list[int] = field(default_factory=list)  # connections closed (sessions ended)
     back: list[Conn] = field(default_factory=list)  # connections to queue again
     unpair: bool = True
+    #: cluster mode, a pair across nodes ended here: (our client's cid, its partner's cid, reason)
+    remote: tuple[str, str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -109,6 +111,17 @@ class Relay(ConnLoop):
                 self.take_resume(*arg)  # type: ignore[misc]
             elif what == "stop":
                 self.stop()
+            else:
+                self.on_command(what, arg)
+
+    def on_command(self, what: str, arg: object) -> None:
+        """Another command from :meth:`submit` (subclasses: cluster mode's remote pairs)."""
+
+    def submit(self, what: str, arg: object, wake: bool = True) -> None:
+        """Any thread: queue a command for :meth:`on_command` (``wake=False``: the caller wakes us later)."""
+        self._inbox.append((what, arg))
+        if wake:
+            self.wake()
 
     def adopt_pair(self, a: Conn, b: Conn) -> None:
         """Start relaying between ``a`` and ``b`` (PAIRED was already queued to both)."""
@@ -266,8 +279,9 @@ class Relay(ConnLoop):
 class RelayThread:
     """A :class:`Relay` running in its own thread; the listener owns and joins it."""
 
-    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None]) -> None:
-        self.relay = Relay(limits, index, on_pair_end)
+    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None],
+                 relay: Relay | None = None) -> None:
+        self.relay = relay if relay is not None else Relay(limits, index, on_pair_end)
         self.thread = threading.Thread(target=self._run, name=f"chatpair-relay-{index}", daemon=True)
         self._wake_owed = False  # pairs submitted since the last flush()
 
@@ -291,6 +305,11 @@ class RelayThread:
         # Waking a thread is a system call: the listener pairs many clients in
         # one batch of events and wakes each relay once, in flush().
         self.relay.submit_pair(a, b, wake=False)
+        self._wake_owed = True
+
+    def submit_remote(self, conn: Conn, peer: object) -> None:
+        """Cluster mode: relay ``conn`` with its partner on another node (woken in flush())."""
+        self.relay.submit("remote", (conn, peer), wake=False)
         self._wake_owed = True
 
     def flush(self) -> None:

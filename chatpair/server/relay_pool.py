@@ -15,9 +15,9 @@ import selectors
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from chatpair.server.config import ServerConfig
+from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
-from chatpair.server.relay import RelayThread, Report
+from chatpair.server.relay import Relay, RelayThread, Report
 from chatpair.server.workers import Stranded, WorkerHandle
 
 log = logging.getLogger("chatpair")
@@ -54,15 +54,18 @@ class RelayPool:
     """
 
     def __init__(self, config: ServerConfig, on_pair_end: Callable[[Report], None],
-                 on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector) -> None:
+                 on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector,
+                 make_relay: Callable[[Limits, int, Callable[[Report], None]], Relay] | None = None) -> None:
         self._limits = config.limits()
         self._on_pair_end = on_pair_end
         self.workers = [WorkerHandle(config, i, on_pair_end, on_lost, sel) for i in range(config.workers)]
         #: With --workers: a relay thread of this process, started the first time
         #: a pair is made while no worker is available (all dead, restarting).
         self.fallback: RelayThread | None = None
+        #: cluster mode: relay loops that also serve pairs across nodes (server/cluster_relay.py)
+        self._make_relay = make_relay
         self.relays: list[RelayHandle] = list(self.workers) or [
-            RelayThread(self._limits, i, on_pair_end) for i in range(max(1, config.relay_threads))
+            self._thread(i) for i in range(max(1, config.relay_threads))
         ]
         for relay in self.relays:
             relay.start()
@@ -81,10 +84,15 @@ class RelayPool:
         # again as soon as one is back.
         if self.fallback is None:
             log.warning("no relay worker is running; relaying new pairs in the listener process meanwhile")
-            self.fallback = RelayThread(self._limits, len(self.workers), self._on_pair_end)
+            self.fallback = self._thread(len(self.workers))
             self.fallback.start()
             self.relays.append(self.fallback)
         return self.fallback
+
+    def _thread(self, index: int) -> RelayThread:
+        make = self._make_relay
+        relay = make(self._limits, index, self._on_pair_end) if make is not None else None
+        return RelayThread(self._limits, index, self._on_pair_end, relay)
 
     def flush(self) -> None:
         """After a batch of events: let every relay start on the pairs it was given."""

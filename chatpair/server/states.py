@@ -10,6 +10,10 @@ Mode - how the client speaks, fixed by its first byte (PROTOCOL.md section 2)::
 
 Phase - where the connection is in its life::
 
+    PROXY_HEADER --header read, address admitted--> TLS_HANDSHAKE or HANDSHAKE
+         |
+         +--bad or no header, denied, refused in a flood--> CLOSING
+
     TLS_HANDSHAKE --TLS done--> HANDSHAKE --HELLO or name line--> CHATTING
           |                         |                                |
           +-------------------------+----------> CLOSING <-----------+
@@ -21,7 +25,11 @@ resume window ends it like a disconnect.
 
 A connection starts in TLS_HANDSHAKE if its socket is a TLS socket, else in
 HANDSHAKE (:class:`~chatpair.server.conn.Conn` decides once, when it is
-made); one handed over from a relay worker starts in CHATTING. CHATTING
+made) - except behind a load balancer (``--proxy-protocol``): there it
+starts in PROXY_HEADER, nothing is sent to it, and only the bytes of
+HAProxy's header are read; the real client address it names is what the
+deny list and the limits judge, and then the connection goes on to TLS or
+the banner as any other (:class:`~chatpair.server.reception.Reception`); one handed over from a relay worker starts in CHATTING. CHATTING
 covers waiting for a partner and being paired: either way every frame or
 line is read as a message or a command. CLOSING is the polite close (our
 last bytes out, the client's side drained) and also the closed socket: no
@@ -48,6 +56,7 @@ class Mode(enum.IntEnum):
 class Phase(enum.Enum):
     """Where a connection is in its life (see the module docstring for the transitions)."""
 
+    PROXY_HEADER = "proxy header"  # --proxy-protocol: reading HAProxy's header; nothing sent yet
     TLS_HANDSHAKE = "tls handshake"  # wants what ``Conn.tls_want`` says, nothing else
     HANDSHAKE = "handshake"  # banner sent; reading HELLO or the name line, with one deadline
     CHATTING = "chatting"  # past the handshake: waiting for a partner, or paired

@@ -1,0 +1,204 @@
+"""This node's link to the cluster: the two threads that talk to Redis for a chatpair server.
+
+A clustered listener process owns one :class:`ClusterNode` (``start`` in the
+listener's constructor, ``stop`` and ``join`` in ``listener_main``). Redis
+calls block, so none of them runs on a selector thread:
+
+* the **I/O thread** (:class:`chatpair.cluster.nodeio.NodeIo`) does every
+  call that changes something, in the order the requests were made: the
+  lobby's scripts (join, unpair, leave), the outbox's batched writes
+  (messages and acks, one pipeline per batch), the node's heartbeat, the
+  watch for dead nodes and their purge, and the rebuild after Redis came
+  back empty. Requests come from the listener and the relay threads through
+  one queue (:meth:`ClusterNode.join`, :meth:`send_msgs`, ...); answers go
+  to the listener through the ``post`` callback it gave (which queues them
+  and wakes its selector).
+* the **inbox reader** (:meth:`ClusterNode._read_loop`) waits on this node's
+  inbox stream (XREAD BLOCK) and hands what arrives to the relay holding
+  the target client (:class:`chatpair.cluster.peer.RemotePeer`), in order;
+  a ``paired`` entry (a client of ours was paired by another node) goes to
+  the listener.
+
+One client connection per thread (redis-py pools them); the reader's read
+timeout is longer than its BLOCK. While Redis is unreachable both threads
+retry every :data:`RETRY_SECONDS`; the I/O thread logs one line when it goes
+and one when it comes back, and keeps every request until it can be done.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from chatpair.cluster.inbox import DEFAULT_WINDOW, Entry, Gap, Inbox, Outbox
+from chatpair.cluster.lobby import ClusterLobby
+from chatpair.cluster.names import DEFAULT_PREFIX
+from chatpair.cluster.nodeio import NodeIo
+from chatpair.cluster.peer import RemotePeer, Routes
+from chatpair.cluster.redisconn import connect, public_url, redis_errors
+from chatpair.cluster.results import (
+    CONNECT_TIMEOUT,
+    DEATH_GRACE,
+    IO_TIMEOUT,
+    NODE_TTL_MS,
+    READ_BLOCK_MS,
+    RETRY_SECONDS,
+    RemotePaired,
+    Result,
+)
+
+log = logging.getLogger("chatpair")
+
+
+class ClusterNode:
+    """One node: its id, its Redis clients, its two threads, its request queue.
+
+    For any thread: :meth:`cid`, :meth:`local_id`, and the requests
+    :meth:`join`, :meth:`unpair`, :meth:`leave`, :meth:`send_msgs`,
+    :meth:`ack`. For the owner: :meth:`start`, :meth:`stop`, :meth:`join_threads`.
+    """
+
+    def __init__(self, url: str, node_id: str, post: Callable[[Result], None], *,
+                 prefix: str = DEFAULT_PREFIX, ttl_ms: int = NODE_TTL_MS, grace: float = DEATH_GRACE,
+                 window: int = DEFAULT_WINDOW) -> None:
+        self.url = public_url(url)
+        io_client = connect(url, socket_timeout=IO_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT)
+        read_client = connect(url, socket_timeout=READ_BLOCK_MS / 1000 + IO_TIMEOUT,
+                              socket_connect_timeout=CONNECT_TIMEOUT)
+        self.lobby = ClusterLobby(io_client, node_id, prefix=prefix, ttl_ms=ttl_ms)
+        self.node = self.lobby.node
+        self._prefix = f"{self.node}:{self.lobby.boot}-"
+        self.window = window
+        self.outbox = Outbox(io_client, self.lobby.keys, window=window)
+        self.inbox = Inbox(read_client, self.lobby.keys, self.node)
+        self.routes = Routes()
+        self.lock = threading.Lock()  # the outbox: the I/O thread sends and flushes, the reader settles acks
+        self.requests: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.post = post
+        self.stopping = threading.Event()
+        self.errors = redis_errors()
+        self.io = NodeIo(self, grace=grace)
+        self._threads = [threading.Thread(target=self.io.run, name="chatpair-cluster-io", daemon=True),
+                         threading.Thread(target=self._read_loop, name="chatpair-cluster-inbox", daemon=True)]
+
+    # -- ids -------------------------------------------------------------------------------
+
+    def cid(self, local: int) -> str:
+        """The cluster-wide id of this node's connection number ``local``."""
+        return self._prefix + str(local)
+
+    def local_id(self, cid: str) -> int | None:
+        """This node's connection number for ``cid``; None if it is not a client of this run."""
+        if cid.startswith(self._prefix):
+            tail = cid[len(self._prefix):]
+            if tail.isdigit():
+                return int(tail)
+        return None
+
+    # -- requests (any thread), done in order by the I/O thread ------------------------------
+
+    def join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
+        """Queue the client (answered with :class:`Joined` through ``post``)."""
+        self.requests.put(("join", cid, name, room, requeued))
+
+    def unpair(self, a: str, b: str, next_by: str | None, leaver: str | None, reason: str) -> None:
+        """End a pair; our messages already sent go out before the partner hears ``peer_left``."""
+        self.requests.put(("unpair", a, b, next_by, leaver, reason))
+
+    def leave(self, cid: str) -> None:
+        """The client is gone (a pair it may still be in, unknown to us yet, is ended too)."""
+        self.requests.put(("leave", cid))
+
+    def send_msgs(self, source: str, target: str, payloads: list[bytes]) -> None:
+        """MSG payloads from our ``source`` to ``target`` on another node (batched)."""
+        self.requests.put(("msgs", source, target, payloads))
+
+    def ack(self, source: str, target: str, upto: int, lost: list[tuple[int, int]]) -> None:
+        """We wrote ``source``'s messages up to ``upto`` to our ``target`` (``lost``: never arrived)."""
+        self.requests.put(("ack", source, target, upto, lost))
+
+    # -- the threads -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Leave the cluster after everything asked so far is done (partners elsewhere are told)."""
+        self.requests.put(("stop",))
+
+    def join_threads(self, timeout: float = 5.0) -> None:
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout)
+
+    def _read_loop(self) -> None:
+        """The inbox reader thread: XREAD BLOCK, then hand each entry on, in order."""
+        while not self.stopping.is_set():
+            try:
+                items = self.inbox.read(block_ms=READ_BLOCK_MS)
+            except self.errors:
+                self.stopping.wait(RETRY_SECONDS)  # the I/O thread says so in the log
+                continue
+            except Exception:  # a bug must not pass silently, nor stop the reading
+                log.exception("cluster inbox reader: unexpected error")
+                self.stopping.wait(RETRY_SECONDS)
+                continue
+            if items:
+                try:
+                    self._dispatch(items)
+                except self.errors:
+                    self.stopping.wait(RETRY_SECONDS)
+
+    def _dispatch(self, items: list[Entry | Gap]) -> None:
+        routes = self.routes
+        touched: set[RemotePeer] = set()
+        for item in items:
+            if isinstance(item, Gap):
+                peer = routes.get(item.target)
+                if peer is not None and peer.remote == item.source:
+                    peer.push(("gap", item.first, item.last))
+                    touched.add(peer)
+                continue
+            kind = item.kind
+            if kind == "msg":
+                peer = routes.get(item.target)
+                entry = ("msg", item.seq, item.payload)
+                if peer is not None and peer.remote == item.source:
+                    peer.push(entry)
+                    touched.add(peer)
+                elif peer is None and self.local_id(item.target) is not None:
+                    found = routes.orphan(item.target, item.source, entry)
+                    if found is not None:
+                        touched.add(found)
+            elif kind == "ack":
+                with self.lock:
+                    acked = self.outbox.on_ack(item)
+                if acked.delivered or acked.undelivered:
+                    peer = routes.get(acked.source)
+                    if peer is not None and peer.remote == acked.target:
+                        peer.push(("acked", len(acked.delivered), len(acked.undelivered)))
+                        touched.add(peer)
+            elif kind == "paired":
+                if self.local_id(item.target) is None:
+                    continue  # for a client of an earlier run of this node
+                name = item.payload.decode("utf-8", "replace")
+                peer = RemotePeer(item.target, item.source, name)
+                routes.add(peer)
+                self.requests.put(("paired_seen", item.target, item.source, name))
+                self.post(RemotePaired(peer))
+            elif kind == "peer_left":
+                peer = routes.remove(item.target, item.source)
+                if peer is None:
+                    continue  # the pair had ended here already
+                with self.lock:
+                    lost = self.outbox.drop_pair(item.target, item.source)
+                self.inbox.forget(item.source, item.target)
+                peer.push(("left", item.payload.decode("utf-8", "replace") or "disconnected", len(lost)))
+                touched.add(peer)
+                self.requests.put(("left_seen", item.target))
+        for peer in touched:
+            peer.notify()

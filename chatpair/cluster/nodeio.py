@@ -1,0 +1,334 @@
+"""The cluster I/O thread: every Redis call that changes something, in order, retried.
+
+:class:`NodeIo` runs in the thread :class:`chatpair.cluster.node.ClusterNode`
+starts. Its loop takes requests from the node's queue (from the listener:
+join, unpair, leave; from relay threads: messages and acks) and does them
+in the order they were made, then writes what the outbox holds in one
+pipeline. Between requests it renews the node's heartbeat (a fifth of the
+TTL), and four times a second asks which nodes lost theirs (the
+:class:`~chatpair.cluster.liveness.DeathWatch` decides when one is dead;
+then it is purged, and its clients' partners hear ``peer_left``).
+
+It keeps a *mirror* of what Redis should know about this node: its waiting
+clients in queue order, and its clients in a pair. When the heartbeat
+finds the registration lapsed (``expired``) or Redis empty (``reset``), the
+mirror is written back (:meth:`ClusterLobby.restore`); pairs that could not
+be rebuilt end with PEER_LEFT ``disconnected``; after a reset every message
+written to Redis but not yet acknowledged is answered NOTICE
+``undelivered`` (it may have been lost with Redis's data).
+
+Redis unreachable: the request that failed stays first in line, nothing
+behind it overtakes it, one log line says Redis went and one that it came
+back (with how long it was gone), and node-death detection starts afresh
+then. A request Redis refuses as a caller's mistake is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from typing import Any
+
+from chatpair.cluster.liveness import DeathWatch
+from chatpair.cluster.lobby import Chatting, Matched, NodeGone, Queued, Waiting
+from chatpair.cluster.names import node_of
+from chatpair.cluster.peer import RemotePeer
+from chatpair.cluster.redisconn import ClusterError, describe
+from chatpair.cluster.results import RETRY_SECONDS, Joined, Ready
+
+log = logging.getLogger("chatpair")
+
+#: Seconds between two looks for dead nodes.
+WATCH_INTERVAL = 0.25
+#: Once asked to stop, how long to keep trying while Redis is unreachable.
+STOP_PATIENCE = 2.0
+
+
+class NodeIo:
+    """The I/O thread's loop and its bookkeeping (the mirror). Only that thread calls it."""
+
+    def __init__(self, node: Any, *, grace: float) -> None:
+        """``node``: the :class:`chatpair.cluster.node.ClusterNode` whose thread this is."""
+        self.node = node
+        self.lobby = node.lobby
+        self.outbox = node.outbox
+        self.watch = DeathWatch(grace)
+        self.beat_interval = node.lobby.ttl_ms / 5000
+        self.pending: deque[tuple[Any, ...]] = deque()
+        self.stop_asked = 0.0  # when "stop" came (0: not yet)
+        self.down_since: float | None = None
+        self.next_retry = 0.0
+        self.waiting: dict[str, Waiting] = {}  # the mirror, in queue order
+        self.chatting: dict[str, Chatting] = {}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if self._register():
+                self._serve()
+        except Exception:  # a bug must not pass silently, nor take the listener down
+            log.exception("cluster I/O thread crashed; this node no longer pairs across the cluster")
+        finally:
+            self.node.stopping.set()
+
+    def _take(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a request, then take every request there is."""
+        requests = self.node.requests
+        try:
+            item = requests.get(timeout=timeout) if timeout > 0 else requests.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self.pending.append(item)
+            if item[0] == "stop" and not self.stop_asked:
+                self.stop_asked = time.monotonic()
+            try:
+                item = requests.get_nowait()
+            except queue.Empty:
+                return
+
+    def _register(self) -> bool:
+        """Join the cluster, retrying while Redis is unreachable; False if asked to stop first."""
+        warned = False
+        while True:
+            try:
+                told = self.lobby.register()
+            except self.node.errors as error:
+                if not warned:
+                    log.warning("cannot reach Redis at %s (%s); retrying every %gs",
+                                self.node.url, describe(error), RETRY_SECONDS)
+                    warned = True
+                self._take(RETRY_SECONDS)
+                if self.stop_asked:
+                    return False
+                continue
+            log.info("node %s joined the cluster at %s%s", self.node.node, self.node.url,
+                     f" (replacing its earlier run: {len(told)} partners told)" if told else "")
+            self.node.post(Ready(self.node.node))
+            return True
+
+    def _serve(self) -> None:
+        next_beat = next_watch = 0.0
+        while True:
+            now = time.monotonic()
+            if self.down_since is not None:
+                timeout = max(0.0, self.next_retry - now)
+            elif self.pending:
+                timeout = 0.0
+            else:
+                timeout = max(0.0, min(next_beat, next_watch) - now)
+            self._take(timeout)
+            now = time.monotonic()
+            if self.down_since is not None and now < self.next_retry:
+                continue
+            if self.stop_asked and self.down_since is not None and now - self.stop_asked > STOP_PATIENCE:
+                log.warning("leaving the cluster without telling Redis (unreachable); "
+                            "other nodes will find this node gone")
+                return
+            try:
+                if self.down_since is not None:
+                    self._heartbeat()  # first: a Redis that came back empty is refilled before anything
+                    next_beat = now + self.beat_interval
+                stop = self._run_pending()
+                if self.outbox.pending():
+                    with self.node.lock:
+                        self.outbox.flush()
+                if stop:
+                    leave_cluster(self.node)
+                    return
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat()
+                    next_beat = now + self.beat_interval
+                if now >= next_watch:
+                    self._watch(now)
+                    next_watch = now + WATCH_INTERVAL
+                if self.down_since is not None:
+                    log.warning("Redis is reachable again (after %.1fs)", now - self.down_since)
+                    self.down_since = None
+                    self.watch.reset()
+            except self.node.errors as error:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("Redis unreachable (%s): same-node pairs go on; pairing and cross-node "
+                                "messages wait; retrying every %gs", describe(error), RETRY_SECONDS)
+                self.watch.reset()  # nobody can tell a dead node from a missing Redis now
+                self.next_retry = time.monotonic() + RETRY_SECONDS
+
+    def _run_pending(self) -> bool:
+        """Do the requests in order; True when "stop" was reached. Redis errors propagate."""
+        pending = self.pending
+        retried = False
+        while pending:
+            request = pending[0]
+            if request[0] == "stop":
+                pending.clear()
+                return True
+            try:
+                self._do(request)
+            except NodeGone:
+                if not retried:  # our registration lapsed: renew (and restore), then once more
+                    retried = True
+                    self._heartbeat()
+                    continue
+                log.warning("cluster: %s not done: this node is not registered", request[0])
+            except (ValueError, ClusterError) as error:
+                log.warning("cluster: %s not done: %s", request[0], error)
+            retried = False
+            pending.popleft()
+        return False
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _do(self, request: tuple[Any, ...]) -> None:
+        kind = request[0]
+        if kind == "msgs":
+            _, source, target, payloads = request
+            with self.node.lock:
+                for payload in payloads:
+                    self.outbox.send(source, target, payload)
+        elif kind == "ack":
+            _, source, target, upto, lost = request
+            with self.node.lock:
+                for gap in lost:
+                    self.outbox.ack(source, target, upto, gap)
+                self.outbox.ack(source, target, upto)
+        elif kind == "join":
+            self._join(*request[1:])
+        elif kind == "unpair":
+            self._unpair(*request[1:])
+        elif kind == "leave":
+            self._leave(request[1])
+        elif kind == "paired_seen":
+            _, local, remote, name = request
+            mine = self.waiting.pop(local, None)
+            if mine is not None:
+                self.chatting[local] = Chatting(local, remote, mine.name, name, mine.room)
+        elif kind == "left_seen":
+            self.chatting.pop(request[1], None)
+
+    def _join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
+        result = self.lobby.join(cid, room, name=name, requeued=requeued)
+        self.waiting.pop(cid, None)
+        if isinstance(result, Queued):
+            self.waiting[cid] = Waiting(cid, name, room)
+        log_ghosts(result.ghosts)
+        self._announce(result, name, room)
+
+    def _announce(self, result: Any, name: str, room: str | None) -> None:
+        """Tell the listener how a join (or a restore) ended; a match across nodes gets a route."""
+        peer = None
+        if isinstance(result, Matched):
+            cid, waiter = result.newcomer, result.waiter
+            self.chatting[cid] = Chatting(cid, waiter, name, result.waiter_name, room)
+            mine = self.waiting.pop(waiter, None)
+            if node_of(waiter) == self.node.node:
+                if mine is not None:
+                    self.chatting[waiter] = Chatting(waiter, cid, mine.name, name, room)
+            else:
+                peer = RemotePeer(cid, waiter, result.waiter_name, room)
+                self.node.routes.add(peer)
+        self.node.post(Joined(result.newcomer if isinstance(result, Matched) else result.cid, result, peer))
+
+    def _unpair(self, a: str, b: str, next_by: str | None, leaver: str | None, reason: str) -> None:
+        with self.node.lock:
+            self.outbox.flush()  # messages (and acks) before the partner hears peer_left
+        self.lobby.unpair(a, b, next_by=next_by, leaver=leaver, reason=reason)
+        self._forget_pair(a, b)
+
+    def _forget_pair(self, a: str, b: str) -> None:
+        with self.node.lock:
+            self.outbox.drop_pair(a, b)
+            self.outbox.drop_pair(b, a)
+        self.node.inbox.forget(a, b)
+        self.node.inbox.forget(b, a)
+        self.node.routes.remove(a, b)
+        self.node.routes.remove(b, a)
+        self.chatting.pop(a, None)
+        self.chatting.pop(b, None)
+
+    def _leave(self, cid: str) -> None:
+        pair = self.chatting.get(cid)
+        if pair is None:
+            try:
+                self.lobby.leave(cid)
+            except ValueError:  # paired meanwhile, and we have not heard yet
+                partner = self.lobby.partner_of(cid)
+                pair = Chatting(cid, partner, "", "", None) if partner else None
+        if pair is not None:
+            self._unpair(cid, pair.partner, None, cid, "disconnected")
+            self.lobby.leave(cid)
+        self.waiting.pop(cid, None)
+        self.node.routes.forget(cid)
+
+    # -- liveness and restore ------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        status = self.lobby.heartbeat()
+        if status == "ok":
+            return
+        if status == "taken":
+            log.error("another server took node id %s: this one stops pairing across the cluster", self.node.node)
+            return
+        rebuild = status == "reset"
+        log.warning("%s: re-registering %d waiting and %d chatting clients of node %s",
+                    "Redis lost its data" if rebuild else "this node's registration had lapsed",
+                    len(self.waiting), len(self.chatting), self.node.node)
+        restored = self.lobby.restore(list(self.waiting.values()), list(self.chatting.values()), rebuild=rebuild)
+        for matched in restored.matched:
+            mine = self.waiting.get(matched.newcomer)
+            if mine is not None:
+                self.waiting.pop(matched.newcomer)
+                self._announce(matched, mine.name, mine.room)
+        for local, partner in restored.ended:
+            self.chatting.pop(local, None)
+            ended_meanwhile(self.node, local, partner)
+        if rebuild:
+            forfeit(self.node)
+
+    def _watch(self, now: float) -> None:
+        missing = self.lobby.dead_nodes() - {self.node.node}
+        for dead in self.watch.observe(missing, now):
+            told = self.lobby.purge_node(dead)
+            self.watch.purged(dead)
+            if told is not None:
+                log.warning("node %s stopped its heartbeat: purged; %d of its partners told", dead, len(told))
+
+
+def ended_meanwhile(node: Any, local: str, partner: str) -> None:
+    """A pair Redis no longer has (the partner's node was purged meanwhile): PEER_LEFT disconnected."""
+    peer = node.routes.remove(local, partner)
+    if peer is None:
+        return
+    with node.lock:
+        lost = node.outbox.drop_pair(local, partner)
+    node.inbox.forget(partner, local)
+    peer.push(("left", "disconnected", len(lost)))
+    peer.notify()
+
+
+def forfeit(node: Any) -> None:
+    """Redis lost its data: our messages written but unacknowledged come back as NOTICE undelivered."""
+    with node.lock:
+        gone = node.outbox.forfeit()
+    for source, target, seqs in gone:
+        peer = node.routes.get(source)
+        if peer is not None and peer.remote == target:
+            peer.push(("acked", 0, len(seqs)))
+            peer.notify()
+
+
+def leave_cluster(node: Any) -> None:
+    """Stopping: our key goes, and the purge tells every partner elsewhere still paired with us."""
+    lobby = node.lobby
+    lobby.redis.delete(lobby.keys.node(node.node))
+    told = lobby.purge_node(node.node) or []
+    log.info("node %s left the cluster%s", node.node, f" ({len(told)} partners told)" if told else "")
+
+
+def log_ghosts(ghosts: tuple[str, ...]) -> None:
+    if ghosts:
+        log.info("cluster: skipped %d waiting client%s of dead nodes", len(ghosts), "" if len(ghosts) == 1 else "s")

@@ -1,0 +1,250 @@
+"""Cluster mode's relay loop: same-node pairs as always, and clients whose partner is on another node.
+
+A :class:`ClusterRelay` is a :class:`~chatpair.server.relay.Relay` (the
+same-node path is the inherited one, untouched: Redis is not on it) that
+also serves *remote pairs*: one local connection whose partner is a
+:class:`~chatpair.cluster.peer.RemotePeer`. For those:
+
+* a run of MSG frames from the local client becomes payloads handed to the
+  cluster I/O thread (:meth:`ClusterNode.send_msgs`), which writes them to
+  the partner's node's inbox stream in batches;
+* what the partner sends arrives in ``peer.incoming`` (filled by the inbox
+  reader thread, which wakes this loop) and is written to the local client
+  in order, as MSG frames (or ``name: text`` lines in line mode);
+* acknowledgements go both ways: this loop acknowledges, per pair, the
+  partner's messages it has *written* to the socket (what still sits in the
+  connection's output queue is not written yet); the partner's node does the
+  same for ours, and each of ours it never wrote comes back as NOTICE
+  ``undelivered``;
+* flow control: at most ``window`` of the local client's messages may be
+  unacknowledged; past that the client is not read (a slow reader on the
+  other node slows the sender here, as a slow partner does on one server);
+* leaving: NEXT, BYE, a disconnect or an error here is reported to the
+  listener (``PairEnd.remote``), which has the cluster end the pair (the
+  partner's node hears ``peer_left`` after the messages sent before it);
+  ``left`` from the partner's node becomes PEER_LEFT here, and the client
+  goes back to the listener to be queued again.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from chatpair.cluster.peer import RemotePeer
+from chatpair.proto import PEER_LEFT_REASONS, ErrorCode, FrameType, split_utf8
+from chatpair.server.config import Limits
+from chatpair.server.conn import Conn
+from chatpair.server.output import LOW_WATER
+from chatpair.server.relay import PairEnd, Relay, Report
+from chatpair.server.render import event_bytes, line_msg_bytes, undelivered_notices
+from chatpair.server.states import Mode
+
+log = logging.getLogger("chatpair")
+
+_FRAME = Mode.FRAME
+_MSG_HEADER = struct.Struct(">IB").pack
+_MSG = int(FrameType.MSG)
+
+
+class ClusterRelay(Relay):
+    """A relay loop that also relays clients paired with a client of another node."""
+
+    def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None], node: Any) -> None:
+        super().__init__(limits, index, on_pair_end)
+        self.node = node  # chatpair.cluster.node.ClusterNode
+        self.window: int = node.window
+        self.peers: dict[Conn, RemotePeer] = {}
+        self._ready: deque[RemotePeer] = deque()  # peers with incoming items (from the inbox reader)
+
+    # -- commands and wake-ups --------------------------------------------------------------
+
+    def on_command(self, what: str, arg: object) -> None:
+        if what == "remote":
+            self.adopt_remote(*arg)  # type: ignore[misc]
+
+    def _peer_ready(self, peer: RemotePeer) -> None:
+        """The inbox reader's thread: ``peer`` has items."""
+        self._ready.append(peer)
+        self.wake()
+
+    def on_wake(self) -> None:
+        super().on_wake()
+        ready = self._ready
+        while ready:
+            peer = ready.popleft()
+            peer.scheduled = False  # before draining: an item pushed from now on wakes us again
+            self._drain(peer)
+
+    def adopt_remote(self, conn: Conn, peer: RemotePeer) -> None:
+        """Relay ``conn`` with ``peer`` from now on (PAIRED was already queued to it)."""
+        self.peers[conn] = peer
+        peer.conn = conn
+        self.pairs += 1
+        self.stats.pair_started(conn.cid, -1 - conn.cid, self.now)
+        self.adopt_conn(conn)
+        peer.attach(self._peer_ready)
+        if not self.running:
+            self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
+            return
+        self._drain(peer)
+        self.process_buffered(conn)
+
+    # -- from the partner ---------------------------------------------------------------------
+
+    def _drain(self, peer: RemotePeer) -> None:
+        conn = peer.conn
+        if conn is None or self.peers.get(conn) is not peer:
+            return
+        incoming = peer.incoming
+        frame = conn.mode is _FRAME
+        chunks: list[bytes] = []
+        while incoming:
+            kind, a, b = incoming.popleft()
+            if kind == "msg":
+                if frame:
+                    chunks.append(_MSG_HEADER(len(b) + 1, _MSG) + b)
+                else:
+                    chunks.append(line_msg_bytes(peer.name, b.decode("utf-8", "replace")))
+                peer.given.append((a, False))
+                peer.given_msgs += 1
+            elif kind == "gap":
+                peer.given.extend((seq, True) for seq in range(a, b + 1))
+            elif kind == "acked":
+                peer.in_flight -= a + b
+                if b:
+                    self._write(conn, chunks, frame)
+                    self.send(conn, undelivered_notices(conn, b, f"{peer.name} never got it"))
+                if conn.paused:
+                    self.resume(conn)
+            elif kind == "left":
+                self._write(conn, chunks, frame)
+                self._remote_left(conn, peer, a, b)
+                return
+        self._write(conn, chunks, frame)
+        self._ack(peer)
+
+    def _write(self, conn: Conn, chunks: list[bytes], frame: bool) -> None:
+        """Partner messages (one chunk each) to our client, in one send."""
+        if chunks:
+            self.send(conn, b"".join(chunks), len(chunks), frame)
+            chunks.clear()
+
+    def _ack(self, peer: RemotePeer, everything: bool = False) -> None:
+        """Acknowledge what has been written to our client (``everything``: it will be)."""
+        given = peer.given
+        if not given:
+            return
+        conn = peer.conn
+        unwritten = 0 if everything or conn is None or not conn.out else conn.undelivered_msgs()
+        upto, lost = peer.acked_upto, []
+        while given and (given[0][1] or peer.given_msgs > unwritten):
+            seq, missing = given.popleft()
+            if missing:
+                lost.append((seq, seq))
+            else:
+                peer.given_msgs -= 1
+            upto = max(upto, seq)
+        if upto > peer.acked_upto or lost:
+            peer.acked_upto = upto
+            self.node.ack(peer.remote, peer.local, upto, lost)
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        for peer in self.peers.values():
+            if peer.given:
+                self._ack(peer)  # a slow reader's socket took more since the last look
+
+    # -- to the partner ------------------------------------------------------------------------
+
+    def on_msg_run(self, conn: Conn, view: memoryview, start: int, end: int, count: int) -> None:
+        peer = self.peers.get(conn) if conn.partner is None else None
+        if peer is None:
+            super().on_msg_run(conn, view, start, end, count)
+            return
+        payloads = []
+        pos = start
+        while pos < end:
+            fend = pos + 4 + int.from_bytes(view[pos:pos + 4], "big")
+            payloads.append(bytes(view[pos + 5:fend]))
+            pos = fend
+        self._forward(conn, peer, payloads, end - start)
+
+    def on_line_msg(self, conn: Conn, text: str) -> None:
+        peer = self.peers.get(conn) if conn.partner is None else None
+        if peer is None:
+            super().on_line_msg(conn, text)
+            return
+        pieces = split_utf8(text, self.limits.max_frame - 1)
+        self._forward(conn, peer, pieces, sum(len(p) for p in pieces))
+
+    def _forward(self, conn: Conn, peer: RemotePeer, payloads: list[bytes], size: int) -> None:
+        if not payloads:
+            return
+        self.node.send_msgs(peer.local, peer.remote, payloads)
+        peer.in_flight += len(payloads)
+        self.stats.msgs += len(payloads)
+        self.stats.bytes += size
+        if peer.in_flight >= self.window:
+            self.pause(conn)  # read again when the partner's node has acknowledged enough
+
+    def may_read(self, conn: Conn) -> bool:
+        if conn.partner is None:
+            peer = self.peers.get(conn)
+            if peer is not None:
+                return conn.out.unsent < LOW_WATER and peer.in_flight < self.window
+        return super().may_read(conn)
+
+    # -- leaving ---------------------------------------------------------------------------------
+
+    def on_next(self, conn: Conn) -> None:
+        peer = self.peers.get(conn) if conn.partner is None else None
+        if peer is None:
+            super().on_next(conn)
+            return
+        log.info("%s: next (leaves %s on another node)", conn.label, peer.name)
+        self._end_remote(conn, peer, "next", closing=False)
+
+    def detach(self, conn: Conn, reason: str) -> None:
+        peer = self.peers.get(conn) if conn.partner is None else None
+        if peer is None:
+            super().detach(conn, reason)
+            return
+        log.info("%s: left (%s); its partner %s on another node is told", conn.label, reason, peer.name)
+        self._end_remote(conn, peer, reason, closing=True)
+
+    def _unhook(self, conn: Conn, peer: RemotePeer) -> None:
+        del self.peers[conn]
+        peer.attach(None)
+        self.pairs -= 1
+        self.stats.pair_ended(conn.cid, -1 - conn.cid, self.now)
+
+    def _end_remote(self, conn: Conn, peer: RemotePeer, reason: str, closing: bool) -> None:
+        """Our client left the pair: the listener has the cluster tell the partner's node."""
+        self._ack(peer, everything=not closing)  # NEXT: what is queued for it is still written
+        self._unhook(conn, peer)
+        peer.conn = None
+        if reason not in PEER_LEFT_REASONS:
+            reason = "disconnected"  # e.g. shutdown: to the partner, this node went away
+        end = PairEnd(conn.cid, conn.cid, next_by=None if closing else conn.cid, unpair=False,
+                      remote=(peer.local, peer.remote, reason))
+        if closing:
+            end.gone.append(conn.cid)
+        else:
+            self.release_conn(conn)
+            end.back.append(conn)
+        self._ended.append(end)
+
+    def _remote_left(self, conn: Conn, peer: RemotePeer, reason: str, lost: int) -> None:
+        """The partner left (or its node died): PEER_LEFT, and back to the listener."""
+        self._unhook(conn, peer)
+        peer.conn = None
+        log.info("%s: its partner %s on another node left (%s); queued again", conn.label, peer.name, reason)
+        if lost:
+            self.enqueue(conn, undelivered_notices(conn, lost, f"{peer.name} left"))
+        self.enqueue(conn, event_bytes(conn, FrameType.PEER_LEFT, {"peer": peer.name, "reason": reason}))
+        self.release_conn(conn)
+        self._ended.append(PairEnd(conn.cid, conn.cid, back=[conn], unpair=False))
