@@ -10,7 +10,10 @@ module         what lives there
 =============  ===============================================================
 ``config``     :class:`ClientConfig` and its defaults; ``HOST[:PORT]``, the
                default name, TLS fingerprints
-``transport``  TCP, TLS (CA-verified or pinned), OS errors in words
+``transport``  TCP, TLS (CA-verified, pinned, or trusted on first use), OS errors in words
+``trust``      ``known_servers`` (trust on first use) and the question asked once
+``greeting``   naming what answered when it is not a chatpair server
+``progress``   ``connecting to HOST:PORT...``
 ``session``    :func:`connect` and :class:`~.session.Connection`: the socket
                fed to the sans-IO protocol; handshake deadline, sends, BYE
 ``resuming``   a dropped session: what counts as a drop, when to retry

@@ -48,6 +48,9 @@ class ClientConfig:
     #: Ask the server to keep the conversation over a dropped connection
     #: (PROTOCOL.md section 6); a server without it just ignores the ask.
     resume: bool = True
+    #: The ``known_servers`` file for trust on first use (:mod:`chatpair.client.trust`);
+    #: None: a certificate no CA vouches for is refused, as without the file.
+    known_servers: str | None = None
 
     @property
     def label(self) -> str:

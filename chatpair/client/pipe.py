@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from chatpair.client.commands import HELP_TEXT, parse_input
 from chatpair.client.config import ClientConfig
+from chatpair.client.progress import Connecting
 from chatpair.client.present import Line, LineStyle, Presenter, Transcript, event_json
 from chatpair.client.resuming import ResumePlan, expired_message, is_drop, is_expired
 from chatpair.client.session import Connection, SocketWatch, connect, final_error
@@ -323,7 +324,8 @@ def run_pipe(config: ClientConfig, json_mode: bool = False, log_path: str | None
     try:
         heard: list[Event] = []
         try:
-            conn = connect(config, heard)
+            with Connecting(config.label, at_once=False):
+                conn = connect(config, heard)
         except ChatpairError:
             show_early(heard, out, config.name, json_mode, transcript)
             raise

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 from chatpair.client.config import ClientConfig
 from chatpair.client.pipe import run_pipe
+from chatpair.client.trust import known_servers_path
 
 
 def run_client(config: ClientConfig, *, json_mode: bool = False, log_path: str | None = None,
@@ -14,6 +16,8 @@ def run_client(config: ClientConfig, *, json_mode: bool = False, log_path: str |
     """Entry point for ``chatpair client``: pick the curses UI or pipe mode; returns the exit code."""
     if interactive is None:
         interactive = is_interactive()
+    if config.known_servers is None:  # trust on first use: the user's known_servers file
+        config = dataclasses.replace(config, known_servers=known_servers_path())
     if interactive and not json_mode:
         # Imported here: curses is loaded only when there is a screen to draw on.
         from chatpair.client.tui.app import available, run_tui

@@ -20,10 +20,12 @@ import time
 from typing import Any, Callable
 
 from chatpair.client.config import ClientConfig
-from chatpair.client.transport import open_socket, os_reason
+from chatpair.client.greeting import silent, stranger
+from chatpair.client.transport import open_socket, os_reason, speaks_tls
+from chatpair.client.trust import Ask
 from chatpair.errors import ChatpairError, ConnectError, RefusedError
 from chatpair.proto import sanitize
-from chatpair.proto.clientside import ClientProtocol, ClientState
+from chatpair.proto.clientside import ClientProtocol, ClientState, greeting, speak_first
 from chatpair.proto.clientsession import ClientSession
 from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Notice, ServerError, Welcome
 
@@ -33,10 +35,13 @@ BYE_DRAIN_TIMEOUT = 3.0
 #: At most this much is offered to one ``send`` call.
 SEND_CHUNK = 1 << 18
 RECV_SIZE = 65536
+#: A chatpair server greets at once; one silent this long is spoken to first
+#: (HELLO before the banner) to find out what it is (:mod:`.greeting`).
+SPEAK_AFTER = 1.0
 
 
 def connect(config: ClientConfig, heard: list[Event] | None = None,
-            session: ClientSession | None = None) -> Connection:
+            session: ClientSession | None = None, ask: Ask | None = None) -> Connection:
     """Open a connection and complete the handshake, or raise ChatpairError.
 
     Returns once WELCOME is in; frames that came with it (WAITING, PAIRED)
@@ -44,13 +49,23 @@ def connect(config: ClientConfig, heard: list[Event] | None = None,
     fails, what the server said before (a NOTICE) is appended to ``heard``,
     in order, so the caller can show it before the error. With ``session``
     it sends RESUME: RefusedError ``session_expired`` if the server has
-    forgotten it (RESUMED is then the first event).
+    forgotten it (RESUMED is then the first event). ``ask``: how to ask a
+    person about an unknown certificate (:mod:`.trust`; None: never asks);
+    the time spent answering does not count against ``config.timeout``.
     """
-    deadline = time.monotonic() + config.timeout
-    sock = open_socket(config)
+    asked: list[bool] = []
+
+    def asking(*args: str) -> bool:
+        asked.append(True)
+        return ask(*args) if ask is not None else False
+
+    start = time.monotonic()
+    sock = open_socket(config, asking if ask is not None else None)
+    if asked:
+        start = time.monotonic()
     conn = Connection(sock, config, session=session)
     try:
-        conn.handshake(deadline)
+        conn.handshake(start + config.timeout, start)
     except BaseException:
         if heard is not None:
             heard += conn.early
@@ -92,6 +107,8 @@ class Connection:
         self._down = False
         #: Why a send failed where nobody could be told at once (a PONG).
         self._lost: str | None = None
+        #: The handshake: when a silent server is spoken to first, the time allowed, whether it was.
+        self._speak_at, self._waited, self._spoke = 0.0, 0.0, False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -136,14 +153,17 @@ class Connection:
 
     # -- handshake ---------------------------------------------------------
 
-    def handshake(self, deadline: float) -> Welcome:
+    def handshake(self, deadline: float, start: float | None = None) -> Welcome:
         """Read the banner, send HELLO and wait for WELCOME (ERROR -> RefusedError).
 
         Every frame that came with the WELCOME in the same read (WAITING,
         PAIRED, a NOTICE, even an ERROR or a broken frame) is kept, in
         order, for the first :meth:`receive`; so is a NOTICE before it. If
-        the handshake fails, :attr:`early` holds what came before.
+        the handshake fails, :attr:`early` holds what came before. A silent
+        server is spoken to first (:func:`_handshake_wait`).
         """
+        start = time.monotonic() if start is None else start
+        self._speak_at, self._waited = start + min(SPEAK_AFTER, (deadline - start) / 3), deadline - start
         events = self._take_events(flush_due=True)
         while True:
             for i, ev in enumerate(events):
@@ -154,7 +174,7 @@ class Connection:
                 if isinstance(ev, ServerError):
                     raise RefusedError(ev.code, f"{self.label} refused: {sanitize(ev.message, False)}")
                 if isinstance(ev, Closed):
-                    raise ConnectError(sanitize(ev.reason, False))
+                    raise _closed_in_handshake(self, ev)
                 assert isinstance(ev, Notice)  # the protocol closes on anything else before WELCOME
                 self.early.append(ev)
             events = self._handshake_read(deadline)
@@ -162,12 +182,7 @@ class Connection:
     def _handshake_read(self, deadline: float) -> list[Event]:
         """Wait (within the deadline) for more of the banner or the WELCOME."""
         in_banner = self.proto.state is ClientState.BANNER
-        left = deadline - time.monotonic()
-        if left <= 0:
-            if not in_banner:
-                raise ConnectError(f"{self.label} did not answer our hello in time")
-            hint = "" if self.config.tls else " (a TLS server? try --tls)"
-            raise ConnectError(f"{self.label} sent no chatpair banner in time: not a chatpair server{hint}")
+        left = _handshake_wait(self, deadline)
         pause = self.read_pause()
         if pause:  # a PING flood before WELCOME: read it slowly, within the deadline
             time.sleep(min(pause, left))
@@ -316,6 +331,40 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def _handshake_wait(conn: Connection, deadline: float) -> float:
+    """How long the next handshake read may wait; past the deadline, the error.
+
+    A server still silent at ``conn._speak_at`` is spoken to first (see
+    :mod:`.greeting`): the next read then waits for its answer.
+    """
+    proto = conn.proto
+    in_banner = proto.state is ClientState.BANNER
+    now = time.monotonic()
+    left = deadline - now
+    if left <= 0:
+        if not in_banner:
+            raise ConnectError(f"{conn.label} did not answer our hello in time")
+        if greeting(proto):  # a line that never ended: say what it began with
+            raise ConnectError(stranger(conn.label, greeting(proto), tls=conn.config.tls))
+        raise ConnectError(silent(conn.label, conn._waited, conn._spoke))
+    if in_banner and not conn._spoke and not greeting(proto):
+        if now < conn._speak_at:
+            return min(left, conn._speak_at - now)
+        conn._spoke = True  # silent so far: speak first, and see what answers
+        speak_first(proto)
+        conn.flush(quiet=True)
+    return left
+
+
+def _closed_in_handshake(conn: Connection, ev: Closed) -> ConnectError:
+    """The error for a connection closed before WELCOME: without a banner, named by what answered."""
+    proto = conn.proto
+    if proto.banner or proto.welcome is not None:
+        return ConnectError(sanitize(ev.reason, False))
+    tls = not greeting(proto) and conn._spoke and not conn.config.tls and speaks_tls(conn.config)
+    return ConnectError(stranger(conn.label, greeting(proto), tls=conn.config.tls, speaks_tls=tls))
 
 
 class SocketWatch:

@@ -217,7 +217,7 @@ class ClientProtocol:
         self._pings: dict[bytes, float] = {}  # our PING tokens -> when sent
         self._ping_seq = 0
         self._chatter = ChatterBudget()
-        self._now = 0.0  # when the bytes being decoded arrived
+        self._now, self._spoke = 0.0, False  # when the bytes being decoded arrived; see speak_first()
         self.resume = resume or session is not None
         self.session = session  # None: a plain v1 connection, or not welcomed yet
 
@@ -305,7 +305,7 @@ class ClientProtocol:
             return text
         self.banner = text
         self.state = ClientState.HANDSHAKE
-        self.outbox += first_frame(self.name, self.room, self.resume, self.session)
+        self.outbox += b"" if self._spoke else first_frame(self.name, self.room, self.resume, self.session)
         if self._banner.rest:
             self.decoder.feed(self._banner.rest)
         if self._banner.eof:
@@ -429,6 +429,23 @@ class ClientProtocol:
             self.state = ClientState.LEAVING
         self._pong_owed = None
         self.outbox += encode_frame(FrameType.BYE)
+
+
+def speak_first(proto: ClientProtocol) -> None:
+    """Queue the first frame before the banner, once: a silent server is made to answer.
+
+    Its JSON ends in CRLF (whitespace JSON allows), so a server that waits
+    for a request line (HTTP) answers too; :func:`greeting` is what it said.
+    """
+    if proto.state is ClientState.BANNER and not proto._spoke:
+        proto._spoke = True
+        frame = first_frame(proto.name, proto.room, proto.resume, proto.session)
+        proto.outbox += encode_frame(frame[4], frame[5:] + b"\r\n")
+
+
+def greeting(proto: ClientProtocol) -> bytes:
+    """What the server sent instead of a banner (when it is not a chatpair server)."""
+    return bytes(proto._banner._buf[:MAX_BANNER])
 
 
 def control_event(t: int, obj: dict[str, Any]) -> Event | None:

@@ -10,7 +10,9 @@ module         what lives there
 ``keys``       the key map: editing keys and what the app acts on
 ``screen``     drawing with curses (the only module that draws)
 ``widgets``    the input line and the conversation log, without curses
-``terminal``   screen-cell widths, wrapping and clipping, without curses
+``terminal``   screen-cell widths, clusters (ZWJ emoji, flags), wrapping and
+               clipping, without curses
+``emoji``      the one table the standard library lacks (VS16 widens)
 =============  ===============================================================
 
 Only ``app``, ``keys`` and ``screen`` touch curses, and each imports it so

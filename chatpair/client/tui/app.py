@@ -36,10 +36,12 @@ from chatpair.client.commands import HELP_TEXT, parse_input
 from chatpair.client.config import ClientConfig
 from chatpair.client.pipe import PipeClient, show_early
 from chatpair.client.present import Line, LineStyle, Presenter, Transcript
+from chatpair.client.progress import Connecting
 from chatpair.client.session import Connection, connect, final_error
-from chatpair.client.tui.keys import KeyAction, apply_key
+from chatpair.client.tui.keys import KeyAction, Paste, PasteReader, apply_key
 from chatpair.client.tui.link import Failure, Link, is_fatal
-from chatpair.client.tui.screen import Painter, partner_text, status_line, want_color
+from chatpair.client.tui.screen import Painter, partner_text, set_paste, status_line, want_color
+from chatpair.client.trust import ask_in_terminal
 from chatpair.client.tui.widgets import ChatLog, InputLine
 from chatpair.errors import ChatpairError
 from chatpair.netutil import Waker
@@ -75,6 +77,7 @@ class TuiApp:
         self.painter = Painter(scr, color)
         self.log = ChatLog()
         self.line = InputLine()
+        self.paste = PasteReader()
         self.presenter = Presenter(config.name)
         self.rtt: float | None = None
         self.show_next_pong = False
@@ -194,18 +197,16 @@ class TuiApp:
             return
         action = apply_key(self.line, key)
         page = max(1, self.scr.getmaxyx()[0] - 3)
-        if action is KeyAction.ENTER:
+        if action in (KeyAction.PAGE_UP, KeyAction.PAGE_DOWN):
+            self.log.scroll_by(page if action is KeyAction.PAGE_UP else -page)  # "N new messages" below
+        elif action is KeyAction.ENTER:
             self.on_enter()
         elif action is KeyAction.QUIT:
             self.done = True
         elif action is KeyAction.REPAINT:
             self.scr.clear()
-        elif action is KeyAction.PAGE_UP:
-            self.log.scroll += page
-        elif action is KeyAction.PAGE_DOWN:
-            self.log.scroll = max(0, self.log.scroll - page)
-        elif action is KeyAction.RESIZE:
-            self.resized = True
+        elif action in (KeyAction.RESIZE, KeyAction.SUSPEND):
+            self.resized = action is KeyAction.RESIZE or self.painter.suspend()  # Ctrl-Z: back after `fg`
 
     def on_enter(self) -> None:
         cmd = parse_input(self.line.text)
@@ -247,7 +248,8 @@ class TuiApp:
                 key = self.scr.get_wch()
             except curses.error:
                 return  # nothing more typed
-            self.on_key(key)
+            for got in self.paste.feed(key):  # a bracketed paste is one insertion: Enter sends it whole
+                self.line.paste(got.text) if isinstance(got, Paste) else self.on_key(got)
 
     def timers(self, now: float) -> None:
         conn = self.link.conn
@@ -335,7 +337,8 @@ def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | 
     """
     heard: list[Event] = []
     try:
-        conn = connect(config, heard)
+        with Connecting(config.label, at_once=True):
+            conn = connect(config, heard, ask=ask_in_terminal)  # asks about an unknown certificate
     except ChatpairError:
         show_early(heard, sys.stdout.buffer, config.name)  # curses is not started yet: plain lines
         raise
@@ -357,6 +360,7 @@ def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | 
         curses.raw()  # Ctrl-C and Ctrl-Z are keys here: Ctrl-C says BYE instead of dying
         scr.keypad(True)
         scr.nodelay(True)
+        set_paste(True)
         app = TuiApp(scr, conn, config, color=want_color(color), reconnect=reconnect, transcript=transcript)
         old_signals = _install_signals(app)
         try:
@@ -370,6 +374,7 @@ def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | 
         else:
             conn.bye()
         if scr is not None:
+            set_paste(False)
             try:
                 scr.keypad(False)
                 curses.noraw()
@@ -381,8 +386,20 @@ def run_tui(config: ClientConfig, *, log_path: str | None = None, color: bool | 
         for sig, handler in old_signals.items():
             signal.signal(sig, handler)
         transcript.close()
+        if app is not None and scr is not None:
+            print_conversation(app.log.lines)
         if app is not None and app.failure is not None:
             raise app.failure
+
+
+def print_conversation(lines: list[Line]) -> None:
+    """After the chat screen is gone: the conversation, as plain lines, so it stays readable."""
+    try:
+        for line in lines:
+            sys.stdout.write(line.plain() + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _save_tty() -> Any:

@@ -9,6 +9,7 @@ acts on what is not editing. docs/client.md lists the keys.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Callable
 
 from chatpair.client.tui.widgets import InputLine
@@ -29,6 +30,56 @@ class KeyAction(enum.Enum):
     PAGE_UP = "page_up"
     PAGE_DOWN = "page_down"
     RESIZE = "resize"
+    SUSPEND = "suspend"  # Ctrl-Z (raw mode: a key, not a signal)
+
+
+#: Bracketed paste (xterm, tmux, most terminals once ``ENABLE_PASTE`` is sent):
+#: a paste arrives between these, so its line breaks are text, not Enter.
+ENABLE_PASTE = "\x1b[?2004h"
+DISABLE_PASTE = "\x1b[?2004l"
+PASTE_START = "\x1b[200~"
+PASTE_END = "\x1b[201~"
+
+
+@dataclass(frozen=True)
+class Paste:
+    """Text pasted in one go (bracketed paste): one insertion, line breaks kept."""
+
+    text: str
+
+
+class PasteReader:
+    """Finds bracketed pastes in the keys from ``get_wch()``.
+
+    :meth:`feed` takes one key and returns what it completes: keys to
+    handle as typed, or one :class:`Paste`. A key that might begin
+    :data:`PASTE_START` (ESC, then ``[2``...) is held until it does or
+    cannot; inside a paste everything is text until :data:`PASTE_END`.
+    """
+
+    def __init__(self) -> None:
+        self.pending = ""  # a possible start of PASTE_START
+        self.text: list[str] | None = None  # inside a paste: what it holds so far
+
+    def feed(self, key: str | int) -> list[str | int | Paste]:
+        if self.text is not None:
+            if isinstance(key, str):
+                self.text.append(key)
+                if key == "~" and "".join(self.text[-len(PASTE_END):]) == PASTE_END:
+                    text, self.text = "".join(self.text[:-len(PASTE_END)]), None
+                    return [Paste(text)]
+            return []
+        if isinstance(key, str) and PASTE_START.startswith(self.pending + key):
+            self.pending += key
+            if self.pending == PASTE_START:
+                self.pending, self.text = "", []
+            return []
+        held: list[str | int | Paste] = list(self.pending)
+        self.pending = ""
+        if isinstance(key, str) and key == PASTE_START[0]:
+            self.pending = key  # ESC again: it may begin a paste
+            return held
+        return held + [key]
 
 
 def apply_key(line: InputLine, key: str | int) -> KeyAction:
@@ -59,7 +110,7 @@ def _control(line: InputLine, key: str) -> KeyAction:
         line.delete()
         return KeyAction.EDITED
     actions = {"\r": KeyAction.ENTER, "\n": KeyAction.ENTER, "\x0c": KeyAction.REPAINT,
-               "\x03": KeyAction.QUIT}  # Ctrl-C is a key here (raw mode): leave with BYE
+               "\x03": KeyAction.QUIT, "\x1a": KeyAction.SUSPEND}  # Ctrl-C is a key here (raw mode): leave with BYE
     if key in actions:
         return actions[key]
     edits: dict[str, Callable[[], None]] = {

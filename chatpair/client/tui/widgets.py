@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatpair.client.present import Line, LineStyle
-from chatpair.client.tui.terminal import char_width, expand_tabs, wrap
+from chatpair.client.tui.terminal import boundaries, expand_tabs, wrap
 
 #: Lines of conversation kept (older ones scroll away for good).
 MAX_LOG = 2000
@@ -44,18 +44,22 @@ class InputLine:
         self.chars[self.cursor:self.cursor] = clean
         self.cursor += len(clean)
 
+    def paste(self, text: str) -> None:
+        """A bracketed paste: inserted whole; its line breaks stay (the message keeps them).
+
+        CRLF and CR become LF, a tab becomes four spaces; other controls are dropped.
+        """
+        text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
+        clean = [ch for ch in text if ch == "\n" or ch >= " " and not 0x7F <= ord(ch) < 0xA0]
+        self.chars[self.cursor:self.cursor] = clean
+        self.cursor += len(clean)
+
     def left(self) -> None:
-        # Step over zero-width characters so the cursor lands on a glyph.
-        while self.cursor > 0:
-            self.cursor -= 1
-            if char_width(self.chars[self.cursor]) > 0:
-                break
+        """To the start of the cluster before the cursor (a family emoji is one step)."""
+        self.cursor = max((b for b in boundaries(self.chars) if b < self.cursor), default=0)
 
     def right(self) -> None:
-        if self.cursor < len(self.chars):
-            self.cursor += 1
-            while self.cursor < len(self.chars) and char_width(self.chars[self.cursor]) == 0:
-                self.cursor += 1
+        self.cursor = min((b for b in boundaries(self.chars) if b > self.cursor), default=len(self.chars))
 
     def home(self) -> None:
         self.cursor = 0
@@ -131,17 +135,33 @@ class Row:
 
 
 class ChatLog:
-    """The conversation as :class:`Line` s, and its layout into rows."""
+    """The conversation as :class:`Line` s, and its layout into rows.
+
+    While scrolled back (``scroll`` > 0) the view stays still as lines
+    arrive, and :attr:`unseen` counts the partner's messages below it
+    ("N new messages"), until the view is back at the bottom.
+    """
 
     def __init__(self) -> None:
         self.lines: list[Line] = []
         self.scroll = 0  # rows scrolled back from the bottom (PgUp/PgDn)
+        self.width = 80  # of the last layout: how many rows a new line adds
+        #: Messages from the partner that arrived below a scrolled-back view.
+        self.unseen = 0
 
     def add(self, line: Line) -> None:
         self.lines.append(line)
         del self.lines[:-MAX_LOG]
         if self.scroll:
-            self.scroll += len(self.layout_line(line, 80))  # keep the view still while scrolled back
+            self.scroll += len(self.layout_line(line, self.width))  # keep the view still while scrolled back
+            if line.kind is LineStyle.MESSAGE:
+                self.unseen += 1
+
+    def scroll_by(self, rows: int) -> None:
+        """PgUp (positive) or PgDn (negative); at the bottom nothing is unseen."""
+        self.scroll = max(0, self.scroll + rows)
+        if not self.scroll:
+            self.unseen = 0
 
     @staticmethod
     def layout_line(line: Line, width: int) -> list[Row]:
@@ -157,6 +177,7 @@ class ChatLog:
 
     def rows(self, width: int, height: int) -> list[Row]:
         """The ``height`` rows to show (fewer if the log is short), oldest first."""
+        self.width = width
         need = height + self.scroll
         out: list[Row] = []
         for line in reversed(self.lines):
@@ -164,5 +185,7 @@ class ChatLog:
             if len(out) >= need:
                 break
         self.scroll = max(0, min(self.scroll, len(out) - height))
+        if not self.scroll:
+            self.unseen = 0
         end = len(out) - self.scroll
         return out[max(0, end - height):end]
