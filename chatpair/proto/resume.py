@@ -21,7 +21,13 @@ from typing import Final
 
 from chatpair.proto.frames import Frame, decode_json, encode_json_frame
 from chatpair.proto.handshake import first_frame_json
-from chatpair.proto.wire import HEADER, PROTOCOL_VERSION, ErrorCode, FrameType, ProtocolError
+from chatpair.proto.wire import (
+    HEADER,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FrameType,
+    ProtocolError,
+)
 
 #: A receiver acknowledges no later than this many MSG frames after its last ACK...
 ACK_EVERY: Final = 64
@@ -82,6 +88,25 @@ def encode_resumed(received: int, peer: str | None, room: str | None) -> bytes:
 # --------------------------------------------------------------------------
 
 
+def check_ack(received: int, acked: int, sent: int) -> None:
+    """An ACK's count must not go back (below ``acked``) nor beyond the MSGs ``sent``: else ``bad_frame``."""
+    if received < acked:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"ACK of {received} after an ACK of {acked}: counts never go back")
+    if received > sent:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"ACK of {received} messages, but only {sent} were sent")
+
+
+def check_resume_count(received: int, acked: int, sent: int) -> None:
+    """A RESUME's count, by the same rule: else ``bad_hello`` (and the session is left as it was)."""
+    if received > sent:
+        raise ProtocolError(ErrorCode.BAD_HELLO,
+                            f"RESUME says {received} messages were received, but only {sent} were sent")
+    if received < acked:
+        raise ProtocolError(ErrorCode.BAD_HELLO,
+                            f"RESUME says {received} messages were received after an ACK of {acked}")
+
+
+
 class Outbox:
     """Every MSG frame sent in this session that the other side has not acknowledged.
 
@@ -90,7 +115,7 @@ class Outbox:
     append. An ACK that ends inside a run cuts it at a frame boundary.
     """
 
-    __slots__ = ("sent", "acked", "nbytes", "_runs")
+    __slots__ = ("_runs", "acked", "nbytes", "sent")
 
     def __init__(self) -> None:
         self.sent = 0  # MSG frames sent since the session began
@@ -111,12 +136,7 @@ class Outbox:
 
     def acknowledge(self, received: int) -> None:
         """An ACK: forget what it covers. ``bad_frame`` if it goes back or beyond what was sent."""
-        if received < self.acked:
-            raise ProtocolError(ErrorCode.BAD_FRAME,
-                                f"ACK of {received} after an ACK of {self.acked}: counts never go back")
-        if received > self.sent:
-            raise ProtocolError(ErrorCode.BAD_FRAME,
-                                f"ACK of {received} messages, but only {self.sent} were sent")
+        check_ack(received, self.acked, self.sent)
         self._drop(received - self.acked)
 
     def since(self, received: int) -> list[bytes]:
@@ -126,12 +146,7 @@ class Outbox:
         is beyond what was sent, or below an earlier ACK (counts never go
         back; those frames are gone): the session is left as it was.
         """
-        if received > self.sent:
-            raise ProtocolError(ErrorCode.BAD_HELLO,
-                                f"RESUME says {received} messages were received, but only {self.sent} were sent")
-        if received < self.acked:
-            raise ProtocolError(ErrorCode.BAD_HELLO,
-                                f"RESUME says {received} messages were received after an ACK of {self.acked}")
+        check_resume_count(received, self.acked, self.sent)
         self._drop(received - self.acked)
         return [frames for frames, _ in self._runs]
 
@@ -177,7 +192,7 @@ class AckClock:
     :data:`ACK_WITHIN` to leave room for a loop's timer resolution.
     """
 
-    __slots__ = ("received", "acked", "delay", "_first_unacked_at")
+    __slots__ = ("_first_unacked_at", "acked", "delay", "received")
 
     def __init__(self, delay: float = ACK_WITHIN) -> None:
         self.received = 0

@@ -33,9 +33,8 @@ import secrets
 from collections import deque
 from typing import Any, Final
 
-from chatpair.proto import FrameType, ProtocolError, decode_json
-from chatpair.proto.resume import AckClock, frame_offset
-from chatpair.proto.wire import ErrorCode
+from chatpair.proto import FrameType, decode_json
+from chatpair.proto.resume import AckClock, check_ack, check_resume_count, frame_offset
 
 #: The frames of one connection, never replayed (checked by type byte).
 _NOT_LOGGED: Final = frozenset({
@@ -159,12 +158,7 @@ class Session:
 
     def acknowledge(self, received: int, written: int) -> None:
         """An ACK from the client; ``written``: bytes of this connection written so far."""
-        if received < self.acked:
-            raise ProtocolError(ErrorCode.BAD_FRAME,
-                                f"ACK of {received} after an ACK of {self.acked}: counts never go back")
-        if received > self.sent:
-            raise ProtocolError(ErrorCode.BAD_FRAME,
-                                f"ACK of {received} messages, but only {self.sent} were sent")
+        check_ack(received, self.acked, self.sent)
         self._trim(received, written)
 
     def _trim(self, received: int, written: int) -> None:
@@ -199,12 +193,7 @@ class Session:
 
     def check_resume(self, received: int) -> None:
         """``bad_hello`` (the session left as it was) if the count is beyond what was sent, or goes back."""
-        if received > self.sent:
-            raise ProtocolError(ErrorCode.BAD_HELLO,
-                                f"RESUME says {received} messages were received, but only {self.sent} were sent")
-        if received < self.acked:
-            raise ProtocolError(ErrorCode.BAD_HELLO,
-                                f"RESUME says {received} messages were received after an ACK of {self.acked}")
+        check_resume_count(received, self.acked, self.sent)
 
     def plan_resume(self, received: int) -> tuple[list[LogEntry], str | None]:
         """A RESUME saying ``received``: what to send again, and the partner to name in RESUMED.
