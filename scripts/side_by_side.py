@@ -13,7 +13,10 @@ first, and prints the median, the spread and the ratio to the first server.
         --bench "idle-9900=-m idle -P 9900"
 
 A server command must print ``listening on HOST:PORT`` on stdout (chatpair
-and scripts/uvloop_relay.py both do). The bench is this checkout's
+and scripts/uvloop_relay.py both do), or ``listening on H1:P1,H2:P2,...``
+for several servers driven as one (``scripts/cluster_up.py``: the nodes of
+a cluster; then the bench gets that list as ``--target`` and samples no
+server's memory). The bench is this checkout's
 ``python -m chatpair bench``; ``--bench-python`` picks another interpreter.
 """
 
@@ -38,7 +41,7 @@ METRICS = (  # (key, label, better) - better: "high" or "low"
 )
 
 
-def start_server(command: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(command: str) -> tuple[subprocess.Popen[bytes], str]:
     # exec the server itself (after any "cd DIR &&"), so its pid is the server's.
     prefix, sep, last = command.rpartition("&&")
     shell = f"{prefix}{sep} exec {last.strip()}" if sep else f"exec {command}"
@@ -49,7 +52,10 @@ def start_server(command: str) -> tuple[subprocess.Popen[bytes], int]:
     while time.monotonic() < deadline:
         line = proc.stdout.readline().decode()
         if line.startswith("listening on "):
-            return proc, int(line.split()[2].rsplit(":", 1)[1])
+            targets = line.split()[2]
+            if "," in targets:
+                return proc, targets
+            return proc, f"127.0.0.1:{targets.rsplit(':', 1)[1]}"
         if not line:
             break
     stop_server(proc)
@@ -68,9 +74,9 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_bench(python: str, port: int, pid: int, args: str) -> dict:
-    cmd = [python, "-m", "chatpair", "bench", "--target", f"127.0.0.1:{port}", "--server-pid", str(pid),
-           "--json", *shlex.split(args)]
+def run_bench(python: str, target: str, pid: int, args: str) -> dict:
+    sample = [] if "," in target else ["--server-pid", str(pid)]
+    cmd = [python, "-m", "chatpair", "bench", "--target", target, *sample, "--json", *shlex.split(args)]
     out = subprocess.run(cmd, capture_output=True, timeout=900)
     try:
         result = json.loads(out.stdout)

@@ -36,8 +36,10 @@ needs_redis = pytest.mark.skipif(
 class RedisServer:
     """One redis-server process; :meth:`stop` and :meth:`start` again to simulate an outage."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, args: tuple[str, ...] = ()) -> None:
+        """``args``: more ``redis-server`` options (e.g. ``("--databases", "1000")``)."""
         self.dir = directory
+        self.args = args
         self.socket = directory / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,7 +48,7 @@ class RedisServer:
         assert REDIS_SERVER is not None
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"],
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no", *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout

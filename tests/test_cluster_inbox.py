@@ -1,7 +1,8 @@
 """Cross-node relay through Redis Streams (chatpair/cluster/inbox.py) against a real redis-server.
 
-Order and exactly-once per pair (duplicates dropped, gaps reported),
-trimming with MAXLEN ~, acknowledgements settling what was written and what
+Order and exactly-once per pair (duplicates dropped, gaps reported), the
+messages of one direction batched into one entry as MSG frames, trimming
+with MAXLEN ~ and of what was read, acknowledgements settling what was written and what
 was lost, the flow-control window, XREAD BLOCK waking on arrival, and a
 flush that fails while Redis is down keeping its batch for the retry.
 """
@@ -16,6 +17,7 @@ import pytest
 from redisserver import RedisServer, needs_redis, rclient, redis_server  # noqa: F401 (fixtures)
 
 from chatpair.cluster.inbox import (
+    MAX_ENTRY_BYTES,
     Acked,
     Entry,
     Gap,
@@ -23,6 +25,8 @@ from chatpair.cluster.inbox import (
     Outbox,
     SeqCheck,
     decode_entry,
+    frame_msgs,
+    split_frames,
 )
 from chatpair.cluster.lobby import ClusterLobby
 from chatpair.cluster.names import Keys, make_cid
@@ -38,6 +42,11 @@ B1, B2 = make_cid("B", "b00t", 1), make_cid("B", "b00t", 2)
 
 def msgs(items: list[Any]) -> list[Entry]:
     return [e for e in items if isinstance(e, Entry) and e.kind == "msg"]
+
+
+def each(items: list[Any]) -> list[tuple[str, str, int, bytes]]:
+    """Every message of the ``msg`` entries: (source, target, seq, payload)."""
+    return [(e.source, e.target, e.seq + i, p) for e in msgs(items) for i, p in enumerate(e.payloads())]
 
 
 def read_all(inbox: Inbox) -> list[Any]:
@@ -61,6 +70,18 @@ def test_seqcheck_in_order_duplicate_and_gap():
     assert s.check("b", "a", 1) == "ok"  # each direction counts for itself
     s.forget("a", "b")
     assert s.check("a", "b", 1) == "ok"
+    # batches: seq .. seq + count - 1
+    assert s.check("a", "b", 2, 5) == "ok"  # 2-6
+    assert s.check("a", "b", 3, 2) == "dup"
+    assert s.check("a", "b", 5, 4) == 2  # 5-8: 5 and 6 seen before
+    assert s.check("a", "b", 12, 3) == Gap("a", "b", 9, 11)
+
+
+def test_frames_both_ways():
+    payloads = [b"a", "é".encode() * 3, b"x" * 70000]
+    frames = frame_msgs(payloads)
+    assert frames[:6] == b"\x00\x00\x00\x02\x02a"
+    assert split_frames(frames) == payloads and split_frames(frames, skip=2) == payloads[2:]
 
 
 # -- order, exactly once ---------------------------------------------------------------------
@@ -75,14 +96,25 @@ def test_messages_arrive_in_order_exactly_once(rclient):  # noqa: F811
         for (src, dst), items in payloads.items():
             assert out.send(src, dst, items[i]) == i + 1
         if i % 50 == 49:
-            assert out.flush() == 100
+            assert out.flush() == 2  # the 50 messages of each direction: one entry each
     assert out.flush() == 0 and out.pending() == 0
     got = read_all(inbox)
     assert not any(isinstance(g, Gap) for g in got)
     for (src, dst), items in payloads.items():
-        mine = [e for e in msgs(got) if (e.source, e.target) == (src, dst)]
-        assert [e.seq for e in mine] == list(range(1, 501))
-        assert [e.payload for e in mine] == items
+        mine = [(seq, p) for s_, d_, seq, p in each(got) if (s_, d_) == (src, dst)]
+        assert [seq for seq, _ in mine] == list(range(1, 501))
+        assert [p for _, p in mine] == items
+
+
+def test_an_entry_grows_up_to_its_limit(rclient):  # noqa: F811
+    out = Outbox(rclient, KEYS)
+    big = b"b" * (MAX_ENTRY_BYTES // 4)
+    for _ in range(6):
+        out.send(A1, B1, big)
+    assert out.flush() == 2  # 3 fit in an entry (with their headers, a 4th does not)
+    got = read_all(Inbox(rclient, KEYS, "B"))
+    assert [(e.seq, e.count) for e in msgs(got)] == [(1, 3), (4, 3)]
+    assert [seq for _, _, seq, _ in each(got)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_batch_written_twice_is_delivered_once(rclient):  # noqa: F811
@@ -93,22 +125,29 @@ def test_a_batch_written_twice_is_delivered_once(rclient):  # noqa: F811
     # A retried batch: the same entries again (as after a Redis error mid-pipeline).
     for _, fields in rclient.xrange(KEYS.inbox("B")):
         rclient.xadd(KEYS.inbox("B"), fields)
+    # and an entry whose head was seen (2-4: 2 and 3 were delivered above)
+    rclient.xadd(KEYS.inbox("B"), {"t": B1, "s": A1, "q": 2, "k": "msg", "n": 3,
+                                   "p": frame_msgs([b"x1", b"x2", b"x3"])})
     inbox = Inbox(rclient, KEYS, "B")
     got = read_all(inbox)
-    assert [e.seq for e in msgs(got)] == [1, 2, 3] and inbox.duplicates == 3
+    assert [(seq, p) for _, _, seq, p in each(got)] == [(1, b"x0"), (2, b"x1"), (3, b"x2"), (4, b"x3")]
+    assert inbox.duplicates == 5
 
 
 def test_trimmed_entries_show_up_as_a_gap(rclient):  # noqa: F811
     out = Outbox(rclient, KEYS, maxlen=100)
     for i in range(1000):
         out.send(A1, B1, b"%d" % i)
-    out.flush()
+        out.flush()  # an entry each
     length = rclient.xlen(KEYS.inbox("B"))
     assert 100 <= length <= 200  # MAXLEN ~ trims whole stream nodes (100 entries each)
-    got = read_all(Inbox(rclient, KEYS, "B"))
+    inbox = Inbox(rclient, KEYS, "B")
+    got = read_all(inbox)
     first = 1000 - length + 1
     assert got[0] == Gap(A1, B1, 1, first - 1)
-    assert [e.seq for e in msgs(got)] == list(range(first, 1001))
+    assert [seq for _, _, seq, _ in each(got)] == list(range(first, 1001))
+    inbox.trim()  # what was read goes (all but the last entry, give or take a stream node)
+    assert rclient.xlen(KEYS.inbox("B")) < length
 
 
 # -- acknowledgements, window, undelivered ---------------------------------------------------
@@ -127,9 +166,9 @@ def test_acks_settle_delivered_and_lost(rclient):  # noqa: F811
     assert b_out.flush() == 1  # coalesced into one ack entry
     acks = [e for e in read_all(Inbox(rclient, KEYS, "A")) if e.kind == "ack"]
     assert len(acks) == 1 and acks[0].seq == 9 and acks[0].lost == ((7, 8),)
-    assert a_out.on_ack(acks[0]) == Acked(A1, B1, (1, 2, 3, 4, 5, 6, 9), (7, 8))
+    assert a_out.on_ack(acks[0]) == Acked(A1, B1, 7, 2)  # 1-6 and 9 written, 7-8 lost
     assert a_out.in_flight(A1, B1) == 1
-    assert a_out.on_ack(acks[0]).delivered == ()  # an old ack again settles nothing
+    assert a_out.on_ack(acks[0]).delivered == 0  # an old ack again settles nothing
     assert a_out.drop_pair(A1, B1) == (10,)  # the pair ended: 10 was never written
     assert a_out.in_flight(A1, B1) == 0
 
@@ -205,7 +244,7 @@ def test_xread_block_wakes_when_something_arrives(redis_server, rclient):  # noq
         out.flush()
         assert done.wait(10), "the blocked reader did not wake"
         assert time.monotonic() - started < 5
-        assert [e.payload for e in msgs(got)] == [b"hello"]
+        assert [p for _, _, _, p in each(got)] == [b"hello"]
     finally:
         inbox.wake()
         t.join(10)
@@ -259,7 +298,7 @@ def test_a_flush_while_redis_is_down_is_kept_and_retried(tmp_path):
         inbox = Inbox(client, KEYS, "B")
         got = read_all(inbox)
         assert got[0] == Gap(A1, B1, 1, 1)  # "before" went with the old Redis: reported, not silent
-        assert [(e.seq, e.payload) for e in msgs(got)] == [(2, b"during"), (3, b"after")]
+        assert [(seq, p) for _, _, seq, p in each(got)] == [(2, b"during"), (3, b"after")]
     finally:
         client.close()
         server.stop()

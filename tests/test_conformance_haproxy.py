@@ -16,20 +16,30 @@ after). It is called once per group a test starts, with the fixture
 request, so a deployment that needs a fixture (a Redis server) gets it with
 ``request.getfixturevalue``, and may give each group a lobby of its own (a
 fresh Redis database): tests that start a fresh server expect an empty
-lobby. Today: one node with ``--proxy-protocol``. Cluster mode adds three
-nodes sharing one Redis, e.g. ``[["--proxy-protocol", "--cluster", url,
-"--node-id", f"n{i}"] for i in range(3)]`` - with round robin, consecutive
-connections then land on different nodes, and the suite checks that the
-cluster keeps every promise of PROTOCOL.md.
+lobby. Two deployments:
+
+* ``1-node``: one server with ``--proxy-protocol``;
+* ``3-nodes``: three cluster nodes (``--cluster`` on one redis-server,
+  ``--node-id n0..n2``, ``--proxy-protocol``). Each group of nodes a test
+  starts gets a Redis database of its own (the ``cluster_redis`` fixture:
+  one redis-server per test module and worker, a thousand databases, each
+  handed out once), so a fresh "server" has an empty lobby. With round
+  robin, consecutive connections land on different nodes: the pairs the
+  suite makes are cross-node (paired by a JOIN script on one node, announced
+  to the other through its inbox), relayed through Redis Streams, ended with
+  UNPAIR and ``peer_left``, and the suite checks that the cluster keeps every
+  promise of PROTOCOL.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from haproxy import ServerGroup, needs_haproxy
+from redisserver import REDIS_SERVER, RedisServer, redis
 from test_conformance import *  # the tests themselves (and their fixtures), collected here again
 from wire import HELLO, Server, frame, hello_payload
 
@@ -43,9 +53,42 @@ def one_node(request: pytest.FixtureRequest) -> list[list[str]]:
     return [["--proxy-protocol"]]
 
 
+class ClusterRedis:
+    """One redis-server with many databases; :meth:`fresh_url` hands each out once."""
+
+    DATABASES = 1000
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self._numbers = itertools.count(1)
+
+    def fresh_url(self) -> str:
+        db = next(self._numbers)
+        assert db < self.DATABASES, "more server groups in one module than Redis databases"
+        return f"{self.server.url}?db={db}"
+
+
+@pytest.fixture(scope="module")
+def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRedis]:
+    if REDIS_SERVER is None or redis is None:
+        pytest.skip("needs redis-server (Debian package redis-server) and the redis package")
+    server = RedisServer(tmp_path_factory.mktemp("redis"), ("--databases", str(ClusterRedis.DATABASES)))
+    server.start()
+    try:
+        yield ClusterRedis(server)
+    finally:
+        server.stop()
+
+
+def three_nodes(request: pytest.FixtureRequest) -> list[list[str]]:
+    url = request.getfixturevalue("cluster_redis").fresh_url()
+    return [["--proxy-protocol", "--cluster", url, "--node-id", f"n{i}"] for i in range(3)]
+
+
 #: deployment name -> its nodes' options (see the module docstring)
 DEPLOYMENTS: dict[str, Deployment] = {
     "1-node": one_node,
+    "3-nodes": three_nodes,
 }
 
 

@@ -200,6 +200,8 @@ class LoadTraffic(LoadAcking):
             self.on_slow_msg(c, payload, now)
         elif ftype == FrameType.PAIRED:
             if c.state != HANDSHAKE:
+                if c.state == PAIRED:  # each client is paired exactly once in a run
+                    self.error(f"{c.name}: paired a second time ({payload[:80]!r})")
                 return
             assert c.peer is not None
             if b'"peer":"%s"' % c.peer.name.encode() not in payload.replace(b'": "', b'":"'):

@@ -12,10 +12,13 @@ key                    type    TTL          holds
 
 Each entry has the fields ``t`` (target cid), ``s`` (source cid), ``q``
 (sequence number, decimal; ``0`` for control entries), ``k`` (kind) and ``p``
-(payload bytes), and acks also ``l`` (lost ranges, ``first-last,...``).
-Kinds: ``msg`` (a MSG payload, byte for byte), ``paired`` (``p``: the new
-partner's name; written by the lobby's JOIN), ``peer_left`` (``p``: the
-reason; written by UNPAIR and the purge of a dead node), ``ack`` and ``wake``.
+(payload bytes), messages also ``n`` (how many) and acks ``l`` (lost
+ranges, ``first-last,...``). Kinds: ``msg`` (``n`` messages numbered ``q``,
+``q + 1``, ...; ``p`` is them as MSG frames, exactly as the wire carries
+them, so a frame-mode receiver writes ``p`` to its client as it is),
+``paired`` (``p``: the new partner's name; written by the lobby's JOIN),
+``peer_left`` (``p``: the reason; written by UNPAIR and the purge of a dead
+node), ``ack`` and ``wake``.
 
 The three promises and how they are kept:
 
@@ -38,15 +41,19 @@ The three promises and how they are kept:
   sender whose window is full, so a slow reader on node B slows its partner on
   node A); streams are trimmed with ``MAXLEN ~`` (keep it above pairs x window).
 
-Writes are batched: :meth:`Outbox.flush` sends everything queued in one
-pipeline (one round trip). No socket of chatpair's here; :class:`Outbox` is
-for one thread, :class:`Inbox` for one reader thread.
+Writes are batched twice: the messages one direction of a pair sends
+between two flushes go into one entry (up to :data:`MAX_ENTRY_BYTES`), and
+:meth:`Outbox.flush` sends every entry queued in one pipeline (one round
+trip). The reader trims what it has read (``XTRIM MINID``), so a stream
+holds little more than what is in flight. No socket of chatpair's here;
+:class:`Outbox` is for one thread, :class:`Inbox` for one reader thread.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from chatpair.cluster.names import Keys, node_of
@@ -54,6 +61,36 @@ from chatpair.cluster.names import Keys, node_of
 DEFAULT_WINDOW = 1024
 DEFAULT_MAXLEN = 100_000
 CONTROL_KINDS = frozenset({"paired", "peer_left", "wake"})
+#: Messages of one direction of a pair go into one entry up to this many bytes.
+MAX_ENTRY_BYTES = 256 * 1024
+#: Seconds between two trims of what the reader has read.
+TRIM_INTERVAL = 0.5
+_MSG_TYPE = b"\x02"
+
+
+def frame_msgs(payloads: list[bytes]) -> bytes:
+    """MSG payloads as MSG frames, the way a ``msg`` entry carries them."""
+    return b"".join((len(p) + 1).to_bytes(4, "big") + _MSG_TYPE + p for p in payloads)
+
+
+def split_frames(frames: bytes, skip: int = 0) -> list[bytes]:
+    """The payloads of the MSG frames in ``frames`` (a ``msg`` entry's ``p``), the first ``skip`` left out."""
+    out, pos, end, k = [], 0, len(frames), 0
+    while pos < end:
+        stop = pos + 4 + int.from_bytes(frames[pos:pos + 4], "big")
+        if k >= skip:
+            out.append(frames[pos + 5:stop])
+        k += 1
+        pos = stop
+    return out
+
+
+def skip_frames(frames: bytes, skip: int) -> bytes:
+    """``frames`` without its first ``skip`` frames."""
+    pos = 0
+    for _ in range(skip):
+        pos += 4 + int.from_bytes(frames[pos:pos + 4], "big")
+    return frames[pos:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +104,11 @@ class Entry:
     kind: str
     payload: bytes
     lost: tuple[tuple[int, int], ...] = ()
+    count: int = 1  # msg: how many messages (``seq`` .. ``seq + count - 1``, frames in ``payload``)
+
+    def payloads(self) -> list[bytes]:
+        """A ``msg`` entry's messages, one payload each."""
+        return split_frames(self.payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +123,12 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class Acked:
-    """What an ack settled for the pair ``source`` -> ``target`` (``source`` is ours)."""
+    """What an ack settled for the pair ``source`` -> ``target`` (``source`` is ours): how many of each."""
 
     source: str
     target: str
-    delivered: tuple[int, ...]
-    undelivered: tuple[int, ...]
+    delivered: int
+    undelivered: int
 
 
 def _ranges(text: bytes | None) -> tuple[tuple[int, int], ...]:
@@ -103,32 +145,72 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     """An XREAD/XRANGE item as an :class:`Entry`."""
     return Entry(entry_id, fields.get(b"t", b"").decode(), fields.get(b"s", b"").decode(),
                  int(fields.get(b"q", b"0")), fields.get(b"k", b"").decode(), fields.get(b"p", b""),
-                 _ranges(fields.get(b"l")))
+                 _ranges(fields.get(b"l")), int(fields.get(b"n", b"1")))
 
 
 class SeqCheck:
-    """Per-pair sequence numbers on the receiving side: ``ok``, ``dup``, or a :class:`Gap`. Pure."""
+    """Per-pair sequence numbers on the receiving side: ``ok``, ``dup``, a :class:`Gap`, or how
+    many of a batch were seen before (an int). Pure."""
 
     def __init__(self) -> None:
         self._next: dict[tuple[str, str], int] = {}
 
-    def check(self, source: str, target: str, seq: int) -> str | Gap:
+    def check(self, source: str, target: str, seq: int, count: int = 1) -> str | Gap | int:
+        """Messages ``seq`` .. ``seq + count - 1`` arrived: ``ok``, ``dup`` (all seen), a
+        :class:`Gap` before them, or the number of leading ones seen before (drop those)."""
         expected = self._next.get((source, target), 1)
-        if seq < expected:
+        last = seq + count - 1
+        if last < expected:
             return "dup"
-        self._next[(source, target)] = seq + 1
+        self._next[(source, target)] = last + 1
         if seq > expected:
             return Gap(source, target, expected, seq - 1)
+        if seq < expected:
+            return expected - seq
         return "ok"
 
     def forget(self, source: str, target: str) -> None:
         self._next.pop((source, target), None)
 
 
-@dataclass(slots=True)
 class _Direction:
-    next_seq: int = 1
-    unacked: deque[int] = field(default_factory=deque)
+    """One direction of a pair, sending side: the next number, and the ranges not yet acknowledged."""
+
+    __slots__ = ("in_flight", "next_seq", "unacked")
+
+    def __init__(self) -> None:
+        self.next_seq = 1
+        self.unacked: deque[list[int]] = deque()  # [first, last], oldest first
+        self.in_flight = 0
+
+    def add(self, first: int, count: int) -> None:
+        unacked = self.unacked
+        if unacked and unacked[-1][1] == first - 1:
+            unacked[-1][1] += count
+        else:
+            unacked.append([first, first + count - 1])
+        self.in_flight += count
+
+    def settle(self, upto: int, lost: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+        """Numbers up to ``upto`` are settled: (delivered, undelivered) counts."""
+        delivered = undelivered = 0
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= upto:
+            first, last = unacked[0]
+            end = min(last, upto)
+            n = end - first + 1
+            gone = sum(max(0, min(end, b) - max(first, a) + 1) for a, b in lost) if lost else 0
+            undelivered += gone
+            delivered += n - gone
+            if end == last:
+                unacked.popleft()
+            else:
+                unacked[0][0] = end + 1
+        self.in_flight -= delivered + undelivered
+        return delivered, undelivered
+
+    def seqs(self) -> tuple[int, ...]:
+        return tuple(seq for first, last in self.unacked for seq in range(first, last + 1))
 
 
 class Outbox:
@@ -148,6 +230,7 @@ class Outbox:
         self.window = window
         self._out: dict[tuple[str, str], _Direction] = {}
         self._queued: list[tuple[str, dict[str, Any]]] = []
+        self._open: dict[tuple[str, str], tuple[dict[str, Any], list[bytes]]] = {}  # entries still growing
         self._acks: dict[tuple[str, str], tuple[int, list[tuple[int, int]]]] = {}
 
     # -- sending -------------------------------------------------------------------------
@@ -158,16 +241,37 @@ class Outbox:
 
     def in_flight(self, source: str, target: str) -> int:
         d = self._out.get((source, target))
-        return len(d.unacked) if d else 0
+        return d.in_flight if d else 0
 
     def send(self, source: str, target: str, payload: bytes) -> int:
-        """Queue a MSG payload for ``target`` (on another node); returns its sequence number."""
-        d = self._out.setdefault((source, target), _Direction())
+        """Queue one MSG payload for ``target`` (on another node); returns its sequence number."""
+        return self.send_frames(source, target, frame_msgs([payload]), 1)
+
+    def send_frames(self, source: str, target: str, frames: bytes, count: int) -> int:
+        """Queue ``count`` messages, as MSG frames, for ``target``; returns the first one's number.
+
+        They join the entry this direction already has queued since the last
+        flush while it is under :data:`MAX_ENTRY_BYTES`.
+        """
+        key = (source, target)
+        d = self._out.get(key)
+        if d is None:
+            d = self._out[key] = _Direction()
         seq = d.next_seq
-        d.next_seq += 1
-        d.unacked.append(seq)
-        self._queued.append((self.keys.inbox(node_of(target)),
-                             {"t": target, "s": source, "q": seq, "k": "msg", "p": payload}))
+        d.next_seq += count
+        d.add(seq, count)
+        growing = self._open.get(key)
+        if growing is not None and growing[0]["size"] + len(frames) <= MAX_ENTRY_BYTES:
+            fields, parts = growing
+            fields["n"] += count
+            fields["size"] += len(frames)
+            parts.append(frames)
+            return seq
+        fields = {"t": target, "s": source, "q": seq, "k": "msg", "n": count, "size": len(frames)}
+        parts = [frames]
+        self._open[key] = (fields, parts)
+        self._queued.append((self.keys.inbox(node_of(target)), fields))
+        fields["p"] = parts  # joined at flush
         return seq
 
     def control(self, target: str, source: str, kind: str, payload: bytes = b"") -> None:
@@ -184,6 +288,10 @@ class Outbox:
             gaps.append(lost)
         self._acks[(source, target)] = (max(upto, seq), gaps)
 
+    def queued(self) -> int:
+        """Entries queued (messages and controls), acks not counted."""
+        return len(self._queued)
+
     def pending(self) -> int:
         """Entries queued and not yet flushed (messages, controls and acks)."""
         return len(self._queued) + len(self._acks)
@@ -194,7 +302,14 @@ class Outbox:
         On a Redis error everything stays queued (and the error propagates):
         the next flush retries, and the receiver drops what was written twice.
         """
-        batch = list(self._queued)
+        self._open.clear()  # from here on (even if this flush fails) these entries no longer grow
+        batch = []
+        for key, fields in self._queued:
+            if fields["k"] == "msg":
+                fields = {k: v for k, v in fields.items() if k != "size"}
+                if isinstance(fields["p"], list):
+                    fields["p"] = b"".join(fields["p"])
+            batch.append((key, fields))
         for (source, target), (upto, gaps) in self._acks.items():
             fields: dict[str, Any] = {"t": source, "s": target, "q": upto, "k": "ack", "p": b""}
             if gaps:
@@ -216,17 +331,16 @@ class Outbox:
         """An ``ack`` entry from our inbox: which of our messages were written, which lost."""
         source, target = entry.target, entry.source
         d = self._out.get((source, target))
-        delivered, undelivered = [], []
-        while d and d.unacked and d.unacked[0] <= entry.seq:
-            seq = d.unacked.popleft()
-            lost = any(a <= seq <= b for a, b in entry.lost)
-            (undelivered if lost else delivered).append(seq)
-        return Acked(source, target, tuple(delivered), tuple(undelivered))
+        if d is None:
+            return Acked(source, target, 0, 0)
+        delivered, undelivered = d.settle(entry.seq, entry.lost)
+        return Acked(source, target, delivered, undelivered)
 
     def drop_pair(self, source: str, target: str) -> tuple[int, ...]:
         """The pair ended: forget it; the numbers never acknowledged (NOTICE undelivered each)."""
         d = self._out.pop((source, target), None)
-        return tuple(d.unacked) if d else ()
+        self._open.pop((source, target), None)
+        return d.seqs() if d else ()
 
     def forfeit(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """Redis lost its data: every message written but not acknowledged may be gone with it.
@@ -235,12 +349,16 @@ class Outbox:
         for their acks; messages still queued here are kept (they go out with
         the next flush), and numbering goes on where it was.
         """
-        queued = {(f["s"], f["t"], f["q"]) for _, f in self._queued if f["k"] == "msg"}
+        queued: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for _, f in self._queued:
+            if f["k"] == "msg":
+                queued.setdefault((f["s"], f["t"]), []).append((f["q"], f["q"] + f["n"] - 1))
         out = []
         for (source, target), d in self._out.items():
-            keep = deque(seq for seq in d.unacked if (source, target, seq) in queued)
-            gone = tuple(seq for seq in d.unacked if (source, target, seq) not in queued)
-            d.unacked = keep
+            keep = queued.get((source, target), [])
+            gone = tuple(seq for seq in d.seqs() if not any(a <= seq <= b for a, b in keep))
+            d.unacked = deque([a, b] for a, b in keep)
+            d.in_flight = sum(b - a + 1 for a, b in keep)
             if gone:
                 out.append((source, target, gone))
         return out
@@ -258,13 +376,14 @@ class Outbox:
 class Inbox:
     """This node's receiving side: XREAD BLOCK on its own stream, in order, without duplicates."""
 
-    def __init__(self, client: Any, keys: Keys, node: str, *, count: int = 1000) -> None:
+    def __init__(self, client: Any, keys: Keys, node: str, *, count: int = 100) -> None:
         self.redis = client
         self.key = keys.inbox(node)
         self.count = count
         self.last_id = b"0-0"
         self.seqs = SeqCheck()
-        self.duplicates = 0
+        self.duplicates = 0  # messages dropped as seen before
+        self._trimmed_at = 0.0
 
     def read(self, block_ms: int | None = None) -> list[Entry | Gap]:
         """What arrived since the last read (waiting up to ``block_ms`` for something).
@@ -284,14 +403,25 @@ class Inbox:
                 if entry.kind == "wake":
                     continue
                 if entry.kind == "msg":
-                    verdict = self.seqs.check(entry.source, entry.target, entry.seq)
+                    verdict = self.seqs.check(entry.source, entry.target, entry.seq, entry.count)
                     if verdict == "dup":
-                        self.duplicates += 1
+                        self.duplicates += entry.count
                         continue
                     if isinstance(verdict, Gap):
                         out.append(verdict)
+                    elif isinstance(verdict, int):  # a retried batch that grew: its head was seen
+                        self.duplicates += verdict
+                        entry = Entry(entry.id, entry.target, entry.source, entry.seq + verdict, "msg",
+                                      skip_frames(entry.payload, verdict), (), entry.count - verdict)
                 out.append(entry)
+        if out and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL:
+            self.trim()
         return out
+
+    def trim(self) -> None:
+        """Drop what has been read from the stream (nobody reads an entry twice)."""
+        self._trimmed_at = time.monotonic()
+        self.redis.xtrim(self.key, minid=self.last_id, approximate=True)
 
     def wake(self) -> None:
         """Any thread: end the reader's current wait (e.g. to stop it)."""

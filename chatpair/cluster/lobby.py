@@ -169,12 +169,17 @@ class ClusterLobby:
         try:
             return self._scripts[name](keys=[], args=self._base + [str(a) for a in args])
         except redis_module().exceptions.ResponseError as error:
-            text = str(error)
-            if text.startswith("CALLER "):
-                raise ValueError(text[7:]) from None
-            if text.startswith("NODEGONE "):
-                raise NodeGone(text[9:]) from None
-            raise ClusterError(f"Redis script {name} failed: {text}") from None
+            raise self._translate(name, error) from None
+
+    @staticmethod
+    def _translate(name: str, error: BaseException) -> Exception:
+        """A script's error reply as the exception a caller handles."""
+        text = str(error)
+        if text.startswith("CALLER "):
+            return ValueError(text[7:])
+        if text.startswith("NODEGONE "):
+            return NodeGone(text[9:])
+        return ClusterError(f"Redis script {name} failed: {text}")
 
     # -- the node ------------------------------------------------------------------------
 
@@ -229,7 +234,29 @@ class ClusterLobby:
         """
         if node_of(cid) != self.node:
             raise ValueError(f"client {cid} is not on node {self.node}")
-        status, waiter, waiter_name, ghosts = self._call("join", cid, name, room_token(room), int(requeued))
+        return self._joined(cid, self._call("join", cid, name, room_token(room), int(requeued)))
+
+    def join_many(self, joins: list[tuple[str, str | None, str, bool]]) -> list[Queued | Matched | RoomFull | Exception]:
+        """Several :meth:`join` calls (cid, room, name, requeued) in one round trip, in order.
+
+        Each script is as atomic as alone; the answer for each is its result,
+        or the exception :meth:`join` would have raised (ValueError, NodeGone,
+        ClusterError). Redis being unreachable raises, as everywhere.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        script = self._scripts["join"]
+        for cid, room, name, requeued in joins:
+            if node_of(cid) != self.node:
+                raise ValueError(f"client {cid} is not on node {self.node}")
+            script(keys=[], args=self._base + [cid, name, room_token(room), str(int(requeued))], client=pipe)
+        replies = pipe.execute(raise_on_error=False)
+        errors = redis_module().exceptions.ResponseError
+        return [self._translate("join", reply) if isinstance(reply, errors) else self._joined(cid, reply)
+                for (cid, _, _, _), reply in zip(joins, replies)]
+
+    @staticmethod
+    def _joined(cid: str, reply: list[Any]) -> Queued | Matched | RoomFull:
+        status, waiter, waiter_name, ghosts = reply
         gone = tuple(_text(g) for g in ghosts)
         status = _text(status)
         if status == "matched":

@@ -112,9 +112,9 @@ class ClusterNode:
         """The client is gone (a pair it may still be in, unknown to us yet, is ended too)."""
         self.requests.put(("leave", cid))
 
-    def send_msgs(self, source: str, target: str, payloads: list[bytes]) -> None:
-        """MSG payloads from our ``source`` to ``target`` on another node (batched)."""
-        self.requests.put(("msgs", source, target, payloads))
+    def send_msgs(self, source: str, target: str, frames: bytes, count: int) -> None:
+        """``count`` messages (MSG frames) from our ``source`` to ``target`` on another node (batched)."""
+        self.requests.put(("msgs", source, target, frames, count))
 
     def ack(self, source: str, target: str, upto: int, lost: list[tuple[int, int]]) -> None:
         """We wrote ``source``'s messages up to ``upto`` to our ``target`` (``lost``: never arrived)."""
@@ -166,7 +166,7 @@ class ClusterNode:
             kind = item.kind
             if kind == "msg":
                 peer = routes.get(item.target)
-                entry = ("msg", item.seq, item.payload)
+                entry = ("msg", (item.seq, item.count), item.payload)
                 if peer is not None and peer.remote == item.source:
                     peer.push(entry)
                     touched.add(peer)
@@ -180,7 +180,7 @@ class ClusterNode:
                 if acked.delivered or acked.undelivered:
                     peer = routes.get(acked.source)
                     if peer is not None and peer.remote == acked.target:
-                        peer.push(("acked", len(acked.delivered), len(acked.undelivered)))
+                        peer.push(("acked", acked.delivered, acked.undelivered))
                         touched.add(peer)
             elif kind == "paired":
                 if self.local_id(item.target) is None:

@@ -42,6 +42,11 @@ log = logging.getLogger("chatpair")
 
 #: Seconds between two looks for dead nodes.
 WATCH_INTERVAL = 0.25
+#: Seconds acks queued with no message wait for one to share its pipeline (in
+#: ping-pong the partner's reply usually comes first: one round trip, not two).
+ACK_DELAY = 0.002
+#: Consecutive joins sent in one pipeline at most.
+JOIN_BATCH = 64
 #: Once asked to stop, how long to keep trying while Redis is unreachable.
 STOP_PATIENCE = 2.0
 
@@ -60,6 +65,8 @@ class NodeIo:
         self.stop_asked = 0.0  # when "stop" came (0: not yet)
         self.down_since: float | None = None
         self.next_retry = 0.0
+        self.next_beat = 0.0
+        self.acks_due = float("inf")  # when acks queued alone are flushed anyway
         self.waiting: dict[str, Waiting] = {}  # the mirror, in queue order
         self.chatting: dict[str, Chatting] = {}
 
@@ -111,7 +118,7 @@ class NodeIo:
             return True
 
     def _serve(self) -> None:
-        next_beat = next_watch = 0.0
+        next_watch = 0.0
         while True:
             now = time.monotonic()
             if self.down_since is not None:
@@ -119,7 +126,7 @@ class NodeIo:
             elif self.pending:
                 timeout = 0.0
             else:
-                timeout = max(0.0, min(next_beat, next_watch) - now)
+                timeout = max(0.0, min(self.next_beat, next_watch, self.acks_due) - now)
             self._take(timeout)
             now = time.monotonic()
             if self.down_since is not None and now < self.next_retry:
@@ -130,21 +137,20 @@ class NodeIo:
                 return
             try:
                 if self.down_since is not None:
-                    self._heartbeat()  # first: a Redis that came back empty is refilled before anything
-                    next_beat = now + self.beat_interval
+                    self._beat(now)  # first: a Redis that came back empty is refilled before anything
                 stop = self._run_pending()
-                if self.outbox.pending():
+                if self._flush_due(time.monotonic(), stop):
                     with self.node.lock:
                         self.outbox.flush()
+                    self.acks_due = float("inf")
                 if stop:
                     leave_cluster(self.node)
                     return
                 now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat()
-                    next_beat = now + self.beat_interval
+                if now >= self.next_beat:
+                    self._beat(now)
                 if now >= next_watch:
-                    self._watch(now)
+                    watch(self, now)
                     next_watch = now + WATCH_INTERVAL
                 if self.down_since is not None:
                     log.warning("Redis is reachable again (after %.1fs)", now - self.down_since)
@@ -158,6 +164,17 @@ class NodeIo:
                 self.watch.reset()  # nobody can tell a dead node from a missing Redis now
                 self.next_retry = time.monotonic() + RETRY_SECONDS
 
+    def _flush_due(self, now: float, stop: bool) -> bool:
+        """Flush now? Messages at once; acks alone wait up to :data:`ACK_DELAY` to go with them."""
+        if self.outbox.queued() or stop:
+            return bool(self.outbox.pending())
+        if not self.outbox.pending():
+            self.acks_due = float("inf")  # flushed meanwhile (before a join or an unpair)
+            return False
+        if self.acks_due == float("inf"):
+            self.acks_due = now + ACK_DELAY
+        return now >= self.acks_due
+
     def _run_pending(self) -> bool:
         """Do the requests in order; True when "stop" was reached. Redis errors propagate."""
         pending = self.pending
@@ -167,12 +184,21 @@ class NodeIo:
             if request[0] == "stop":
                 pending.clear()
                 return True
+            now = time.monotonic()
+            if now >= self.next_beat:  # a long queue under load must not let our key lapse
+                self._beat(now)
+            if request[0] == "join" and not retried and len(pending) > 1 and pending[1][0] == "join":
+                done = join_batch(self)  # consecutive joins: one round trip
+                if done:
+                    for _ in range(done):
+                        pending.popleft()
+                    continue
             try:
                 self._do(request)
             except NodeGone:
                 if not retried:  # our registration lapsed: renew (and restore), then once more
                     retried = True
-                    self._heartbeat()
+                    heartbeat(self)
                     continue
                 log.warning("cluster: %s not done: this node is not registered", request[0])
             except (ValueError, ClusterError) as error:
@@ -186,10 +212,9 @@ class NodeIo:
     def _do(self, request: tuple[Any, ...]) -> None:
         kind = request[0]
         if kind == "msgs":
-            _, source, target, payloads = request
+            _, source, target, frames, count = request
             with self.node.lock:
-                for payload in payloads:
-                    self.outbox.send(source, target, payload)
+                self.outbox.send_frames(source, target, frames, count)
         elif kind == "ack":
             _, source, target, upto, lost = request
             with self.node.lock:
@@ -211,14 +236,19 @@ class NodeIo:
             self.chatting.pop(request[1], None)
 
     def _join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
-        result = self.lobby.join(cid, room, name=name, requeued=requeued)
+        if self.outbox.pending():
+            with self.node.lock:  # what was asked before (messages, acks) is in Redis before the answer
+                self.outbox.flush()
+        self.joined(cid, name, room, self.lobby.join(cid, room, name=name, requeued=requeued))
+
+    def joined(self, cid: str, name: str, room: str | None, result: Any) -> None:
         self.waiting.pop(cid, None)
         if isinstance(result, Queued):
             self.waiting[cid] = Waiting(cid, name, room)
         log_ghosts(result.ghosts)
-        self._announce(result, name, room)
+        self.announce(result, name, room)
 
-    def _announce(self, result: Any, name: str, room: str | None) -> None:
+    def announce(self, result: Any, name: str, room: str | None) -> None:
         """Tell the listener how a join (or a restore) ended; a match across nodes gets a route."""
         peer = None
         if isinstance(result, Matched):
@@ -266,36 +296,70 @@ class NodeIo:
 
     # -- liveness and restore ------------------------------------------------------------------
 
-    def _heartbeat(self) -> None:
-        status = self.lobby.heartbeat()
-        if status == "ok":
-            return
-        if status == "taken":
-            log.error("another server took node id %s: this one stops pairing across the cluster", self.node.node)
-            return
-        rebuild = status == "reset"
-        log.warning("%s: re-registering %d waiting and %d chatting clients of node %s",
-                    "Redis lost its data" if rebuild else "this node's registration had lapsed",
-                    len(self.waiting), len(self.chatting), self.node.node)
-        restored = self.lobby.restore(list(self.waiting.values()), list(self.chatting.values()), rebuild=rebuild)
-        for matched in restored.matched:
-            mine = self.waiting.get(matched.newcomer)
-            if mine is not None:
-                self.waiting.pop(matched.newcomer)
-                self._announce(matched, mine.name, mine.room)
-        for local, partner in restored.ended:
-            self.chatting.pop(local, None)
-            ended_meanwhile(self.node, local, partner)
-        if rebuild:
-            forfeit(self.node)
+    def _beat(self, now: float) -> None:
+        heartbeat(self)
+        self.next_beat = now + self.beat_interval
 
-    def _watch(self, now: float) -> None:
-        missing = self.lobby.dead_nodes() - {self.node.node}
-        for dead in self.watch.observe(missing, now):
-            told = self.lobby.purge_node(dead)
-            self.watch.purged(dead)
-            if told is not None:
-                log.warning("node %s stopped its heartbeat: purged; %d of its partners told", dead, len(told))
+
+def join_batch(io: NodeIo) -> int:
+    """The joins at the head of ``pending`` (up to :data:`JOIN_BATCH`) in one pipeline.
+
+    Returns how many are done; a join refused because our registration
+    lapsed, and all after it, stay first in line for the one-by-one path
+    (which renews the registration and retries).
+    """
+    batch = []
+    for request in io.pending:
+        if request[0] != "join" or len(batch) == JOIN_BATCH:
+            break
+        batch.append(request)
+    if io.outbox.pending():
+        with io.node.lock:
+            io.outbox.flush()
+    results = io.lobby.join_many([(cid, room, name, requeued) for _, cid, name, room, requeued in batch])
+    for done, ((_, cid, name, room, _), result) in enumerate(zip(batch, results)):
+        if isinstance(result, NodeGone):
+            return done
+        if isinstance(result, Exception):
+            log.warning("cluster: join not done: %s", result)
+            continue
+        io.joined(cid, name, room, result)
+    return len(batch)
+
+
+def watch(io: NodeIo, now: float) -> None:
+    """Look for nodes whose key is gone; purge those gone long enough (their partners are told)."""
+    missing = io.lobby.dead_nodes() - {io.node.node}
+    for dead in io.watch.observe(missing, now):
+        told = io.lobby.purge_node(dead)
+        io.watch.purged(dead)
+        if told is not None:
+            log.warning("node %s stopped its heartbeat: purged; %d of its partners told", dead, len(told))
+
+
+def heartbeat(io: NodeIo) -> None:
+    """Renew our key; if it had lapsed, or Redis lost its data, write back what we know (the mirror)."""
+    status = io.lobby.heartbeat()
+    if status == "ok":
+        return
+    if status == "taken":
+        log.error("another server took node id %s: this one stops pairing across the cluster", io.node.node)
+        return
+    rebuild = status == "reset"
+    log.warning("%s: re-registering %d waiting and %d chatting clients of node %s",
+                "Redis lost its data" if rebuild else "this node's registration had lapsed",
+                len(io.waiting), len(io.chatting), io.node.node)
+    restored = io.lobby.restore(list(io.waiting.values()), list(io.chatting.values()), rebuild=rebuild)
+    for matched in restored.matched:
+        mine = io.waiting.get(matched.newcomer)
+        if mine is not None:
+            io.waiting.pop(matched.newcomer)
+            io.announce(matched, mine.name, mine.room)
+    for local, partner in restored.ended:
+        io.chatting.pop(local, None)
+        ended_meanwhile(io.node, local, partner)
+    if rebuild:
+        forfeit(io.node)
 
 
 def ended_meanwhile(node: Any, local: str, partner: str) -> None:

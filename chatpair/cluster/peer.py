@@ -8,14 +8,16 @@ to the peer's ``incoming`` deque, in stream order, and asks the relay that
 holds the peer to look (:meth:`RemotePeer.notify`, at most one wake-up per
 peer until the relay has looked). Items are tuples:
 
-==========================  ======================================================
-``("msg", seq, payload)``   a MSG payload from the partner, sequence number ``seq``
-``("gap", first, last)``    the partner's messages ``first``..``last`` never arrived
-``("acked", n, lost)``      ``n`` of our client's messages were written to the
-                            partner, ``lost`` were not (NOTICE undelivered each)
-``("left", reason, lost)``  the partner left (PEER_LEFT ``reason``); ``lost`` of
-                            our client's messages were never written to it
-==========================  ======================================================
+=================================  ==================================================
+``("msg", (seq, n), frames)``      ``n`` messages from the partner, numbered from
+                                   ``seq``, as MSG frames
+``("gap", first, last)``           the partner's messages ``first``..``last`` never
+                                   arrived
+``("acked", n, lost)``             ``n`` of our client's messages were written to the
+                                   partner, ``lost`` were not (NOTICE undelivered each)
+``("left", reason, lost)``         the partner left (PEER_LEFT ``reason``); ``lost`` of
+                                   our client's messages were never written to it
+=================================  ==================================================
 
 :class:`Routes` maps this node's client ids to their current remote peer.
 It is shared by the inbox reader (which looks up every message) and the
@@ -73,7 +75,7 @@ class RemotePeer:
         # -- the relay thread's ---------------------------------------------------------
         self.conn: Any = None  # the local connection, while a relay holds this pair
         self.in_flight = 0  # our client's messages not yet acknowledged by the partner's node
-        self.given: deque[tuple[int, bool]] = deque()  # (seq, lost) handed to our client, not yet acked
+        self.given: deque[tuple[int, int, bool]] = deque()  # (first, n, lost) given to our client, not acked
         self.given_msgs = 0  # entries of ``given`` that are not lost
         self.acked_upto = 0
 

@@ -24,6 +24,14 @@ the listener like any waiting client (its messages are answered NOTICE
 * A client that leaves while its join is on the way: its LEAVE comes after
   the JOIN, and ends a pair the JOIN may have made (the partner is told);
   a partner of ours left alone that way is queued again.
+* Stopping: every client of ours hears ERROR ``shutdown`` first; the ends of
+  cross-node pairs (``peer_left`` to the partners' nodes) are held until the
+  listener's loop is done (:meth:`ClusterDesk.finish`). When the whole
+  cluster is stopped at once, each client then hears ``shutdown`` from its
+  own node, not PEER_LEFT from its partner's (PROTOCOL.md: on stop,
+  everyone is told the same thing); when one node stops, its partners
+  elsewhere hear PEER_LEFT ``disconnected`` once its own clients are closed
+  (at most the polite close's 2 s later).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from chatpair.proto import ErrorCode, FrameType
 from chatpair.server.cluster_relay import ClusterRelay
 from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
-from chatpair.server.relay import Bounce, Relay, Report
+from chatpair.server.relay import Bounce, PairEnd, Relay, Report
 from chatpair.server.render import event_bytes
 
 log = logging.getLogger("chatpair")
@@ -60,7 +68,11 @@ class ClusterDesk:
         self.node = ClusterNode(config.cluster, config.node_id, self._post)
         self._results: deque[Result] = deque()
         self.announced: set[int] = set()  # waiting clients already told WAITING
+        self.asked: set[int] = set()  # clients whose JOIN is on its way (not read meanwhile)
         self.joined: set[int] = set()  # clients the cluster lobby knows of (joined, not yet left)
+        # Stopping: the ends of pairs, held until our own clients have been told (see finish).
+        self._held: list[PairEnd] = []
+        self._held_cids: set[int] = set()
         self.node.start()
 
     def make_relay(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None]) -> Relay:
@@ -84,32 +96,53 @@ class ClusterDesk:
         if requeued or conn.room is None:
             listener.send(conn, first + self._waiting(conn))
             self.announced.add(conn.cid)
-            listener.process_buffered(conn)
         else:
             listener.send(conn, first)  # WAITING or ERROR room_full comes with the answer
+        self._ask_join(conn, requeued)
+
+    def _ask_join(self, conn: Conn, requeued: bool) -> None:
+        """JOIN in the cluster; ``conn`` is not read until the answer is here.
+
+        The JOIN may pair it with a client of another node, whose node tells
+        its client PAIRED at once: what ours sends from then on must reach
+        that partner, not be answered "you have no partner" here. So its
+        input waits in the socket (and in ``conn.pending``) until the answer
+        says where it goes: to a relay (paired) or to this loop (waiting).
+        """
+        self.asked.add(conn.cid)
+        self.listener.pause(conn)
         self.node.join(self.node.cid(conn.cid), conn.name, conn.room, requeued)
+
+    def _answered(self, conn: Conn) -> None:
+        """``conn``'s JOIN was answered and it waits here: read it again."""
+        self.asked.discard(conn.cid)
+        self.listener.resume(conn)
+        self.listener.process_buffered(conn)
 
     def leave(self, conn: Conn) -> None:
         """The client left the listener (it was waiting, or never got that far)."""
         self.announced.discard(conn.cid)
+        self.asked.discard(conn.cid)
         if conn.cid in self.joined:
             self.joined.discard(conn.cid)
-            self.node.leave(self.node.cid(conn.cid))
+            if conn.cid in self._held_cids:  # its pair's end is held (stopping): after it
+                self._held.append(PairEnd(conn.cid, conn.cid, unpair=False, gone=[conn.cid]))
+            else:
+                self.node.leave(self.node.cid(conn.cid))
 
     def pair_end(self, end: Report) -> None:
         listener, node = self.listener, self.node
         if isinstance(end, Bounce):
             listener.resumes.on_bounce(end)
             return
-        if end.remote is not None:
-            local, remote, reason = end.remote
-            node.unpair(local, remote, local if end.next_by is not None else None, local, reason)
-        elif end.unpair:
-            next_by = node.cid(end.next_by) if end.next_by is not None else None
-            node.unpair(node.cid(end.a), node.cid(end.b), next_by, None, "")
+        if not listener.running:
+            self._held.append(end)  # the cluster hears of it in finish(), after our clients did
+            self._held_cids.update(end.gone)
+            self._held_cids.update(conn.cid for conn in end.back)
+        else:
+            self._end_in_cluster(end)
         for cid in end.gone:
             self.joined.discard(cid)
-            node.leave(node.cid(cid))
             listener.admission.forget(cid)
             listener.registry.forget(cid)
         for conn in end.back:
@@ -119,6 +152,18 @@ class ClusterDesk:
                 listener.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
                 continue
             self.queue(conn, requeued=True)
+
+    def _end_in_cluster(self, end: PairEnd) -> None:
+        """UNPAIR (the partner's node hears ``peer_left``), then LEAVE for whoever is gone."""
+        node = self.node
+        if end.remote is not None:
+            local, remote, reason = end.remote
+            node.unpair(local, remote, local if end.next_by is not None else None, local, reason)
+        elif end.unpair:
+            next_by = node.cid(end.next_by) if end.next_by is not None else None
+            node.unpair(node.cid(end.a), node.cid(end.b), next_by, None, "")
+        for cid in end.gone:
+            node.leave(node.cid(cid))
 
     # -- answers from the node -------------------------------------------------------------------
 
@@ -153,14 +198,16 @@ class ClusterDesk:
         if isinstance(result, RoomFull):
             if conn is not None:
                 del listener.waiting[conn.cid]
+                self.asked.discard(conn.cid)
                 self.joined.discard(conn.cid)  # the cluster lobby did not keep it
                 listener.fail(conn, ErrorCode.ROOM_FULL, f"room {conn.room} is full: a pair is already chatting there")
             return
         if isinstance(result, Queued):
-            if conn is not None and conn.cid not in self.announced:
-                self.announced.add(conn.cid)
-                listener.send(conn, self._waiting(conn))
-                listener.process_buffered(conn)
+            if conn is not None:
+                if conn.cid not in self.announced:
+                    self.announced.add(conn.cid)
+                    listener.send(conn, self._waiting(conn))
+                self._answered(conn)
             return
         assert isinstance(result, Matched)
         if joined.peer is not None:
@@ -171,21 +218,23 @@ class ClusterDesk:
         waiter = listener.waiting.get(wlocal) if wlocal is not None else None
         if conn is not None and waiter is not None:
             first = b"" if conn.cid in self.announced else self._waiting(conn)
-            self.announced.discard(conn.cid)
-            self.announced.discard(waiter.cid)
+            for cid in (conn.cid, waiter.cid):
+                self.announced.discard(cid)
+                self.asked.discard(cid)
             listener._pair(waiter, conn, newcomer_first=first)
         elif conn is not None or waiter is not None:
             # One of the two left while the join was on its way; its LEAVE
             # (already asked) ends the pair, and the other is queued again.
             alone = conn if conn is not None else waiter
             assert alone is not None
-            node.join(node.cid(alone.cid), alone.name, alone.room, True)
+            self._ask_join(alone, True)
 
     def _to_relay(self, conn: Conn, peer: RemotePeer) -> None:
         listener = self.listener
         del listener.waiting[conn.cid]
         first = b"" if conn.cid in self.announced else self._waiting(conn)
         self.announced.discard(conn.cid)
+        self.asked.discard(conn.cid)
         peer.room = conn.room
         listener.send(conn, first + event_bytes(conn, FrameType.PAIRED, {"peer": peer.name, "room": conn.room}))
         listener.release_conn(conn)
@@ -203,6 +252,8 @@ class ClusterDesk:
     def finish(self, leftovers: deque[Report]) -> None:
         """After the listener's loop: the cluster's side of pair ends it had no time for, then stop."""
         node = self.node
+        for end in self._held:
+            self._end_in_cluster(end)
         for end in leftovers:
             if isinstance(end, Bounce):
                 continue

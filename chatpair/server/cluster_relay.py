@@ -5,17 +5,21 @@ same-node path is the inherited one, untouched: Redis is not on it) that
 also serves *remote pairs*: one local connection whose partner is a
 :class:`~chatpair.cluster.peer.RemotePeer`. For those:
 
-* a run of MSG frames from the local client becomes payloads handed to the
-  cluster I/O thread (:meth:`ClusterNode.send_msgs`), which writes them to
-  the partner's node's inbox stream in batches;
+* a run of MSG frames from the local client is handed, as it is (one copy
+  of the bytes), to the cluster I/O thread (:meth:`ClusterNode.send_msgs`),
+  which writes it to the partner's node's inbox stream, several runs of a
+  pair to one entry, every entry of a batch in one pipeline;
 * what the partner sends arrives in ``peer.incoming`` (filled by the inbox
   reader thread, which wakes this loop) and is written to the local client
-  in order, as MSG frames (or ``name: text`` lines in line mode);
+  in order: a frame-mode client gets an entry's frames byte for byte, a
+  line-mode one ``name: text`` lines;
 * acknowledgements go both ways: this loop acknowledges, per pair, the
   partner's messages it has *written* to the socket (what still sits in the
-  connection's output queue is not written yet); the partner's node does the
-  same for ours, and each of ours it never wrote comes back as NOTICE
-  ``undelivered``;
+  connection's output queue is not written yet), once per batch it wrote
+  (and again at the loop's tick for what a slow socket took since); the
+  I/O thread coalesces acks per pair into one entry per flush; the
+  partner's node does the same for ours, and each of ours it never wrote
+  comes back as NOTICE ``undelivered``;
 * flow control: at most ``window`` of the local client's messages may be
   unacknowledged; past that the client is not read (a slow reader on the
   other node slows the sender here, as a slow partner does on one server);
@@ -29,11 +33,11 @@ also serves *remote pairs*: one local connection whose partner is a
 from __future__ import annotations
 
 import logging
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from chatpair.cluster.inbox import frame_msgs, split_frames
 from chatpair.cluster.peer import RemotePeer
 from chatpair.proto import PEER_LEFT_REASONS, ErrorCode, FrameType, split_utf8
 from chatpair.server.config import Limits
@@ -46,8 +50,6 @@ from chatpair.server.states import Mode
 log = logging.getLogger("chatpair")
 
 _FRAME = Mode.FRAME
-_MSG_HEADER = struct.Struct(">IB").pack
-_MSG = int(FrameType.MSG)
 
 
 class ClusterRelay(Relay):
@@ -102,36 +104,40 @@ class ClusterRelay(Relay):
         incoming = peer.incoming
         frame = conn.mode is _FRAME
         chunks: list[bytes] = []
+        count = 0
         while incoming:
             kind, a, b = incoming.popleft()
             if kind == "msg":
+                first, n = a
                 if frame:
-                    chunks.append(_MSG_HEADER(len(b) + 1, _MSG) + b)
+                    chunks.append(b)  # MSG frames already, byte for byte
                 else:
-                    chunks.append(line_msg_bytes(peer.name, b.decode("utf-8", "replace")))
-                peer.given.append((a, False))
-                peer.given_msgs += 1
+                    chunks.extend(line_msg_bytes(peer.name, p.decode("utf-8", "replace")) for p in split_frames(b))
+                peer.given.append((first, n, False))
+                peer.given_msgs += n
+                count += n
             elif kind == "gap":
-                peer.given.extend((seq, True) for seq in range(a, b + 1))
+                peer.given.append((a, b - a + 1, True))
             elif kind == "acked":
                 peer.in_flight -= a + b
                 if b:
-                    self._write(conn, chunks, frame)
+                    count = self._write(conn, chunks, frame, count)
                     self.send(conn, undelivered_notices(conn, b, f"{peer.name} never got it"))
                 if conn.paused:
                     self.resume(conn)
             elif kind == "left":
-                self._write(conn, chunks, frame)
+                self._write(conn, chunks, frame, count)
                 self._remote_left(conn, peer, a, b)
                 return
-        self._write(conn, chunks, frame)
-        self._ack(peer)
+        self._write(conn, chunks, frame, count)
+        self._ack(peer)  # one per drain; the I/O thread coalesces them per pair per flush
 
-    def _write(self, conn: Conn, chunks: list[bytes], frame: bool) -> None:
-        """Partner messages (one chunk each) to our client, in one send."""
+    def _write(self, conn: Conn, chunks: list[bytes], frame: bool, count: int) -> int:
+        """Partner messages (``count`` of them in ``chunks``) to our client, in one send; 0."""
         if chunks:
-            self.send(conn, b"".join(chunks), len(chunks), frame)
+            self.send(conn, b"".join(chunks), count, frame)
             chunks.clear()
+        return 0
 
     def _ack(self, peer: RemotePeer, everything: bool = False) -> None:
         """Acknowledge what has been written to our client (``everything``: it will be)."""
@@ -140,14 +146,24 @@ class ClusterRelay(Relay):
             return
         conn = peer.conn
         unwritten = 0 if everything or conn is None or not conn.out else conn.undelivered_msgs()
+        written = peer.given_msgs - unwritten
         upto, lost = peer.acked_upto, []
-        while given and (given[0][1] or peer.given_msgs > unwritten):
-            seq, missing = given.popleft()
+        while given:
+            first, n, missing = given[0]
             if missing:
-                lost.append((seq, seq))
+                lost.append((first, first + n - 1))
+            elif written <= 0:
+                break
+            elif n > written:  # part of a batch is written
+                given[0] = (first + written, n - written, False)
+                peer.given_msgs -= written
+                upto = max(upto, first + written - 1)
+                break
             else:
-                peer.given_msgs -= 1
-            upto = max(upto, seq)
+                written -= n
+                peer.given_msgs -= n
+            given.popleft()
+            upto = max(upto, first + n - 1)
         if upto > peer.acked_upto or lost:
             peer.acked_upto = upto
             self.node.ack(peer.remote, peer.local, upto, lost)
@@ -165,13 +181,7 @@ class ClusterRelay(Relay):
         if peer is None:
             super().on_msg_run(conn, view, start, end, count)
             return
-        payloads = []
-        pos = start
-        while pos < end:
-            fend = pos + 4 + int.from_bytes(view[pos:pos + 4], "big")
-            payloads.append(bytes(view[pos + 5:fend]))
-            pos = fend
-        self._forward(conn, peer, payloads, end - start)
+        self._forward(conn, peer, bytes(view[start:end]), count, end - start)
 
     def on_line_msg(self, conn: Conn, text: str) -> None:
         peer = self.peers.get(conn) if conn.partner is None else None
@@ -179,14 +189,14 @@ class ClusterRelay(Relay):
             super().on_line_msg(conn, text)
             return
         pieces = split_utf8(text, self.limits.max_frame - 1)
-        self._forward(conn, peer, pieces, sum(len(p) for p in pieces))
+        if pieces:
+            self._forward(conn, peer, frame_msgs(pieces), len(pieces), sum(len(p) for p in pieces))
 
-    def _forward(self, conn: Conn, peer: RemotePeer, payloads: list[bytes], size: int) -> None:
-        if not payloads:
-            return
-        self.node.send_msgs(peer.local, peer.remote, payloads)
-        peer.in_flight += len(payloads)
-        self.stats.msgs += len(payloads)
+    def _forward(self, conn: Conn, peer: RemotePeer, frames: bytes, count: int, size: int) -> None:
+        """``count`` MSG frames from our client to its partner's node (the I/O thread batches them)."""
+        self.node.send_msgs(peer.local, peer.remote, frames, count)
+        peer.in_flight += count
+        self.stats.msgs += count
         self.stats.bytes += size
         if peer.in_flight >= self.window:
             self.pause(conn)  # read again when the partner's node has acknowledged enough
