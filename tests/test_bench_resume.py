@@ -188,7 +188,9 @@ def _check_ack_rule(peer: Peer) -> None:
     assert counts == sorted(counts), f"{peer.name}: ACK counts went back: {counts}"
     for count, written, waited in peer.acks:
         assert count <= written, f"{peer.name}: ACK of {count} with only {written} written"
-        assert waited <= 1.0, f"{peer.name}: an MSG waited {waited:.2f} s for its ACK"
+        # The bench ACKs within 0.5 s; 1.5 s leaves room for a loaded machine
+        # and still fails a client that waits for the 64th message instead.
+        assert waited <= 1.5, f"{peer.name}: an MSG waited {waited:.2f} s for its ACK"
     last = counts[-1] if counts else 0
     # The run ends right after the last read: what it read then may be unacknowledged, fewer than 64.
     assert peer.written - last < 64 or peer.written - last <= peer.written - (counts[-2] if len(counts) > 1 else 0)

@@ -658,6 +658,14 @@ def test_client_ping_is_answered_with_pong(shared, conn):
 # -- handshake timeout --------------------------------------------------------------
 
 
+#: With --handshake-timeout 1: the latest a deadline may be told. The server
+#: checks deadlines on a quarter-second timer, and on a loaded two-core
+#: machine (four test processes, HAProxy in between) that timer can run a
+#: second late. The bound still tells an absolute deadline from an extended
+#: one; the trickling test checks that bytes do not extend it.
+DEADLINE_LATEST = 2.5
+
+
 def _elapsed(c: Client) -> float:
     return time.monotonic() - c.connected_at
 
@@ -666,8 +674,11 @@ def _elapsed(c: Client) -> float:
 def test_handshake_timeout_frame_mode(quick_handshake, conn):
     c = conn(quick_handshake.port)
     c.send(b"\x00")
-    c.expect_error("handshake_timeout", timeout=4)
-    assert 0.8 <= _elapsed(c) <= 2.0, _elapsed(c)
+    obj = c.expect(ERROR, timeout=4)
+    took = _elapsed(c)  # when the ERROR arrived (the close after it is not the deadline's)
+    assert obj.get("code") == "handshake_timeout", obj
+    c.expect_closed(timeout=4)
+    assert 0.8 <= took <= DEADLINE_LATEST, took
 
 
 @pytest.mark.timeout(10)
@@ -690,7 +701,7 @@ def test_handshake_timeout_not_extended_by_trickling_bytes(quick_handshake, conn
         except Closed:
             raise AssertionError("closed without ERROR handshake_timeout") from None
     assert got[0] == ERROR and json.loads(got[1])["code"] == "handshake_timeout", got
-    assert 0.8 <= _elapsed(c) <= 2.0, _elapsed(c)
+    assert 0.8 <= _elapsed(c) <= DEADLINE_LATEST, _elapsed(c)
     c.expect_closed()
 
 
@@ -699,7 +710,7 @@ def test_handshake_timeout_silent_connection_is_just_closed(quick_handshake, con
     c = conn(quick_handshake.port)
     data = c.wait_closed(timeout=4)
     assert data == b"", data
-    assert 0.8 <= _elapsed(c) <= 2.0, _elapsed(c)
+    assert 0.8 <= _elapsed(c) <= DEADLINE_LATEST, _elapsed(c)
 
 
 @pytest.mark.timeout(10)
@@ -707,7 +718,7 @@ def test_handshake_timeout_line_mode(quick_handshake, conn):
     c = conn(quick_handshake.port)
     c.send(b"ali")                                 # no newline
     data = c.wait_closed(timeout=4)
-    assert 0.8 <= _elapsed(c) <= 2.0, _elapsed(c)
+    assert 0.8 <= _elapsed(c) <= DEADLINE_LATEST, _elapsed(c)
     lines = [ln.rstrip(b"\r") for ln in data.split(b"\n") if ln]
     assert lines and lines[-1].startswith(b"* "), data
 

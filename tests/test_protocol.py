@@ -486,6 +486,13 @@ def test_parse_name_line_refused(line):
     assert NAME_RULE in info.value.message or ROOM_RULE in info.value.message
 
 
+def test_a_bad_second_word_is_named_as_the_room_it_was_taken_for():
+    """A person who typed "bad name!" meant a name: the error says the second word was read as a room."""
+    with raises_code("bad_hello") as info:
+        parse_name_line("bad name!")
+    assert "NAME or NAME ROOM" in info.value.message and "'name!' is not a room code" in info.value.message
+
+
 # --------------------------------------------------------------------------
 # Line mode
 # --------------------------------------------------------------------------

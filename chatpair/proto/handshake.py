@@ -131,6 +131,16 @@ def parse_name_line(line: str) -> Hello:
         raise ProtocolError(ErrorCode.BAD_HELLO, f"type your name first: {NAME_RULE}")
     if len(parts) > 2:
         raise ProtocolError(ErrorCode.BAD_HELLO, f"the first line is NAME or NAME ROOM; {NAME_RULE}")
-    return Hello(validate_name(parts[0]), validate_room(parts[1] if len(parts) == 2 else None))
+    name = validate_name(parts[0])
+    if len(parts) == 1:
+        return Hello(name, None)
+    try:
+        room = validate_room(parts[1])
+    except ProtocolError as err:
+        # "bad name!" reads as a name to the person who typed it: say that the
+        # second word was taken as a room code.
+        raise ProtocolError(err.code, f"the first line is NAME or NAME ROOM, and {parts[1]!r} is not a "
+                                      f"room code: {ROOM_RULE}") from None
+    return Hello(name, room)
 
 

@@ -235,8 +235,9 @@ class ResumeMixin:
         for entry in replay:
             self.send(conn, entry.data, entry.msgs)
         self.update_interest(conn)
-        log.info("%s: resumed%s (%d messages sent again)", conn.label, "" if was_away else ", taking over",
-                 sum(entry.msgs for entry in replay))
+        again = sum(entry.msgs for entry in replay)
+        log.info("%s: resumed%s (%d message%s sent again)", conn.label, "" if was_away else ", taking over",
+                 again, "" if again == 1 else "s")
         partner = conn.partner
         if was_away and partner is not None:
             self.send(partner, event_bytes(partner, FrameType.NOTICE,
