@@ -248,7 +248,8 @@ def client(target: str | None, port_arg: str | None, host: str | None, port: int
     In a terminal this is a full-screen chat; with stdin or stdout redirected
     it reads lines (messages, or /next /quit /help /ping) and prints events,
     one per line. Lines typed before you are paired are held and sent once
-    you are; at end of input the client sends BYE and exits 0.
+    you are; at end of input the client sends BYE and exits 0. SIGTERM and
+    SIGHUP end it the same way (within 5 s), exit code 143 and 129.
     """
     from click.core import ParameterSource
 
@@ -327,7 +328,8 @@ def _plot_path(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--cafile", default=None, metavar="PEM", help="CA certificate(s) to verify a TLS server with.")
 @click.option("--fingerprint", default=None, metavar="SHA256:...",
               help="Pin the server certificate's SHA-256 (hex or base64) instead of CA checks; implies --tls.")
-@click.option("--insecure", is_flag=True, help="TLS without verifying the certificate (self-signed servers).")
+@click.option("--insecure", is_flag=True,
+              help="TLS without verifying the certificate (self-signed servers); implies --tls.")
 @click.option("--resume", is_flag=True,
               help="Ask for resumable sessions; clients count and ACK what they receive (what that costs).")
 @click.option("--json", "json_mode", is_flag=True, help="Print exactly one JSON object on stdout.")
@@ -346,7 +348,9 @@ def bench(mode: str, pairs: int, messages: int | None, duration: float | None, s
 
     Without --target it starts `chatpair server` on a free loopback port
     (options after `--` go to it, e.g. `chatpair bench -- --workers 2`) and
-    stops it afterwards. Every message carries its sequence number and send
+    stops it afterwards. Each server is first checked with one connection:
+    one that is not a chatpair server (or needs --tls) is one line, exit 2.
+    Every message carries its sequence number and send
     time; a lost or reordered message makes the exit code 1. Ctrl-C prints
     the report of the run so far and exits 130.
     """
@@ -394,8 +398,8 @@ def main() -> None:
     """Console entry point: run the group, map errors to one line and an exit code."""
     try:
         cli.main(prog_name="chatpair", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        click.echo("chatpair: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()

@@ -138,17 +138,21 @@ class FaultyRelay:
         self.listener.settimeout(20)
         names = []
         try:
-            for _ in range(2):
+            while len(names) < 2:
                 conn, _ = self.listener.accept()
                 conn.settimeout(20)
                 self.conns.append(conn)
                 conn.sendall(b"CHATPAIR/1 faulty/0 test relay\r\n")
                 ftype, payload = _read_frame(conn)
                 assert ftype == 0x01
-                names.append(json.loads(payload)["name"])
+                hello = json.loads(payload)
                 conn.sendall(_frame(0x10, {"version": 1, "server": "faulty", "max_frame": 65536,
                                            "ping_interval": 30, "idle_timeout": 90})
-                             + _frame(0x11, {"room": None}))
+                             + _frame(0x11, {"room": hello.get("room")}))
+                if hello["name"] == "benchprobe":  # bench checks its target first: not one to pair
+                    self.conns.pop().close()
+                    continue
+                names.append(hello["name"])
         except (OSError, EOFError):
             return
         a, b = self.conns

@@ -78,6 +78,46 @@ def test_plot_needs_svg_or_png_before_anything_runs() -> None:
     assert proc.returncode == 2 and ".svg or .png" in one_line_error(proc)
 
 
+def test_insecure_implies_tls() -> None:
+    assert BenchConfig(insecure=True).resolved().tls
+    assert "implies --tls" in " ".join(chatpair("bench", "--help").stdout.split("--insecure", 1)[1].split()[:20])
+
+
+def test_a_target_that_is_not_chatpair_fails_at_once(tmp_path: Path) -> None:
+    """An HTTP server: one line naming it, exit 2, in about a second - not "pairing stalled" after 30 s."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for("the HTTP server", lambda: _listening(port), timeout=10)
+        start = time.monotonic()
+        proc = chatpair("bench", "--target", f"127.0.0.1:{port}", "-d", "1")
+        took = time.monotonic() - start
+    finally:
+        http.kill()
+        http.wait()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"chatpair: 127.0.0.1:{port} is an HTTP server, not a chatpair server (it said: ")
+    assert took < 8, took
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_insecure_and_a_pin_contradict() -> None:
     proc = chatpair("bench", "--insecure", "--fingerprint", "SHA256:" + "ab" * 32, "--target", "127.0.0.1:9")
     assert proc.returncode == 2 and "contradict" in one_line_error(proc)
@@ -160,6 +200,10 @@ def test_tls_pinned_insecure_and_refused(start_server, tmp_path: Path) -> None:
 
     insecure = chatpair("bench", *target, "--tls", "--insecure")
     assert insecure.returncode == 0, insecure.stderr
+
+    implied = chatpair("bench", *target, "--insecure")  # --insecure implies --tls, as --fingerprint does
+    assert implied.returncode == 0, implied.stderr
+    assert json.loads(implied.stdout)["delivered"] == 40
 
     untrusted = chatpair("bench", *target, "--tls")
     assert untrusted.returncode == 2

@@ -104,3 +104,80 @@ def test_cli_writes_svg_and_png(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- percentile labels ------------------------------------------------------------------------
+
+
+def _marks(svg: str) -> tuple[dict[str, tuple[float, str]], dict[str, tuple[float, float, str, float]]]:
+    """The dashed percentile lines by colour (x) and their labels by name: (anchor x, y, anchor, width)."""
+    from chatpair.bench.plot import text_width
+
+    root = ET.fromstring(svg)
+    lines = {ln.get("stroke"): float(ln.get("x1")) for ln in root.iter(f"{SVG}line")
+             if ln.get("stroke-dasharray") == "4 3"}
+    labels = {}
+    for t in root.iter(f"{SVG}text"):
+        text = "".join(t.itertext())
+        name = text.split(" ")[0]
+        if name in ("p50", "p99", "p99.9"):
+            labels[name] = (float(t.get("x")), float(t.get("y")), t.get("text-anchor"), text_width(text),
+                            t.get("fill"))
+    return lines, labels
+
+
+def test_close_p99_and_p999_labels_sit_each_by_its_own_line() -> None:
+    """The case from the field: p99 13 ms and p99.9 14.8 ms near the right end, p50 2 ms.
+
+    ``p99.9 14.81 ms`` used to end just left of its line, across the p99 line,
+    with ``p99 12.98 ms`` starting right of that: the labels read crossed.
+    """
+    import random
+
+    rng = random.Random(1)
+    result = BenchResult(config={}, mode="flood", pairs=10, procs=1, size=64)
+    for _ in range(98_000):
+        result.latency.add(int(rng.lognormvariate(14.5, 0.5)))
+    for _ in range(1_850):
+        result.latency.add(int(rng.uniform(12.5e6, 13.3e6)))
+    for _ in range(150):
+        result.latency.add(int(rng.uniform(14.6e6, 15.0e6)))
+    lines, labels = _marks(render_svg(result))
+    assert set(labels) == {"p50", "p99", "p99.9"} and len(lines) == 3  # one colour per percentile
+    boxes = {}
+    for name, (x, y, anchor, width, colour) in labels.items():
+        own = lines[colour]  # the label has its line's colour ...
+        assert abs(x - own) == pytest.approx(4)  # ... and touches that line
+        left, right = (x, x + width) if anchor == "start" else (x - width, x)
+        assert not any(left - 4 < other < right + 4 for other in lines.values() if other != own), name
+        boxes[name] = (left, right, y)
+    # left to right, p99 before p99.9; they are close, so p99's label is on the left of its line
+    assert labels["p99"][2] == "end" and labels["p99.9"][2] == "start"
+    assert boxes["p99"][1] < lines[labels["p99"][4]] < lines[labels["p99.9"][4]] < boxes["p99.9"][0]
+    for a, b in (("p50", "p99"), ("p99", "p99.9"), ("p50", "p99.9")):
+        (la, ra, ya), (lb, rb, yb) = boxes[a], boxes[b]
+        assert ya != yb or ra < lb or rb < la  # labels never overlap
+
+
+def test_labels_never_swap_nor_overlap() -> None:
+    """place_labels on many random line positions, crowded ones included."""
+    import random
+
+    from chatpair.bench.plot import GAP, out_of_order, place_labels
+
+    rng = random.Random(7)
+    texts = ["p50 2.02 ms", "p99 12.98 ms", "p99.9 14.81 ms"]
+    for _ in range(3000):
+        xs = sorted(rng.uniform(95, 875) for _ in range(3))
+        if rng.random() < 0.4:  # the two tails close together
+            xs[2] = min(xs[1] + rng.uniform(0, 40), 875)
+        placed = place_labels(list(zip(xs, texts)), 90, 880)
+        for p in placed:
+            assert abs(p.anchor_x - xs[p.index]) == pytest.approx(GAP)  # beside its own line
+        for i, a in enumerate(placed):
+            for b in placed[i + 1:]:
+                assert not out_of_order((a.left, a.right, a.anchor, 0), (b.left, b.right, b.anchor, 0)), xs
+                assert a.row != b.row or a.right < b.left or b.right < a.left, xs
+        if min(xs[1] - xs[0], xs[2] - xs[1]) > 110:  # room on some side: no label across another line
+            for p in placed:
+                assert not any(p.left - GAP < xv < p.right + GAP for k, xv in enumerate(xs) if k != p.index)

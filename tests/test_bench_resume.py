@@ -210,7 +210,9 @@ def test_flood_hello_asks_for_resume_and_clients_ack(relay) -> None:
         _check_ack_rule(peer)
         assert peer.acks[-1][0] > 1500 - 64 * 10  # acknowledged all along, not only at the end
     assert result.acks_sent == sum(len(p.acks) for p in peers)
-    assert result.acks_received == 4 * (1500 // 50)  # the fake server's ACKs were read and checked
+    # The fake server's ACKs (one per 50 messages) were read and checked - all but
+    # the last one or two per client, which may still be in flight when the run ends.
+    assert 4 * (1500 // 50 - 2) <= result.acks_received <= 4 * (1500 // 50)
     assert result.server_welcome is not None and "session" not in result.server_welcome  # a secret: not kept
 
 

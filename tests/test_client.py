@@ -566,8 +566,9 @@ def test_server_error_ends_pipe_mode(start_server, clients):
     server.stop()
     code, out, err = me.finish()
     assert code == 3
-    assert b"* error: the server is shutting down" in out
+    assert b"shutting down" not in out  # said once: the error line on stderr
     assert err.decode().count("\n") == 1 and f"127.0.0.1:{server.port}".encode() in err
+    assert "the server is shutting down" in err.decode()
 
 
 # ---------------------------------------------------------------------------

@@ -92,14 +92,15 @@ def test_tofu_prompt_memory_and_changed_key_in_tmux(start_server, tmux, tmp_path
     tmux.start("no", client, width=200)
     lines = tmux.wait_text("no", "[y/N]")
     assert any(fingerprint(first_crt) in line for line in lines)
-    tmux.keys("no", "n", "Enter")
+    tmux.keys("no", "n")  # one key answers, no Enter needed; the answer is echoed
     lines = tmux.wait_text("no", "EXIT=2")
+    assert any(line.rstrip().endswith("[y/N] n") for line in lines), lines
     assert any("not trusted (you said no)" in line for line in lines) and not known.exists()
 
     # Yes: remembered, and the chat starts.
     tmux.start("yes", client)
     tmux.wait_text("yes", "[y/N]")
-    tmux.keys("yes", "y", "Enter")
+    tmux.keys("yes", "y")  # acts at once: the chat starts without Enter
     tmux.wait_text("yes", "waiting for a partner")
     assert known.read_text() == f"127.0.0.1:{port} {fingerprint(first_crt)}\n"
     tmux.keys("yes", "/quit", "Enter")
@@ -122,6 +123,34 @@ def test_tofu_prompt_memory_and_changed_key_in_tmux(start_server, tmux, tmp_path
     assert "HAS CHANGED" in text and fingerprint(first_crt) in text and fingerprint(second_crt) in text
     assert f"remove line 1 of {known}" in text
     assert "[y/N]" not in text and "Traceback" not in text
+
+
+@needs_tools
+def test_the_question_takes_one_key_and_ctrl_c_is_not_a_no(start_server, tmux, tmp_path):
+    """Enter (or any key but y) is no at once; Ctrl-C is an interruption (exit 130), terminal restored."""
+    crt, key = make_cert(tmp_path, "k")
+    server = start_server("--tls-cert", str(crt), "--tls-key", str(key))
+    xdg = tmp_path / "xdg"
+    client = (f"XDG_CONFIG_HOME={shlex.quote(str(xdg))} {shlex.quote(sys.executable)} -m chatpair client "
+              f"--tls --port {server.port} --name onekey")
+    for session, keys in (("enter", "Enter"), ("other", "x")):
+        tmux.start(session, client, width=200)
+        tmux.wait_text(session, "[y/N]")
+        tmux.keys(session, keys)
+        lines = tmux.wait_text(session, "EXIT=2")
+        assert any(line.rstrip().endswith("[y/N] n") for line in lines), lines
+        assert any("not trusted (you said no)" in line for line in lines)
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    tmux.start("ctrlc", f"stty -g > {before}; {client}; code=$?; stty -g > {after}; (exit $code)", width=200)
+    tmux.wait_text("ctrlc", "[y/N]")
+    tmux.keys("ctrlc", "C-c")
+    lines = tmux.wait_text("ctrlc", "EXIT=130")
+    text = "\n".join(lines)
+    assert f"chatpair: interrupted; 127.0.0.1:{server.port} not trusted, not connecting" in text
+    assert "you said no" not in text and "Traceback" not in text
+    assert before.read_text() == after.read_text()  # cbreak mode was undone
+    assert not (xdg / "chatpair" / "known_servers").exists()
 
 
 def _http_server(tmp_path: Path) -> tuple[subprocess.Popen, int]:

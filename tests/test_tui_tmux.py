@@ -173,9 +173,11 @@ def test_server_loss_reconnects_on_same_port(start_server, tmux):
     lines = tmux.wait_text("frank", "reconnecting in")
     text = "\n".join(lines)
     assert "closed the connection" in text or "lost" in text
-    # Backoff: at least two attempts fail while nothing listens, with growing delays.
-    lines = tmux.wait_text("frank", "reconnecting in 1s", timeout=10)
-    assert any(f"cannot connect to 127.0.0.1:{port}: connection refused" in line for line in lines)
+    # Backoff: attempts fail while nothing listens; the first is said once, the rest are counted
+    # in the status line (the conversation is not flooded with one line per attempt).
+    lines = tmux.wait("frank", lambda lines: "(3 failed)" in lines[-2], timeout=10)
+    refused = [line for line in lines if f"cannot connect to 127.0.0.1:{port}: connection refused" in line]
+    assert len(refused) == 1, lines
     second = start_server("--port", str(port))
     assert second.port == port
     lines = tmux.wait_text("frank", f"reconnected to 127.0.0.1:{port}", timeout=20)
@@ -204,3 +206,27 @@ def test_full_room_is_said_once_not_retried_forever(server, raw_client, tmux):
     tmux.keys("eve", "x")
     tmux.wait_text("eve", "EXIT=3")
     assert server.stderr().count("eve@") <= 2  # joined, refused: once
+
+
+def test_a_message_entered_while_waiting_is_sent_once_paired(server, raw_client, tmux):
+    """Enter while there is no partner: the line leaves the input box, one line says what will happen,
+    and the message goes out (in order) when a partner arrives - as pipe mode does."""
+    tmux.client("hana", server.port, "hana", "--room", "early")
+    tmux.wait_text("hana", "waiting for a partner in room early")
+    for text in ("first words", "second"):
+        tmux.keys("hana", text, literal=True)
+        tmux.keys("hana", "Enter")
+    lines = tmux.wait(
+        "hana", lambda lines: sum("will be sent once you are paired" in line for line in lines) == 2)
+    assert lines[-1].rstrip() == ">"  # not kept in the input line
+    assert not any("hana: first words" in line for line in lines)  # shown when it is really sent
+    raw = raw_client(server.port)
+    raw.hello("ivan", "early")
+    raw.expect(WELCOME)
+    raw.expect(WAITING)
+    raw.expect(PAIRED)
+    assert raw.expect(MSG) == b"first words"
+    assert raw.expect(MSG) == b"second"
+    lines = tmux.wait_text("hana", "hana: second")
+    text = "\n".join(lines)
+    assert text.index("paired with ivan") < text.index("hana: first words") < text.index("hana: second")

@@ -63,6 +63,7 @@ class BenchConfig:
     targets: tuple[tuple[str, int], ...] = ()
     tls: bool = False
     cafile: str | None = None
+    #: TLS without checking the certificate; implies ``tls`` (as ``fingerprint`` does).
     insecure: bool = False
     #: SHA-256 of the server's certificate (DER) to pin, as ``chatpair client --fingerprint``.
     fingerprint: bytes | None = None
@@ -103,7 +104,7 @@ class BenchConfig:
         cfg = BenchConfig(**asdict(self))
         cfg.targets = tuple(tuple(t) for t in cfg.targets) or ((tuple(cfg.target),) if cfg.target else ())  # type: ignore[misc]
         cfg.target = cfg.targets[0] if cfg.targets else None
-        cfg.tls = cfg.tls or cfg.fingerprint is not None
+        cfg.tls = cfg.tls or cfg.fingerprint is not None or cfg.insecure  # both only make sense with TLS
         if cfg.mode == "churn":
             cfg.messages = cfg.messages or 10
             cfg.duration = 3.0 if cfg.duration is None else cfg.duration

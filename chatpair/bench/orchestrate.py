@@ -185,11 +185,11 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
             server = local
             targets = ((local.host, local.port),)
             result.server_command = local.command
-        if cfg.tls or cfg.resume:
-            # TLS and resume are checked once per server, with one clear error, not once per client.
-            for host, port in dict.fromkeys(targets):
-                welcome = probe_server(cfg, host, port)
-                result.server_welcome = result.server_welcome or welcome
+        # Each server is checked once (is it a chatpair server? TLS, resume, --size), with one
+        # clear error, not once per client - nor a wait for pairs that never come.
+        for host, port in dict.fromkeys(targets):
+            welcome = probe_server(cfg, host, port)
+            result.server_welcome = result.server_welcome or welcome
         try:
             _run_phases(cfg, result, loads, server, targets, progress)
         except KeyboardInterrupt:

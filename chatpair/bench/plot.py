@@ -17,11 +17,13 @@ Python dependency for either.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from chatpair.bench.histogram import LogHistogram
@@ -116,10 +118,12 @@ class Canvas:
         self.parts.append(element)
 
     def text(self, x: float, y: float, s: str, size: int = 12, anchor: str = "start", color: str = INK,
-             weight: str = "normal", rotate: bool = False) -> None:
+             weight: str = "normal", rotate: bool = False, halo: bool = False) -> None:
         turn = f" transform='rotate(-90 {x:.1f} {y:.1f})'" if rotate else ""
+        # halo: a white outline under the glyphs keeps a label readable over the lines it crosses
+        ring = " stroke='white' stroke-width='3' paint-order='stroke'" if halo else ""
         self.add(f"<text x='{x:.1f}' y='{y:.1f}' font-size='{size}' text-anchor='{anchor}' fill='{color}' "
-                 f"font-weight='{weight}'{turn}>{escape(s)}</text>")
+                 f"font-weight='{weight}'{turn}{ring}>{escape(s)}</text>")
 
     def line(self, x1: float, y1: float, x2: float, y2: float, color: str = GRID, width: float = 1,
              dash: str = "") -> None:
@@ -134,6 +138,85 @@ class Canvas:
 
 
 # -- the charts ----------------------------------------------------------------------------
+
+
+#: The marked percentiles, each with its colour (line and label share it, so they pair up at a glance).
+PERCENTILES = ((50, "p50", INK), (99, "p99", "#7B3FA0"), (99.9, "p99.9", "#B35900"))
+LABEL_SIZE = 11
+#: Rows of percentile labels are this far apart (px); a label is this far from its line.
+ROW, GAP = 14, 4
+#: How far right of the plotting area a label may reach (below the top row, clear of
+#: the "100%" tick and the right axis title).
+MARGIN_REACH = RIGHT - 34
+
+
+def text_width(text: str, size: int = LABEL_SIZE) -> float:
+    """About how wide ``text`` is drawn in DejaVu Sans (px): narrow . and spaces, wide m."""
+    em = sum(0.32 if ch in " .,:;|!il" else 0.98 if ch in "mMW" else 0.64 for ch in text)
+    return em * size + 2
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a line's label goes: beside its line (``anchor`` start: right of it; end: left), on ``row``."""
+
+    index: int
+    text: str
+    anchor_x: float
+    anchor: str
+    row: int
+    left: float
+    right: float
+
+
+def out_of_order(a: tuple[float, float, str, int], b: tuple[float, float, str, int]) -> bool:
+    """Are labels ``a`` (of the lower value) and ``b`` (left, right, anchor, ...) swapped on the page?
+
+    On the same side of their lines, by the edge that touches the line; on
+    opposite sides, by their middles.
+    """
+    if a[2] == b[2]:
+        edge = 0 if a[2] == "start" else 1
+        return a[edge] > b[edge] + 0.5
+    return (a[0] + a[1]) / 2 > (b[0] + b[1]) / 2 + 0.5
+
+
+def place_labels(marks: list[tuple[float, str]], x0: float, x1: float) -> list[Placed]:
+    """Labels for vertical lines at ``x`` (in value order), each beside its own line, never swapped.
+
+    Each label goes right or left of its line (near the right end it may
+    reach into the margin, below the top row). Of all the ways to place them
+    (two or three labels: a handful), the one chosen keeps the labels in the
+    order of their lines from left to right, then crosses the fewest other
+    lines, then reaches into the margin least, then puts the fewest on the
+    left. Labels that would overlap go on separate rows, staggered down in
+    value order: two close lines get a label each side, or one row apart.
+    """
+    xs = [xv for xv, _ in marks]
+
+    def crossings(lo: float, hi: float, own: float) -> int:
+        return sum(1 for xv in xs if lo - GAP < xv < hi + GAP and abs(xv - own) > 0.5)
+
+    options: list[list[tuple[float, float, str, int]]] = []  # per label: (left, right, anchor, lowest row)
+    for xv, text in marks:
+        w = text_width(text)
+        sides = [(xv + GAP, xv + GAP + w, "start", 0 if xv + GAP + w <= x1 else 1),
+                 (xv - GAP - w, xv - GAP, "end", 0)]
+        options.append([o for o in sides if o[0] >= x0 and o[1] <= x1 + MARGIN_REACH] or sides[:1])
+
+    def cost(choice: tuple[tuple[float, float, str, int], ...]) -> tuple[int, int, int, int]:
+        swapped = sum(1 for i, a in enumerate(choice) for b in choice[i + 1:] if out_of_order(a, b))
+        crossed = sum(crossings(lo, hi, xv) for (lo, hi, _, _), xv in zip(choice, xs))
+        return (swapped, crossed, sum(row for *_, row in choice), sum(a == "end" for _, _, a, _ in choice))
+
+    best = min(itertools.product(*options), key=cost) if marks else ()
+    placed: list[Placed] = []
+    for i, ((xv, text), (lo, hi, anchor, row)) in enumerate(zip(marks, best)):
+        for other in placed:  # below every earlier label it would touch: value order, top to bottom
+            if lo < other.right + GAP and other.left < hi + GAP:
+                row = max(row, other.row + 1)
+        placed.append(Placed(i, text, xv + (GAP if anchor == "start" else -GAP), anchor, row, lo, hi))
+    return placed
 
 
 def latency_bins(hist: LogHistogram) -> list[tuple[float, float, int]]:
@@ -192,13 +275,13 @@ def _latency_chart(c: Canvas, hist: LogHistogram, title: str, top: float, height
     for pct in (0, 25, 50, 75, 100):
         yy = y0 - pct / 100 * (y0 - y1)
         c.text(x1 + 8, yy + 4, f"{pct}%", 11, "start", CDF)
-    for p, label in ((50, "p50"), (99, "p99"), (99.9, "p99.9")):
-        v = hist.percentile(p)
-        if v is not None:
-            c.line(x(v), y1, x(v), y0, INK, 1, "4 3")
-            near_end = x(v) > x1 - 110  # label on the line's left, clear of the right axis
-            c.text(x(v) + (-4 if near_end else 4), y1 + 12 + (14 if p == 99 else 28 if p == 99.9 else 0),
-                   f"{label} {format_ns(v)}", 11, "end" if near_end else "start")
+    marks = [(x(v), f"{label} {format_ns(v)}", color) for p, label, color in PERCENTILES
+             if (v := hist.percentile(p)) is not None]
+    for xv, _, color in marks:
+        c.line(xv, y1, xv, y0, color, 1.2, "4 3")
+    for mark in place_labels([(xv, text) for xv, text, _ in marks], x0, x1):
+        color = marks[mark.index][2]
+        c.text(mark.anchor_x, y1 + 12 + ROW * mark.row, mark.text, LABEL_SIZE, mark.anchor, color, halo=True)
     c.line(x0, y0, x1, y0, INK)
     c.text(x0 - 58, (y0 + y1) / 2, f"share of {what}", 12, "middle", MUTED, rotate=True)
     c.text(x1 + 60, (y0 + y1) / 2, f"{what} at or below (cumulative)", 12, "middle", CDF, rotate=True)

@@ -81,7 +81,7 @@ class BenchResult(MessageCounts):
     memory_per_pair: float | None = None  # bytes (idle)
     hold_elapsed: float = 0.0  # idle: seconds the pairs were held after all were paired
     server_command: list[str] = field(default_factory=list)
-    #: The WELCOME of the probe connection (with --tls or --resume), else None.
+    #: The WELCOME of the probe connection made before the load (None if none was made).
     server_welcome: dict[str, Any] | None = None
     acks_sent: int = 0  # --resume: ACK frames the bench clients sent
     acks_received: int = 0  # --resume: ACK frames the server sent them

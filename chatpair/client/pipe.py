@@ -14,6 +14,12 @@ window. Back in, the protocol sends again what the server lacks; if the
 server forgot the session, one line says so and a fresh HELLO follows. At
 end of input BYE waits (up to :data:`QUIT_ACK_WAIT`) for the server to
 acknowledge everything we sent, so a drop at the last moment loses nothing.
+
+SIGTERM and SIGHUP (:class:`StopSignals`) end the run as end of input does,
+within :data:`QUIT_ACK_WAIT`: what was read is sent, BYE goes out (the
+partner sees "left (bye)", not a lost connection), and the exit code is
+128 + the signal's number (143, 129), as for Ctrl-C (130). A second signal
+leaves at once.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import collections
 import json
 import selectors
+import signal
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -33,6 +41,7 @@ from chatpair.client.resuming import ResumePlan, expired_message, is_drop, is_ex
 from chatpair.client.session import Connection, SocketWatch, connect, final_error
 from chatpair.client.stdin import StdinSource
 from chatpair.errors import ChatpairError
+from chatpair.netutil import Waker
 from chatpair.proto import LineCommand, LineKind
 from chatpair.proto.events import FINAL_EVENTS, Closed, Event, Pong, Reconnecting, ResumeFailed, ServerError
 from chatpair.proto.events import Welcome
@@ -44,6 +53,50 @@ OUTBOX_HIGH = 1 << 20
 PENDING_HIGH = 10_000
 #: At end of input, how long BYE waits for the server to acknowledge our messages.
 QUIT_ACK_WAIT = 5.0
+
+
+class StopSignals:
+    """SIGTERM and SIGHUP in pipe mode: the first asks the loop to leave politely, a second leaves now.
+
+    The handler only records the signal and wakes the selector (a
+    :class:`~chatpair.netutil.Waker` registered on it); the loop does the
+    rest (:meth:`PipeClient.step`). A second signal raises KeyboardInterrupt,
+    which still sends BYE. Installed only on the main thread, and restored.
+    """
+
+    NAMES = ("SIGTERM", "SIGHUP")
+
+    def __init__(self, sel: selectors.BaseSelector) -> None:
+        self.signum: int | None = None
+        self.waker = Waker()
+        self.sel = sel
+        sel.register(self.waker.reader, selectors.EVENT_READ, self)
+        self.old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.old[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # asked twice: leave now
+        self.signum = signum
+        self.waker.wake()
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process a signal ended."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def close(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        try:
+            self.sel.unregister(self.waker.reader)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.waker.close()
 
 
 def _new_selector() -> selectors.BaseSelector:
@@ -80,6 +133,13 @@ class PipeOutput:
     def show(self, ev: Event) -> None:
         self.emit_json(event_json(ev))
         self.emit_lines(self.presenter.lines(ev))
+
+    def show_final(self, ev: Event) -> None:
+        """The event that ends the run: ``--json`` and ``--log`` get it; as text it is only the error line
+        the caller prints on stderr (once, not also on stdout)."""
+        self.emit_json(event_json(ev))
+        for line in self.presenter.lines(ev):
+            self.transcript.write(line)
 
     def tell(self, ev: Reconnecting | ResumeFailed) -> None:
         """A line about our own connection: on stderr (``--json``: also the event on stdout)."""
@@ -122,6 +182,7 @@ class PipeClient(PipeOutput):
         self.lost: Event | None = None
         self.plan: ResumePlan | None = None
         self.quit_by: float | None = None  # end of input: BYE waits for ACKs until then
+        self.stop_by: float | None = None  # SIGTERM/SIGHUP: leave by then, whatever is still held
 
     # -- input ---------------------------------------------------------------
 
@@ -177,9 +238,10 @@ class PipeClient(PipeOutput):
         if isinstance(ev, FINAL_EVENTS) and self.conn is not None and is_drop(self.conn.session, ev):
             self.lost = ev  # the loop starts resuming
             return
-        self.show(ev)
         if isinstance(ev, FINAL_EVENTS):
+            self.show_final(ev)
             raise final_error(self.config.label, ev)
+        self.show(ev)
 
     def on_events(self, events: list[Event]) -> None:
         for ev in events:
@@ -257,11 +319,26 @@ class PipeClient(PipeOutput):
             times.append(self.plan.retry_at)
         if self.done and self.quit_by is not None:
             times.append(self.quit_by)
+        if self.stop_by is not None:
+            times.append(self.stop_by)
         return max(0.0, min(times) - now) if times else None
 
-    def step(self, stdin: StdinSource) -> bool:
+    def stop(self, stdin: StdinSource, now: float) -> None:
+        """SIGTERM/SIGHUP: read no more; what was read goes first, then /quit, all within QUIT_ACK_WAIT."""
+        self.stop_by = now + QUIT_ACK_WAIT
+        if not stdin.eof:
+            stdin.close()
+            stdin.eof = True
+            self.pending.append(LineCommand(LineKind.QUIT))
+
+    def step(self, stdin: StdinSource, stops: StopSignals) -> bool:
         """One turn of the loop: timers and attempts, sending, then the selector. False: time to leave."""
         now = time.monotonic()
+        if stops.signum is not None and self.stop_by is None:
+            self.stop(stdin, now)
+        if self.stop_by is not None and now >= self.stop_by:
+            say_unsent(self.err, self.pending, self.conn is None)
+            return False
         if self.conn is None and self.plan is not None and now >= self.plan.retry_at:
             self.attempt()
         elif self.conn is not None:
@@ -276,7 +353,7 @@ class PipeClient(PipeOutput):
             return False
         pause = self.watch.follow(self.sel) if self.conn is not None else 0.0
         held = len(self.pending) > PENDING_HIGH or (self.conn is not None and len(self.conn.outbox) > OUTBOX_HIGH)
-        stdin.set_paused(self.done or held)
+        stdin.set_paused(self.done or held or self.stop_by is not None)
         for key, mask in self.sel.select(self.wait_time(time.monotonic(), pause)):
             conn = self.conn
             if conn is not None and key.data is conn:
@@ -284,6 +361,8 @@ class PipeClient(PipeOutput):
                     conn.flush(quiet=True)
                 if mask & selectors.EVENT_READ or conn.closed:
                     self.on_events(conn.receive())
+            elif key.data is stops:
+                stops.waker.drain()
             elif key.data is stdin:
                 for line in stdin.read_lines():
                     self.take_line(line)
@@ -293,27 +372,39 @@ class PipeClient(PipeOutput):
 
     def run(self) -> int:
         stdin = StdinSource(self.stdin_fd, self.sel)
+        stops = StopSignals(self.sel)
         try:
             assert self.conn is not None
             self.on_events(self.conn.receive())  # WELCOME (and maybe more) from the handshake
-            while self.step(stdin):
+            while self.step(stdin, stops):
                 pass
             if self.conn is not None:
                 for ev in self.conn.bye():  # what the server sent before it saw our BYE
-                    self.show(ev)
                     if isinstance(ev, ServerError):  # refused (room full...) as we were leaving
+                        self.show_final(ev)
                         raise final_error(self.config.label, ev)
+                    self.show(ev)
             self.emit_json({"event": "bye"})
-            return 0
+            return 0 if stops.signum is None else stops.exit_code
         except KeyboardInterrupt:
             if self.conn is not None:
                 self.conn.bye()  # Ctrl-C still says goodbye, so the partner sees "left (bye)"
-            return 130
+            return stops.exit_code
         finally:
+            stops.close()
             stdin.close()
             self.sel.close()
             if self.conn is not None:
                 self.conn.close()
+
+
+def say_unsent(err: IO[str], pending: collections.deque[LineCommand], reconnecting: bool) -> None:
+    """Leaving on a signal before every line could go: say how many did not (one line, stderr)."""
+    held = sum(1 for cmd in pending if cmd.kind is LineKind.MSG)
+    if held:
+        err.write(f"chatpair: {held} line{'s' if held != 1 else ''} not sent (stopped by a signal "
+                  f"{'while reconnecting' if reconnecting else 'before a partner came'})\n")
+        err.flush()
 
 
 def run_pipe(config: ClientConfig, json_mode: bool = False, log_path: str | None = None,

@@ -4,7 +4,8 @@ A TLS server whose certificate no CA vouches for (a self-signed one, the
 usual case for a chatpair server) is trusted the way ssh trusts a host key:
 
 * the first time, in a terminal, the client shows the certificate's SHA-256
-  fingerprint and asks once (y/N); yes is remembered in ``known_servers``;
+  fingerprint and asks once (y/N, one key: ``y`` is yes, any other no; Ctrl-C
+  ends the run, exit 130); yes is remembered in ``known_servers``;
 * afterwards that ``host:port`` is trusted when it shows the same
   certificate, and refused loudly when it shows another one (both
   fingerprints, and the line of the file to remove if the change is expected);
@@ -26,10 +27,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from chatpair.client.config import format_fingerprint, parse_fingerprint
-from chatpair.errors import ConfigError
+from chatpair.errors import ChatpairError, ConfigError
 from chatpair.netutil import format_hostport
 
 FILE_NAME = "known_servers"
@@ -120,21 +121,96 @@ def unknown_message(label: str, reason: str, fingerprint: str, path: str) -> str
             f"remembers), or pass --fingerprint {fingerprint}")
 
 
+class Interrupted(ChatpairError):
+    """Ctrl-C at the question: not an answer, so the run ends as any Ctrl-C does (exit 130)."""
+
+    exit_code = 130
+
+
 def ask_in_terminal(label: str, fingerprint: str, reason: str, path: str, *,
                     out: TextIO | None = None, inp: TextIO | None = None) -> bool:
-    """Show the fingerprint and ask once, on the terminal (stderr; the answer from stdin)."""
+    """Show the fingerprint and ask once, on the terminal (stderr; the answer from stdin).
+
+    In a terminal one key answers, as the server's own ``[y/N]`` does: ``y``
+    is yes, Enter or any other key is no; the answer is echoed. Elsewhere
+    (a test's stream) a line answers. Ctrl-C is :class:`Interrupted`.
+    """
     out = out or sys.stderr
     inp = inp or sys.stdin
-    out.write(f"The TLS certificate of {label} is not known ({reason}).\n"
-              f"Its SHA-256 fingerprint is {fingerprint}\n"
-              f"Compare it with the one the server printed when it started.\n"
-              f"Trust {label} and remember it in {path}? [y/N] ")
-    out.flush()
+    question = (f"The TLS certificate of {label} is not known ({reason}).\n"
+                f"Its SHA-256 fingerprint is {fingerprint}\n"
+                f"Compare it with the one the server printed when it started.\n"
+                f"Trust {label} and remember it in {path}? [y/N] ")
     try:
-        answer = inp.readline()
-    except (KeyboardInterrupt, OSError, ValueError):
-        answer = ""
-    if not answer.endswith("\n"):
+        with OneKey(inp) as keys:
+            out.write(question)
+            out.flush()
+            if keys.fd is None:  # not a terminal: a line answers
+                line = inp.readline()
+                if not line.endswith("\n"):
+                    out.write("\n")
+                return line.strip().lower() in ("y", "yes")
+            key = keys.read()
+    except KeyboardInterrupt:  # SIGINT: cbreak mode leaves Ctrl-C to the terminal
+        key = "\x03"
+    except (OSError, ValueError):
+        key = ""
+    if key == "\x03":
         out.write("\n")
-    return answer.strip().lower() in ("y", "yes")
+        out.flush()
+        raise Interrupted(f"interrupted; {label} not trusted, not connecting")
+    yes = key in ("y", "Y")
+    out.write("y\n" if yes else "n\n")
+    out.flush()
+    return yes
 
+
+class OneKey:
+    """A terminal in cbreak mode while a question waits for one key; restored on exit.
+
+    Keys arrive one by one and are not echoed; Ctrl-C still sends SIGINT.
+    Keys typed before the question are dropped on entry, so only a key
+    pressed after it answers. ``fd`` is None when ``inp`` is not a terminal.
+    """
+
+    def __init__(self, inp: TextIO) -> None:
+        self.fd: int | None = None
+        self._saved: list[Any] | None = None
+        try:
+            fd = inp.fileno()
+            import termios
+        except (AttributeError, OSError, ValueError, ImportError):  # no descriptor, or no termios
+            return
+        if not os.isatty(fd):
+            return
+        try:
+            self._saved = termios.tcgetattr(fd)
+        except termios.error:
+            return
+        self.fd = fd
+
+    def __enter__(self) -> OneKey:
+        if self.fd is not None:
+            import termios
+            import tty
+
+            try:
+                tty.setcbreak(self.fd)
+                termios.tcflush(self.fd, termios.TCIFLUSH)
+            except termios.error as err:
+                raise OSError(str(err)) from None
+        return self
+
+    def read(self) -> str:
+        """The key pressed ("" once the terminal is gone); an arrow's whole sequence is one read."""
+        assert self.fd is not None
+        return os.read(self.fd, 32).decode("utf-8", "replace")[:1]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None and self._saved is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            except termios.error:
+                pass  # the terminal hung up: nothing left to restore

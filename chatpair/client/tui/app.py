@@ -19,7 +19,13 @@ hello again with the same name and room. A refusal that would repeat
 (PROTOCOL.md section 6), a dropped connection is resumed instead: the status
 line says "reconnecting...", lines typed meanwhile are shown and sent once
 the connection is back, and the conversation goes on with nothing missing or
-doubled; the status line also says when the partner is away.
+doubled; the status line also says when the partner is away. An outage is
+told in the conversation by its first line and its first failed attempt,
+then by one line when the connection is back (or given up); the attempts in
+between only count up in the status line.
+
+A message entered while there is no partner leaves the input line at once
+(it is not lost: one line says so) and is sent, in order, once we are paired.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from chatpair.client.progress import Connecting
 from chatpair.client.session import Connection, connect, final_error
 from chatpair.client.tui.keys import KeyAction, Paste, PasteReader, apply_key
 from chatpair.client.tui.link import Failure, Link, is_fatal
+from chatpair.client.tui.outage import Outage
 from chatpair.client.tui.screen import Painter, partner_text, set_paste, status_line, want_color
 from chatpair.client.trust import ask_in_terminal
 from chatpair.client.tui.widgets import ChatLog, InputLine
@@ -91,6 +98,7 @@ class TuiApp:
         self.sel = selectors.DefaultSelector()
         self.waker = Waker()
         self.link = Link(config, self.sel, self.waker.wake, self.on_conn_ready)
+        self.outage = Outage(self.link, self.presenter, self.show)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -130,6 +138,8 @@ class TuiApp:
         self.show(self.presenter.lines(ev))
         if isinstance(ev, FINAL_EVENTS):
             self.lost(ev)
+        while self.presenter.paired and self.link.unpaired and self.link.conn is not None:
+            self.send_message(self.link.unpaired.popleft())  # typed while waiting: now there is someone
 
     def lost(self, ev: ServerError | Closed) -> None:
         self.link.detach()
@@ -140,17 +150,13 @@ class TuiApp:
             self.give_up(failure, "not reconnecting (press any key to leave)" if fatal else
                          "connection lost; not reconnecting (--no-reconnect); press any key to leave")
             return
-        self.schedule_retry()
+        self.outage.schedule_retry()
 
     def give_up(self, failure: ChatpairError, why: str) -> None:
         self.failure = failure
         self.exit_code = failure.exit_code
         self.say(why, LineStyle.ERROR)
         self.done_after_key = True
-
-    def schedule_retry(self, why: str = "connection lost") -> None:
-        delay = self.link.schedule_retry(time.monotonic())
-        self.say(f"{why}; reconnecting in {delay:g}s", LineStyle.ERROR)
 
     def on_wake(self, mask: int) -> None:
         """The reconnect thread finished an attempt (or a signal woke us)."""
@@ -170,20 +176,8 @@ class TuiApp:
                 self.on_failed_attempt(result)
 
     def on_failed_attempt(self, failure: Failure) -> None:
-        for ev in failure.heard:  # what the server said before refusing (a NOTICE)
-            self.show(self.presenter.lines(ev))
-        if self.link.plan is not None:
-            told = self.link.resume_failed(failure.error, time.monotonic())
-            if isinstance(told, float):
-                self.say(f"{failure.error}; reconnecting in {told:g}s", LineStyle.ERROR)
-            else:
-                self.show(self.presenter.lines(told))  # the session is gone: a fresh HELLO (now, or later)
-                if self.link.retry_at is None:
-                    self.schedule_retry(str(failure.error))
-        elif is_fatal(failure.error):
-            self.give_up(failure.error, f"{failure.error}; not reconnecting (press any key to leave)")
-        else:
-            self.schedule_retry(str(failure.error))
+        if (fatal := self.outage.failed_attempt(failure)) is not None:
+            self.give_up(fatal, f"{fatal}; not reconnecting (press any key to leave)")
 
     def attach(self, conn: Connection) -> None:
         self.link.attach(conn)
@@ -220,23 +214,32 @@ class TuiApp:
             return
         conn = self.link.conn
         if conn is None and not (self.link.plan is not None and cmd.kind is LineKind.MSG):  # (resuming: kept)
-            self.say("not connected; your line is kept", LineStyle.ERROR)
-            return
-        if cmd.kind is LineKind.MSG and not self.presenter.paired:
-            self.say("you have no partner right now; your line is kept until you are paired")
+            self.say("not connected; your line stays below: press Enter again once reconnected", LineStyle.ERROR)
             return
         self.line.take()
+        if cmd.kind is LineKind.MSG and conn is not None and not self.presenter.paired:
+            self.link.unpaired.append(cmd.text)
+            self.say("you have no partner right now; your message will be sent once you are paired")
+            return
+        if cmd.kind is LineKind.MSG:
+            self.send_message(cmd.text)
+            return
         try:
-            if cmd.kind is LineKind.MSG:
-                self.show(self.presenter.own(sanitize(cmd.text)))  # first: a message whose send fails goes again
-                self.link.held.append(cmd.text)
-                self.link.send_held()  # now, or when the connection is back (and flow control allows)
-            elif cmd.kind is LineKind.NEXT and conn is not None:
+            if cmd.kind is LineKind.NEXT and conn is not None:
                 conn.send_next()
                 self.show(self.presenter.left_by_us())
             elif cmd.kind is LineKind.PING and conn is not None:
                 self.show_next_pong = True
                 conn.send_ping()
+        except ChatpairError as err:
+            self.on_event(Closed(str(err)))
+
+    def send_message(self, text: str) -> None:
+        """Show it as ours and send it: now, or when the connection is back (and flow control allows)."""
+        self.show(self.presenter.own(sanitize(text)))  # first: a message whose send fails goes again
+        self.link.held.append(text)
+        try:
+            self.link.send_held()
         except ChatpairError as err:
             self.on_event(Closed(str(err)))
 

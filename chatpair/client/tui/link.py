@@ -12,6 +12,11 @@ A dropped resumable session (PROTOCOL.md section 6) is retried on its own
 schedule (:class:`~chatpair.client.resuming.ResumePlan`: 0.2, 0.5, 1, 2 s...
 within the server's resume window) with RESUME; if the server forgot it, or
 the window passes, a fresh HELLO follows on the usual schedule.
+
+An outage is told once, not once per attempt: :meth:`Link.failed_once`
+says whether a failed attempt is the first since the connection was lost
+(the app says that one in the conversation); :meth:`Link.state` carries the
+count of the others for the status line.
 """
 
 from __future__ import annotations
@@ -112,10 +117,15 @@ class Link:
         self.plan: ResumePlan | None = None
         #: Messages typed while resuming (or held back by flow control), sent in order once possible.
         self.held: collections.deque[str] = collections.deque()
+        #: Messages typed while we had no partner: sent, in order, once we are paired.
+        self.unpaired: collections.deque[str] = collections.deque()
+        #: Attempts that failed since the connection was lost (0: connected, or none failed yet).
+        self.failures = 0
 
     def attach(self, conn: Connection) -> None:
         self.conn = conn
         self.retry_at = None
+        self.failures = 0
         self.watch = SocketWatch(conn, self.on_ready)
         self.watch.set(self.sel, selectors.EVENT_READ)
 
@@ -208,15 +218,21 @@ class Link:
         """
         self.backoff = BACKOFF_FIRST
 
+    def failed_once(self) -> bool:
+        """Count a failed attempt; True for the first of this outage (the one told in the conversation)."""
+        self.failures += 1
+        return self.failures == 1
+
     def state(self, now: float) -> str:
-        """For the status line while disconnected."""
+        """For the status line while disconnected (with the count of failed attempts, once there are some)."""
+        failed = f" ({self.failures} failed)" if self.failures else ""
         if self.plan is not None:
-            return "reconnecting..."
+            return f"reconnecting...{failed}"
         if self.reconnector.busy:
-            return "connecting..."
+            return f"connecting...{failed}"
         if self.retry_at is None:
-            return "disconnected"
-        return f"disconnected, retry in {max(0.0, self.retry_at - now):.0f}s"
+            return f"disconnected{failed}"
+        return f"disconnected{failed}, retry in {max(0.0, self.retry_at - now):.0f}s"
 
     def close(self) -> None:
         """Say BYE if connected; stop the reconnect thread."""
