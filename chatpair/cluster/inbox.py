@@ -18,7 +18,14 @@ ranges, ``first-last,...``). Kinds: ``msg`` (``n`` messages numbered ``q``,
 them, so a frame-mode receiver writes ``p`` to its client as it is),
 ``paired`` (``p``: the new partner's name; written by the lobby's JOIN),
 ``peer_left`` (``p``: the reason; written by UNPAIR and the purge of a dead
-node), ``ack`` and ``wake``.
+node), ``notice`` (``p``: ``peer_away`` or ``peer_back``, for a resumable
+partner's drop and return), ``lost`` (``p``: how many of the target's
+messages an away partner never acknowledged before its session ended), ``ack`` and ``wake``;
+and for a session resumed on another node (``chatpair.server.cluster_sessions``):
+``handover`` (to the holding node: ``p`` = the token and the count),
+``refused`` / ``adopt`` (its answer: ``p`` = the session's state), ``freeze``
+/ ``frozen`` / ``thaw`` (the partner's node stops sending, says so, goes on), ``moved``
+(``p``: the partner's new cid).
 
 The three promises and how they are kept:
 
@@ -60,7 +67,8 @@ from chatpair.cluster.names import Keys, node_of
 
 DEFAULT_WINDOW = 1024
 DEFAULT_MAXLEN = 100_000
-CONTROL_KINDS = frozenset({"paired", "peer_left", "wake"})
+CONTROL_KINDS = frozenset({"paired", "peer_left", "wake", "notice", "lost",
+                           "handover", "refused", "adopt", "moved", "freeze", "frozen", "thaw"})
 #: Messages of one direction of a pair go into one entry up to this many bytes.
 MAX_ENTRY_BYTES = 256 * 1024
 #: Seconds between two trims of what the reader has read.

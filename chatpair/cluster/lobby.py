@@ -203,13 +203,20 @@ class ClusterLobby:
 
     def dead_nodes(self) -> set[str]:
         """Registered nodes whose key is gone right now (candidates for :meth:`purge_node`)."""
+        return self._nodes(alive=False)
+
+    def live_nodes(self) -> set[str]:
+        """Registered nodes whose key is there right now."""
+        return self._nodes(alive=True)
+
+    def _nodes(self, alive: bool) -> set[str]:
         nodes = sorted(_text(n) for n in self.redis.smembers(self.keys.nodes))
         if not nodes:
             return set()
         pipe = self.redis.pipeline(transaction=False)
         for node in nodes:
             pipe.exists(self.keys.node(node))
-        return {node for node, alive in zip(nodes, pipe.execute()) if not alive}
+        return {node for node, there in zip(nodes, pipe.execute()) if bool(there) == alive}
 
     def purge_node(self, node: str) -> list[PeerGone] | None:
         """Remove a dead node's clients; None if it turned out to be alive (nothing done).
@@ -287,6 +294,17 @@ class ClusterLobby:
         if _text(status) != "matched":
             return None
         return Matched(_text(waiter), cid, _text(waiter_name), tuple(_text(g) for g in ghosts))
+
+    def move(self, old: str, new: str, partner: str | None, tell: bool, state: str, hashed: str) -> bool:
+        """A resumed session moves from ``old`` (ours) to ``new`` (another node's): records
+        follow, ``new``'s node gets ``adopt`` with ``state``, ``partner``'s ``moved`` if ``tell``;
+        ``hashed`` (the token's :func:`~chatpair.cluster.names.token_hash`) finds ``new`` from then on."""
+        return bool(self._call("move", old, new, partner or "", "1" if tell else "0", state, hashed))
+
+    def moved_to(self, hashed: str) -> str | None:
+        """The client a session moved to (None: it never moved, or has ended)."""
+        found = self.redis.get(self.keys.session(hashed))
+        return _text(found) if found is not None else None
 
     def leave(self, cid: str) -> None:
         """The connection is gone: forget the client everywhere (unpair first if chatting)."""

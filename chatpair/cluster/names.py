@@ -22,6 +22,7 @@ names as :class:`Keys`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -44,6 +45,39 @@ def check_node_id(node: str) -> str:
 def new_boot_token() -> str:
     """A fresh token for one run of a node (48 random bits, hex)."""
     return secrets.token_hex(6)
+
+
+#: A node id this long or shorter names its node in a session token as it is; a longer one by a hash.
+_TOKEN_TAG_MAX = 39
+
+
+def node_tag(node: str) -> str:
+    """How a session token names ``node``: its id, or ``!`` and 16 hex digits of a hash of a long id."""
+    if len(node) <= _TOKEN_TAG_MAX:
+        return node
+    return "!" + hashlib.sha256(node.encode()).hexdigest()[:16]
+
+
+def session_token(node: str) -> str:
+    """A resume token (PROTOCOL.md section 6) made by ``node``: ``TAG~`` and 144 random bits, <= 64 characters.
+
+    Opaque to clients; other nodes read the tag (:func:`token_tag`) to know
+    which node holds the session. ``~`` and ``!`` are never in a node id.
+    """
+    return f"{node_tag(node)}~{secrets.token_urlsafe(18)}"
+
+
+def token_tag(token: str) -> str | None:
+    """The node tag of a token :func:`session_token` made (None for anything else)."""
+    tag, sep, rest = token.partition("~")
+    if not sep or not rest or not tag:
+        return None
+    return tag
+
+
+def token_hash(token: str) -> str:
+    """What Redis keeps of a resume token (a bearer secret): 32 hex digits of its SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def make_cid(node: str, boot: str, local: int) -> str:
@@ -96,3 +130,7 @@ class Keys:
 
     def inbox(self, node: str) -> str:
         return f"{self.prefix}inbox:{node}"
+
+    def session(self, hashed: str) -> str:
+        """Where a resumed session that moved to another node lives now (:func:`token_hash`)."""
+        return f"{self.prefix}s:{hashed}"

@@ -27,6 +27,7 @@ and one when it comes back, and keeps every request until it can be done.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -46,6 +47,9 @@ from chatpair.cluster.results import (
     NODE_TTL_MS,
     READ_BLOCK_MS,
     RETRY_SECONDS,
+    Adopted,
+    HandoverAsked,
+    Refused,
     RemotePaired,
     Result,
 )
@@ -120,6 +124,26 @@ class ClusterNode:
         """We wrote ``source``'s messages up to ``upto`` to our ``target`` (``lost``: never arrived)."""
         self.requests.put(("ack", source, target, upto, lost))
 
+    def control(self, target: str, source: str, kind: str, payload: bytes = b"") -> None:
+        """A control entry for ``target`` on another node, after what ``source`` sent before it."""
+        self.requests.put(("control", target, source, kind, payload))
+
+    def ask_handover(self, tag: str, token: str, new: str, received: int) -> None:
+        """A RESUME for a session of the node ``tag`` names came to our client ``new``: ask that node."""
+        self.requests.put(("handover", tag, token, new, received))
+
+    def move(self, old: str, new: str, partner: str | None, tell: bool, state: dict[str, Any]) -> None:
+        """Hand our session ``old`` over to ``new`` on another node (after what was asked before)."""
+        self.requests.put(("move", old, new, partner, tell, state))
+
+    def set_away(self, cid: str) -> None:
+        """Our waiting client dropped, its session kept: keep its place, pair nobody with it."""
+        self.requests.put(("set_away", cid))
+
+    def back(self, cid: str, name: str, room: str | None) -> None:
+        """Our away waiting client is back (answered with :class:`Joined`, maybe paired now)."""
+        self.requests.put(("back", cid, name, room))
+
     # -- the threads -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -190,6 +214,15 @@ class ClusterNode:
                 routes.add(peer)
                 self.requests.put(("paired_seen", item.target, item.source, name))
                 self.post(RemotePaired(peer))
+            elif kind in ("notice", "lost", "freeze", "frozen", "thaw"):
+                peer = routes.get(item.target)
+                if peer is not None and peer.remote == item.source:
+                    peer.push((kind, item.payload.decode("utf-8", "replace"), None))
+                    touched.add(peer)
+            elif kind in ("handover", "refused", "adopt", "moved"):
+                found = self._session_entry(item)
+                if found is not None:
+                    touched.add(found)
             elif kind == "peer_left":
                 peer = routes.remove(item.target, item.source)
                 if peer is None:
@@ -202,3 +235,29 @@ class ClusterNode:
                 self.requests.put(("left_seen", item.target))
         for peer in touched:
             peer.notify()
+
+    def _session_entry(self, item: Entry) -> RemotePeer | None:
+        """A session resumed on another node (see :mod:`chatpair.server.cluster_sessions`)."""
+        kind = item.kind
+        if kind == "handover":
+            ask = json.loads(item.payload)
+            self.post(HandoverAsked(str(ask["token"]), item.source, int(ask["received"])))
+        elif self.local_id(item.target) is None:
+            return None  # for a client of an earlier run of this node
+        elif kind == "refused":
+            self.post(Refused(item.target))
+        elif kind == "adopt":
+            self.post(Adopted(item.target, item.source, json.loads(item.payload)))
+        else:  # moved: our client's partner now lives at another cid; it goes on from 1 there
+            peer = self.routes.get(item.target)
+            if peer is None or peer.remote != item.source:
+                return None
+            new = item.payload.decode()
+            peer.remote = new  # from here on entries from ``new`` are this peer's
+            with self.lock:
+                lost = self.outbox.drop_pair(item.target, item.source)
+            self.inbox.forget(item.source, item.target)
+            peer.push(("moved", new, len(lost)))
+            self.requests.put(("moved_seen", item.target, new))
+            return peer
+        return None

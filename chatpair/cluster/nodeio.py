@@ -25,6 +25,7 @@ then. A request Redis refuses as a caller's mistake is logged and dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
@@ -33,10 +34,10 @@ from typing import Any
 
 from chatpair.cluster.liveness import DeathWatch
 from chatpair.cluster.lobby import Chatting, Matched, NodeGone, Queued, Waiting
-from chatpair.cluster.names import node_of
+from chatpair.cluster.names import node_of, node_tag, token_hash
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.redisconn import ClusterError, describe
-from chatpair.cluster.results import RETRY_SECONDS, Joined, Ready
+from chatpair.cluster.results import RETRY_SECONDS, Joined, Ready, Refused
 
 log = logging.getLogger("chatpair")
 
@@ -234,6 +235,8 @@ class NodeIo:
                 self.chatting[local] = Chatting(local, remote, mine.name, name, mine.room)
         elif kind == "left_seen":
             self.chatting.pop(request[1], None)
+        else:
+            sessions_request(self, request)
 
     def _join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
         if self.outbox.pending():
@@ -267,18 +270,7 @@ class NodeIo:
         with self.node.lock:
             self.outbox.flush()  # messages (and acks) before the partner hears peer_left
         self.lobby.unpair(a, b, next_by=next_by, leaver=leaver, reason=reason)
-        self._forget_pair(a, b)
-
-    def _forget_pair(self, a: str, b: str) -> None:
-        with self.node.lock:
-            self.outbox.drop_pair(a, b)
-            self.outbox.drop_pair(b, a)
-        self.node.inbox.forget(a, b)
-        self.node.inbox.forget(b, a)
-        self.node.routes.remove(a, b)
-        self.node.routes.remove(b, a)
-        self.chatting.pop(a, None)
-        self.chatting.pop(b, None)
+        forget_pair(self, a, b)
 
     def _leave(self, cid: str) -> None:
         pair = self.chatting.get(cid)
@@ -299,6 +291,79 @@ class NodeIo:
     def _beat(self, now: float) -> None:
         heartbeat(self)
         self.next_beat = now + self.beat_interval
+
+
+def forget_pair(io: NodeIo, a: str, b: str) -> None:
+    """The pair (a, b) ended: its routes, sequence numbers and unacknowledged messages go."""
+    routed = io.node.routes.get(b)
+    if routed is not None and routed.remote == a:  # both ours, through Redis (after a resume moved one):
+        b = ""  # b hears peer_left from our inbox like any remote partner, and that forgets its side
+    with io.node.lock:
+        io.outbox.drop_pair(a, b)
+        io.outbox.drop_pair(b, a)
+    io.node.inbox.forget(a, b)
+    io.node.inbox.forget(b, a)
+    io.node.routes.remove(a, b)
+    if b:
+        io.node.routes.remove(b, a)
+        io.chatting.pop(b, None)
+    io.chatting.pop(a, None)
+
+
+def sessions_request(io: NodeIo, request: tuple[Any, ...]) -> None:
+    """Resumable sessions (:mod:`chatpair.server.cluster_sessions`): the I/O thread's part."""
+    kind = request[0]
+    node = io.node
+    if kind == "control":
+        _, target, source, what, payload = request
+        with node.lock:
+            node.outbox.control(target, source, what, payload)
+    elif kind == "set_away":
+        io.lobby.set_away(request[1])
+    elif kind == "back":  # an away waiting client is back: it may be paired now (answered as a join)
+        _, cid, name, room = request
+        matched = io.lobby.back(cid)
+        if matched is None:
+            node.post(Joined(cid, Queued(cid)))
+        else:
+            io.waiting.pop(cid, None)
+            log_ghosts(matched.ghosts)
+            io.announce(matched, name, room)
+    elif kind == "handover":  # ask the node the token names; none alive: refused at once
+        _, tag, token, new, received = request
+        live = io.lobby.live_nodes()
+        moved = io.lobby.moved_to(token_hash(token))  # it moved since the node the token names made it
+        holder = node_of(moved) if moved is not None else next((n for n in sorted(live) if node_tag(n) == tag), None)
+        if holder is None or holder not in live or holder == node.node:
+            node.post(Refused(new))
+            return
+        with node.lock:
+            node.outbox.control(holder + ":", new, "handover",
+                                json.dumps({"token": token, "received": received}).encode())
+    elif kind == "move":
+        _, old, new, partner, tell, state = request
+        with node.lock:  # acks and notices asked before go first (the partner's node sees them before moved)
+            node.outbox.flush()
+        io.lobby.move(old, new, partner, tell, json.dumps(state), token_hash(state["session"]["token"]))
+        io.waiting.pop(old, None)
+        io.chatting.pop(old, None)
+        if partner is not None:
+            renamed(io, partner, new)
+    elif kind == "moved_seen":
+        renamed(io, request[1], request[2])
+    elif kind == "adopted":  # our mirror learns the client
+        _, cid, name, room, partner, partner_name = request
+        if partner is None:
+            io.waiting[cid] = Waiting(cid, name, room)
+        else:
+            io.chatting[cid] = Chatting(cid, partner, name, partner_name, room)
+
+
+def renamed(io: NodeIo, local: str, partner: str) -> None:
+    """Our client ``local``'s partner moved to ``partner`` (the mirror follows)."""
+    pair = io.chatting.get(local)
+    if pair is not None:
+        io.chatting[local] = Chatting(local, partner, pair.name, pair.partner_name, pair.room)
 
 
 def join_batch(io: NodeIo) -> int:

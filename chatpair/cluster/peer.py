@@ -17,6 +17,11 @@ peer until the relay has looked). Items are tuples:
                                    partner, ``lost`` were not (NOTICE undelivered each)
 ``("left", reason, lost)``         the partner left (PEER_LEFT ``reason``); ``lost`` of
                                    our client's messages were never written to it
+``("notice", json, None)``         the partner is away or back (resume): NOTICE
+``("lost", n, None)``              ``n`` of ours the away partner never acknowledged
+``("freeze"/"frozen", ...)``       the partner's session moves to another node: stop
+                                   sending / the partner's node stopped sending
+``("moved", cid, lost)``           the partner's session now lives at ``cid``
 =================================  ==================================================
 
 :class:`Routes` maps this node's client ids to their current remote peer.
@@ -53,6 +58,7 @@ class RemotePeer:
         "_wake",
         "acked_upto",
         "conn",
+        "frozen",
         "given",
         "given_msgs",
         "in_flight",
@@ -62,6 +68,7 @@ class RemotePeer:
         "remote",
         "room",
         "scheduled",
+        "target",
     )
 
     def __init__(self, local: str, remote: str, name: str, room: str | None = None) -> None:
@@ -78,6 +85,9 @@ class RemotePeer:
         self.given: deque[tuple[int, int, bool]] = deque()  # (first, n, lost) given to our client, not acked
         self.given_msgs = 0  # entries of ``given`` that are not lost
         self.acked_upto = 0
+        #: the partner's cid as this relay knows it (``remote`` may already name its next one, see ``moved``)
+        self.target = remote
+        self.frozen = False  # the partner's session is moving to another node: our client is not read
 
     def __repr__(self) -> str:
         return f"<RemotePeer {self.local} <-> {self.remote} ({self.name})>"

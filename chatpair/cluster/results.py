@@ -7,6 +7,7 @@ callback its owner gave it (the listener queues them and wakes its loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from chatpair.cluster.lobby import Matched, Queued, RoomFull
 from chatpair.cluster.peer import RemotePeer
@@ -47,4 +48,29 @@ class RemotePaired:
     peer: RemotePeer
 
 
-Result = Ready | Joined | RemotePaired
+@dataclass(frozen=True, slots=True)
+class HandoverAsked:
+    """Another node got a RESUME for a session of ours (``token``): hand it to ``new``."""
+
+    token: str
+    new: str  # the cid the other node gave the returning client
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """The node that held a session handed it to our client ``cid`` (was ``old``): its ``state``."""
+
+    cid: str
+    old: str
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The node a RESUME of our client ``cid`` named will not hand the session over (or is gone)."""
+
+    cid: str
+
+
+Result = Ready | Joined | RemotePaired | HandoverAsked | Adopted | Refused

@@ -38,8 +38,9 @@ end
 
 -- Forget a client that is not chatting: its queue place, its exclusions, its record.
 local function forget(cid)
-  local rec = redis.call('HMGET', K('c', cid), 'state', 'room')
+  local rec = redis.call('HMGET', K('c', cid), 'state', 'room', 'tok')
   if rec[1] == 'waiting' then redis.call('LREM', K('q', rec[2]), 1, cid) end
+  if rec[3] then redis.call('DEL', K('s', rec[3])) end
   for _, other in ipairs(redis.call('SMEMBERS', K('x', cid))) do
     redis.call('SREM', K('x', other), cid)
   end
@@ -158,9 +159,10 @@ if next_by ~= '' and redis.call('EXISTS', K('c', b)) == 1 then
   redis.call('SADD', K('x', b), a)
 end
 if leaver ~= '' then
+  -- a pair relayed through Redis (across nodes, or on one node after a resume moved one side)
   local stayer = b
   if leaver == b then stayer = a end
-  if nodeof(stayer) ~= nodeof(leaver) then notify(stayer, leaver, 'peer_left', reason) end
+  notify(stayer, leaver, 'peer_left', reason)
 end
 return 1
 """
@@ -290,5 +292,42 @@ end
 return {matched, ended, ghosts}
 """
 
-ALL = {"join": JOIN, "unpair": UNPAIR, "leave": LEAVE, "set_away": SET_AWAY, "back": BACK, "register": REGISTER,
+#: ARGV[3..8] = old cid, new cid (on the adopting node), partner or '', '1' to tell the
+#: partner's node (``moved``), the session's state (JSON), the token's hash (``s:HASH``
+#: names the new cid from then on, for RESUMEs that reach a third node). A resumed session moves to
+#: another node: the client's records, its queue place, its partner's record and its
+#: NEXT exclusions follow it, the adopting node gets ``adopt`` (the state), and
+#: both happen at once. Returns 1, or 0 if the old client is gone (``refused`` sent).
+MOVE = PRELUDE + r"""
+local old, new, p, tell, state, tok = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local rec = redis.call('HGETALL', K('c', old))
+if #rec == 0 then
+  notify(new, old, 'refused', '')
+  return 0
+end
+redis.call('DEL', K('c', old))
+redis.call('SREM', K('nc', nodeof(old)), old)
+redis.call('HSET', K('c', new), unpack(rec))
+redis.call('HSET', K('c', new), 'tok', tok)
+redis.call('SET', K('s', tok), new)
+redis.call('SADD', K('nc', nodeof(new)), new)
+local st = redis.call('HMGET', K('c', new), 'state', 'room')
+if st[1] == 'waiting' then
+  local i = redis.call('LPOS', K('q', st[2]), old)
+  if i then redis.call('LSET', K('q', st[2]), i, new) end
+end
+if p ~= '' and redis.call('HGET', K('c', p), 'partner') == old then
+  redis.call('HSET', K('c', p), 'partner', new)
+end
+for _, other in ipairs(redis.call('SMEMBERS', K('x', old))) do
+  redis.call('SREM', K('x', other), old)
+  redis.call('SADD', K('x', other), new)
+end
+if redis.call('EXISTS', K('x', old)) == 1 then redis.call('RENAME', K('x', old), K('x', new)) end
+notify(new, old, 'adopt', state)
+if tell == '1' then notify(p, old, 'moved', new) end
+return 1
+"""
+
+ALL = {"move": MOVE, "join": JOIN, "unpair": UNPAIR, "leave": LEAVE, "set_away": SET_AWAY, "back": BACK, "register": REGISTER,
        "heartbeat": HEARTBEAT, "purge_node": PURGE_NODE, "restore": RESTORE}

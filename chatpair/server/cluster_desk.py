@@ -47,6 +47,7 @@ from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.results import Joined, Ready, RemotePaired, Result
 from chatpair.proto import ErrorCode, FrameType
 from chatpair.server.cluster_relay import ClusterRelay
+from chatpair.server.cluster_sessions import ClusterSessions
 from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
 from chatpair.server.relay import Bounce, PairEnd, Relay, Report
@@ -73,6 +74,7 @@ class ClusterDesk:
         # Stopping: the ends of pairs, held until our own clients have been told (see finish).
         self._held: list[PairEnd] = []
         self._held_cids: set[int] = set()
+        self.sessions = ClusterSessions(self)  # resumable sessions, across nodes too
         self.node.start()
 
     def make_relay(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None]) -> Relay:
@@ -93,6 +95,8 @@ class ClusterDesk:
         listener = self.listener
         listener.waiting[conn.cid] = conn
         self.joined.add(conn.cid)
+        if conn.session is not None and not requeued:
+            listener.registry.add(conn.session.token, conn.cid)
         if requeued or conn.room is None:
             listener.send(conn, first + self._waiting(conn))
             self.announced.add(conn.cid)
@@ -131,7 +135,7 @@ class ClusterDesk:
                 self.node.leave(self.node.cid(conn.cid))
 
     def pair_end(self, end: Report) -> None:
-        listener, node = self.listener, self.node
+        listener = self.listener
         if isinstance(end, Bounce):
             listener.resumes.on_bounce(end)
             return
@@ -162,6 +166,8 @@ class ClusterDesk:
         elif end.unpair:
             next_by = node.cid(end.next_by) if end.next_by is not None else None
             node.unpair(node.cid(end.a), node.cid(end.b), next_by, None, "")
+        if end.moved:
+            return  # the session went on on another node: its records went with it
         for cid in end.gone:
             node.leave(node.cid(cid))
 
@@ -180,6 +186,10 @@ class ClusterDesk:
                     self._to_relay(conn, result.peer)
             elif isinstance(result, Ready):
                 self._tell_main(b"ready\n")
+            else:
+                self.sessions.on_result(result)
+        if self.sessions.deferred:
+            self.sessions.retry_deferred()
 
     def _tell_main(self, line: bytes) -> None:
         """A line for the main process on the control socket (``ready``: joined the cluster)."""
@@ -194,6 +204,8 @@ class ClusterDesk:
         listener, node = self.listener, self.node
         local = node.local_id(joined.cid)
         conn = listener.waiting.get(local) if local is not None else None
+        if conn is not None:
+            self.sessions.unstash(conn)
         result = joined.result
         if isinstance(result, RoomFull):
             if conn is not None:
@@ -239,6 +251,7 @@ class ClusterDesk:
         listener.send(conn, first + event_bytes(conn, FrameType.PAIRED, {"peer": peer.name, "room": conn.room}))
         listener.release_conn(conn)
         relay: Any = listener.relays.pick()
+        listener.registry.moved(conn.cid, relay)
         log.info("paired %s with %s on node %s%s", conn.label, peer.name, peer.remote.split(":", 1)[0],
                  f" in room {conn.room}" if conn.room else "")
         relay.submit_remote(conn, peer)
@@ -260,7 +273,7 @@ class ClusterDesk:
             if end.remote is not None:
                 local, remote, reason = end.remote
                 node.unpair(local, remote, None, local, reason)
-            for cid in end.gone:
+            for cid in [] if end.moved else end.gone:
                 node.leave(node.cid(cid))
             for conn in end.back:
                 node.leave(node.cid(conn.cid))
@@ -294,6 +307,3 @@ def check_cluster(config: ServerConfig, port: int) -> None:
         raise ConfigError("--cluster cannot be combined with --workers yet; use --relay-threads")
     connect(config.cluster).close()  # the package is there and the URL parses (no connection yet)
     config.node_id = check_node_id(config.node_id or default_node_id(port))
-    if config.resume_window:
-        log.info("cluster mode: resuming a dropped conversation (PROTOCOL.md section 6) is not offered yet")
-        config.resume_window = 0.0

@@ -40,19 +40,22 @@ from typing import Any
 from chatpair.cluster.inbox import frame_msgs, split_frames
 from chatpair.cluster.peer import RemotePeer
 from chatpair.proto import PEER_LEFT_REASONS, ErrorCode, FrameType, split_utf8
+from chatpair.server.cluster_resume import ClusterResumeMixin
 from chatpair.server.config import Limits
 from chatpair.server.conn import Conn
 from chatpair.server.output import LOW_WATER
 from chatpair.server.relay import PairEnd, Relay, Report
 from chatpair.server.render import event_bytes, line_msg_bytes, undelivered_notices
-from chatpair.server.states import Mode
+from chatpair.server.session import SESSION_HIGH_WATER
+from chatpair.server.states import Mode, Phase
 
 log = logging.getLogger("chatpair")
 
 _FRAME = Mode.FRAME
+_AWAY = Phase.AWAY
 
 
-class ClusterRelay(Relay):
+class ClusterRelay(ClusterResumeMixin, Relay):
     """A relay loop that also relays clients paired with a client of another node."""
 
     def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None], node: Any) -> None:
@@ -61,12 +64,15 @@ class ClusterRelay(Relay):
         self.window: int = node.window
         self.peers: dict[Conn, RemotePeer] = {}
         self._ready: deque[RemotePeer] = deque()  # peers with incoming items (from the inbox reader)
+        self.init_cluster_resume()
 
     # -- commands and wake-ups --------------------------------------------------------------
 
     def on_command(self, what: str, arg: object) -> None:
         if what == "remote":
             self.adopt_remote(*arg)  # type: ignore[misc]
+        else:
+            self.on_session_command(what, arg)
 
     def _peer_ready(self, peer: RemotePeer) -> None:
         """The inbox reader's thread: ``peer`` has items."""
@@ -89,6 +95,9 @@ class ClusterRelay(Relay):
         self.stats.pair_started(conn.cid, -1 - conn.cid, self.now)
         self.adopt_conn(conn)
         peer.attach(self._peer_ready)
+        if conn.phase is _AWAY:  # a session handed over by another node, its client not back yet
+            self.adopted_away(conn, peer)
+            return
         if not self.running:
             self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
             return
@@ -129,6 +138,10 @@ class ClusterRelay(Relay):
                 self._write(conn, chunks, frame, count)
                 self._remote_left(conn, peer, a, b)
                 return
+            else:  # resume: the partner away, back, moving to another node
+                count = self._write(conn, chunks, frame, count)
+                if not self.on_session_item(conn, peer, kind, a, b):
+                    return
         self._write(conn, chunks, frame, count)
         self._ack(peer)  # one per drain; the I/O thread coalesces them per pair per flush
 
@@ -145,6 +158,9 @@ class ClusterRelay(Relay):
         if not given:
             return
         conn = peer.conn
+        if conn is not None and conn.session is not None and conn.session.log_bytes > SESSION_HIGH_WATER \
+                and not everything:
+            return  # held for a resumable client that does not acknowledge: the partner's node slows down
         unwritten = 0 if everything or conn is None or not conn.out else conn.undelivered_msgs()
         written = peer.given_msgs - unwritten
         upto, lost = peer.acked_upto, []
@@ -166,10 +182,12 @@ class ClusterRelay(Relay):
             upto = max(upto, first + n - 1)
         if upto > peer.acked_upto or lost:
             peer.acked_upto = upto
-            self.node.ack(peer.remote, peer.local, upto, lost)
+            self.node.ack(peer.target, peer.local, upto, lost)
 
     def tick(self, now: float) -> None:
         super().tick(now)
+        if self.moving:
+            self.tick_moving(now)
         for peer in self.peers.values():
             if peer.given:
                 self._ack(peer)  # a slow reader's socket took more since the last look
@@ -194,7 +212,7 @@ class ClusterRelay(Relay):
 
     def _forward(self, conn: Conn, peer: RemotePeer, frames: bytes, count: int, size: int) -> None:
         """``count`` MSG frames from our client to its partner's node (the I/O thread batches them)."""
-        self.node.send_msgs(peer.local, peer.remote, frames, count)
+        self.node.send_msgs(peer.local, peer.target, frames, count)
         peer.in_flight += count
         self.stats.msgs += count
         self.stats.bytes += size
@@ -205,7 +223,7 @@ class ClusterRelay(Relay):
         if conn.partner is None:
             peer = self.peers.get(conn)
             if peer is not None:
-                return conn.out.unsent < LOW_WATER and peer.in_flight < self.window
+                return conn.out.unsent < LOW_WATER and peer.in_flight < self.window and not peer.frozen
         return super().may_read(conn)
 
     # -- leaving ---------------------------------------------------------------------------------
@@ -235,6 +253,9 @@ class ClusterRelay(Relay):
     def _end_remote(self, conn: Conn, peer: RemotePeer, reason: str, closing: bool) -> None:
         """Our client left the pair: the listener has the cluster tell the partner's node."""
         self._ack(peer, everything=not closing)  # NEXT: what is queued for it is still written
+        if conn.phase is _AWAY and conn.session is not None and conn.session.unacked:
+            # Its window passed: what it never acknowledged may never have reached it (section 6).
+            self.node.control(peer.remote, peer.local, "lost", str(conn.session.unacked).encode())
         self._unhook(conn, peer)
         peer.conn = None
         if reason not in PEER_LEFT_REASONS:
@@ -252,6 +273,11 @@ class ClusterRelay(Relay):
         """The partner left (or its node died): PEER_LEFT, and back to the listener."""
         self._unhook(conn, peer)
         peer.conn = None
+        if conn.phase is _AWAY:  # kept here, PEER_LEFT in its replay log, until it returns or expires
+            if lost:
+                self.enqueue(conn, undelivered_notices(conn, lost, f"{peer.name} left"))
+            self.enqueue(conn, event_bytes(conn, FrameType.PEER_LEFT, {"peer": peer.name, "reason": reason}))
+            return
         log.info("%s: its partner %s on another node left (%s); queued again", conn.label, peer.name, reason)
         if lost:
             self.enqueue(conn, undelivered_notices(conn, lost, f"{peer.name} left"))

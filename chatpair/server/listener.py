@@ -86,6 +86,8 @@ class Listener(ConnLoop):
             from chatpair.server.cluster_desk import ClusterDesk
 
             self.cluster = ClusterDesk(self, config)  # threads stopped and joined by finish() in listener_main
+            self.reception.make_token = self.cluster.sessions.new_token
+            self.resumes.elsewhere = self.cluster.sessions.resume_elsewhere
         self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.sel,
                                 self.cluster.make_relay if self.cluster is not None else None)
 
@@ -256,10 +258,15 @@ class Listener(ConnLoop):
 
     def on_away(self, conn: Conn) -> None:
         if conn.cid in self.waiting:
-            self.lobby.set_away(conn.cid)  # keeps its place; never paired while away
+            if self.cluster is not None:
+                self.cluster.sessions.set_away(conn)
+            else:
+                self.lobby.set_away(conn.cid)  # keeps its place; never paired while away
 
     def on_resumed(self, conn: Conn) -> None:
-        if conn.cid in self.waiting:
+        if self.cluster is not None:
+            self.cluster.sessions.on_resumed(conn)
+        elif conn.cid in self.waiting:
             matched = self.lobby.back(conn.cid)
             if matched is not None:
                 self._pair(self.waiting[matched.waiter], conn)
@@ -291,6 +298,8 @@ class Listener(ConnLoop):
         self.reception.expire(now)
         self.relays.tick(now)
         self.ops.tick(now)
+        if self.cluster is not None:
+            self.cluster.sessions.tick(now)
         super().tick(now)
 
 

@@ -185,6 +185,8 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
             raise RuntimeError(f"{conn!r} is still owned by {conn.owner!r}; it must be released first")
         conn.owner = self
         conn.events = 0
+        if conn.phase is _AWAY:  # a session without a socket (cluster mode hands these over)
+            return self.adopt_away(conn)
         self.conns.add(conn)
         if conn.session is not None:
             self.track_session(conn)
@@ -205,6 +207,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
         conn.paused = False  # flow control is this loop's bookkeeping; the next owner starts afresh
         self._unregister(conn)
         self.conns.discard(conn)
+        self.away.discard(conn)
         if conn.session is not None:
             self.untrack_session(conn)
         conn.owner = None

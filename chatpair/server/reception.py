@@ -131,6 +131,8 @@ class Reception:
         self.acceptor: Acceptor | None = None  # its deny list judges the real address behind a balancer
         self._awaiting: dict[Conn, _AwaitingHeader] = {}  # connections in Phase.PROXY_HEADER
         self._cids = itertools.count(1)
+        #: makes a resume token (cluster mode: one that names this node)
+        self.make_token: Callable[[], str] = new_token
 
     def attach(self, acceptor: Acceptor) -> Acceptor:
         """The acceptor feeding us (returned); with ``--proxy-protocol`` its deny list is asked here, not at accept."""
@@ -284,7 +286,7 @@ class Reception:
         conn.name, conn.room = hello.name, hello.room
         welcome = self.welcome
         if hello.resume and conn.mode is Mode.FRAME and self.config.resume_window > 0:
-            conn.session = Session(new_token())
+            conn.session = Session(self.make_token())
             self.loop.track_session(conn)
             welcome = welcome_frame(self.limits, conn.session.token)
         log.info("%s: joined%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",

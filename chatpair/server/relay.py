@@ -59,6 +59,8 @@ class PairEnd:
     unpair: bool = True
     #: cluster mode, a pair across nodes ended here: (our client's cid, its partner's cid, reason)
     remote: tuple[str, str, str] | None = None
+    #: cluster mode: the (resumed) session moved to another node; nothing to tell the cluster
+    moved: bool = False
 
 
 @dataclass(slots=True)

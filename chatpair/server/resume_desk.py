@@ -14,6 +14,7 @@ Tokens that are unknown, ended or expired all hear the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from chatpair.proto import ErrorCode
@@ -37,20 +38,25 @@ class ResumeDesk:
         self.admission = admission
         #: resumable sessions: token -> client, and which relay holds it (None: the listener)
         self.registry: SessionRegistry[RelayHandle] = SessionRegistry()
+        #: cluster mode: takes a RESUME whose token names another node (True: it is on its way there)
+        self.elsewhere: Callable[[Conn, Resume], bool] | None = None
 
     def on_resume(self, new: Conn, resume: Resume) -> None:
         """A new connection sent RESUME: carry the session on here, or hand it to the relay holding it."""
         listener = self.listener
         cid = self.registry.lookup(resume.session)
+        if cid is None and self.elsewhere is not None and self.elsewhere(new, resume):
+            return
         if cid is None or not listener.running:
             listener.fail(new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
             return
         # The session holds its client's place in the limits; the new
         # connection is that client, not one more.
         self.admission.forget(new.cid)
-        self._resume_at(new, cid, resume.received, self.registry.where(cid))
+        self.resume_at(new, cid, resume.received, self.registry.where(cid))
 
-    def _resume_at(self, new: Conn, cid: int, received: int, where: RelayHandle | None) -> None:
+    def resume_at(self, new: Conn, cid: int, received: int, where: RelayHandle | None) -> None:
+        """Carry the session of ``cid`` on on ``new``: here, or at the relay ``where`` holding it."""
         listener = self.listener
         if where is not None:
             listener.release_conn(new)
@@ -71,4 +77,4 @@ class ResumeDesk:
             # is not there: expired either way, rather than send it round again.
             listener.fail(bounce.new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
             return
-        self._resume_at(bounce.new, bounce.cid, bounce.received, None)
+        self.resume_at(bounce.new, bounce.cid, bounce.received, None)

@@ -84,6 +84,11 @@ class ResumeMixin:
         if conn.session.clock.deadline() is not None:  # type: ignore[union-attr]
             self.acks_owed.add(conn)  # an ACK owed by the previous owner is ours to send
 
+    def adopt_away(self, conn: Conn) -> None:
+        """``conn`` (owned here now) is away: kept until it comes back or its window passes."""
+        self.away.add(conn)
+        self.track_session(conn)
+
     def untrack_session(self, conn: Conn) -> None:
         """``conn`` moves to another loop, its session with it."""
         self.sessions.pop(conn.cid, None)

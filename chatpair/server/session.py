@@ -220,17 +220,18 @@ class Session:
     # -- moving to another process ------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """Plain data for a relay worker (only connected sessions move between processes)."""
+        """Plain data for a relay worker, or (cluster mode) for another node adopting an away session."""
         return {
             "token": self.token, "sent": self.sent, "acked": self.acked, "stream": self.stream,
             "log": [(e.data.hex(), e.msgs, e.end, e.peer_before) for e in self.log], "peer": self.peer,
-            "received": self.clock.received, "ack_sent": self.clock.acked,
+            "received": self.clock.received, "ack_sent": self.clock.acked, "written": self.written,
         }
 
     @classmethod
     def from_state(cls, st: dict[str, Any], now: float) -> Session:
         session = cls(st["token"])
         session.sent, session.acked, session.stream = st["sent"], st["acked"], st["stream"]
+        session.written = st.get("written", 0)
         session.peer = st["peer"]
         for data, msgs, end, peer_before in st["log"]:
             entry = LogEntry(bytes.fromhex(data), msgs, end, peer_before)
