@@ -147,15 +147,10 @@ class ClusterDesk:
             self._end_in_cluster(end)
         for cid in end.gone:
             self.joined.discard(cid)
-            listener.admission.forget(cid)
-            listener.registry.forget(cid)
+            listener.forget_gone(cid)
         for conn in end.back:
-            listener.registry.moved(conn.cid, None)
-            listener.adopt_conn(conn)
-            if not listener.running:
-                listener.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
-                continue
-            self.queue(conn, requeued=True)
+            if listener.take_back(conn):
+                self.queue(conn, requeued=True)
 
     def _end_in_cluster(self, end: PairEnd) -> None:
         """UNPAIR (the partner's node hears ``peer_left``), then LEAVE for whoever is gone."""

@@ -213,42 +213,44 @@ class Listener(ConnLoop):
             self.lobby.unpair(end.a, end.b, next_by=end.next_by)
         for cid in end.gone:
             self.lobby.leave(cid)
-            self.admission.forget(cid)
-            self.registry.forget(cid)
+            self.forget_gone(cid)
         for conn in end.back:
-            self.registry.moved(conn.cid, None)
-            self.adopt_conn(conn)
-            if not self.running:
-                self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
-                self.lobby.leave(conn.cid)
-                continue
-            self._queue(conn, requeued=True)
+            if self.take_back(conn):
+                self._queue(conn, requeued=True)
+
+    def forget_gone(self, cid: int) -> None:
+        """A client gone for good: its place in the limits and its session token are free."""
+        self.admission.forget(cid)
+        self.registry.forget(cid)
+
+    def take_back(self, conn: Conn) -> bool:
+        """Own again a client a relay handed back; False if we are stopping (it is told ``shutdown``)."""
+        self.registry.moved(conn.cid, None)
+        self.adopt_conn(conn)
+        if not self.running:
+            self.fail(conn, ErrorCode.SHUTDOWN, "the server is shutting down", reason="shutdown")
+            self.lobby.leave(conn.cid)  # (harmless in cluster mode, whose lobby is in Redis)
+            return False
+        return True
 
     def handle_worker_lost(self, stranded: list[Stranded]) -> None:
-        """A relay worker died: tell its clients, and forget their pairs and counts.
+        """A relay worker died: each of its clients gets ERROR ``shutdown``; their pairs and counts are freed.
 
-        Both partners of a pair always live in the same worker, so nobody on
-        another loop needs a PEER_LEFT: every stranded client gets ERROR
-        ``shutdown`` (PROTOCOL.md has no code for "this part of the server
-        failed"; ``shutdown`` is what clients know as "the server ended the
-        chat, not you"; docs/protocol.md records the choice) and is closed.
+        (Both partners of a pair live in the same worker, so no PEER_LEFT is
+        owed elsewhere; docs/protocol.md records why the code is ``shutdown``.)
         """
         for held in stranded:
             if self.lobby.partner_of(held.cid) == held.partner:
                 self.lobby.unpair(held.cid, held.partner)  # the room is free again
         for held in stranded:
             self.lobby.leave(held.cid)
-            self.admission.forget(held.cid)
-            self.registry.forget(held.cid)  # a RESUME for it hears session_expired
+            self.forget_gone(held.cid)  # a RESUME for it hears session_expired
             if held.sock is None:
                 continue
-            # Through the listener's duplicate of the descriptor, with the
-            # usual polite close (ERROR, shut down our side, read until the
-            # client closes or 2 s pass) so it reads the ERROR, not a reset.
-            # Best effort: the worker may have died in the middle of writing
-            # a frame (or a line) to this client, and then what follows is
-            # misframed; nothing can tell how much it wrote. The client sees
-            # a broken stream and closes, which is the truth of it.
+            # Through our duplicate of the descriptor, closed politely so the
+            # ERROR is read, not a reset. Best effort: if the worker died while
+            # writing a frame, what follows is misframed, and the client sees
+            # a broken stream - which is the truth of it.
             conn = Conn(held.sock, held.cid, held.addr, self.now)
             conn.mode, conn.name, conn.phase = held.mode, held.name, Phase.CHATTING
             self.adopt_conn(conn)
