@@ -219,6 +219,10 @@ class ClusterNode:
                 if peer is not None and peer.remote == item.source:
                     peer.push((kind, item.payload.decode("utf-8", "replace"), None))
                     touched.add(peer)
+                elif kind == "freeze":
+                    # The pair ended here (our client left; its peer_left went
+                    # out before this answer): nothing more will be sent.
+                    self.control(item.source, item.target, "frozen")
             elif kind in ("handover", "refused", "adopt", "moved"):
                 found = self._session_entry(item)
                 if found is not None:

@@ -277,6 +277,12 @@ class ClusterRelay(ClusterResumeMixin, Relay):
             if lost:
                 self.enqueue(conn, undelivered_notices(conn, lost, f"{peer.name} left"))
             self.enqueue(conn, event_bytes(conn, FrameType.PEER_LEFT, {"peer": peer.name, "reason": reason}))
+            if conn in self.moving:
+                # Its session was to move once the partner's node stopped
+                # sending; the partner has left instead, so nothing more will
+                # come (the PEER_LEFT is in the log): it moves now, partnerless.
+                new, _, was_away = self.moving.pop(conn)
+                self._hand_over(conn, None, new, was_away)
             return
         log.info("%s: its partner %s on another node left (%s); queued again", conn.label, peer.name, reason)
         if lost:
