@@ -127,10 +127,12 @@ class ResumeRelay:
                     self.rooms[hello["room"]] = peer
                 self.peers.append(peer)
             if partner is not None:
-                partner.send(_json_frame(0x12, {"peer": peer.name, "room": hello["room"]}))
-                peer.send(_json_frame(0x12, {"peer": partner.name, "room": hello["room"]}))
+                # Linked before PAIRED goes out: the waiter starts sending the
+                # moment it reads PAIRED, and its thread must know where to.
                 peer.partner = partner  # type: ignore[attr-defined]
                 partner.partner = peer  # type: ignore[attr-defined]
+                partner.send(_json_frame(0x12, {"peer": peer.name, "room": hello["room"]}))
+                peer.send(_json_frame(0x12, {"peer": partner.name, "room": hello["room"]}))
             while True:
                 length, ftype = struct.unpack(">IB", self._read(sock, 5))
                 payload = self._read(sock, length - 1)
