@@ -72,8 +72,10 @@ log = logging.getLogger("chatpair")
 
 #: After ``stop`` the listener needs the lingering close (2 s) plus a margin.
 STOP_GRACE_SECONDS = 6.0
-#: How long "any key" waits for the listener to say how many clients it has.
-COUNT_TIMEOUT_SECONDS = 0.5
+#: How long "any key" waits for the listener to say how many clients it has
+#: (it answers in microseconds; a loaded machine made 0.5 s too short, and
+#: then the question cannot say how many clients a stop would disconnect).
+COUNT_TIMEOUT_SECONDS = 2.0
 
 
 #: Hosts that mean "every interface": served on one dual-stack socket (IPv6 and IPv4) where possible.
