@@ -75,6 +75,16 @@ def paired(a: RawClient, b: RawClient, a_name: str, b_name: str) -> None:
     assert expect_json(b, PAIRED)["peer"] == a_name
 
 
+
+def join_and_pair(node_a: ServerProcess, name_a: str, node_b: ServerProcess, name_b: str) -> tuple[RawClient, RawClient]:
+    """``name_a`` joins on ``node_a`` and waits, ``name_b`` on ``node_b``; both hear PAIRED."""
+    a = join(node_a, name_a)
+    a.expect(WAITING)
+    b = join(node_b, name_b)
+    b.expect(WAITING)
+    paired(a, b, name_a, name_b)
+    return a, b
+
 def left_after_false_alarms(client: RawClient) -> dict:
     """PEER_LEFT, after any NOTICE ``undelivered`` for messages whose ack the dead node never sent.
 
@@ -177,11 +187,7 @@ def test_fifo_and_rooms_hold_across_nodes(nodes) -> None:
 
 def test_next_and_bye_across_nodes(nodes) -> None:
     n0, n1, n2 = nodes(3)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     alice.send_frame(MSG, b"before next")
     alice.send_frame(NEXT)
     assert bob.expect(MSG) == b"before next"  # messages first, then PEER_LEFT
@@ -211,11 +217,7 @@ def test_next_and_bye_across_nodes(nodes) -> None:
 
 def test_a_node_killed_with_sigkill_its_partners_elsewhere_hear_within_5s(nodes) -> None:
     n0, n1, n2 = nodes(3)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     chat(alice, bob, 20)
     waiting_on_dead = join(n1, "ghost")  # waiting on the node that dies: never paired afterwards
     waiting_on_dead.expect(WAITING)
@@ -234,11 +236,7 @@ def test_a_node_killed_with_sigkill_its_partners_elsewhere_hear_within_5s(nodes)
 
 def test_a_node_stopped_with_sigterm_tells_its_clients_and_their_partners(nodes) -> None:
     n0, n1, n2 = nodes(3)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     chat(alice, bob, 10)
     assert n1.stop() == 0
     assert expect_json(bob, ERROR)["code"] == "shutdown"
@@ -252,11 +250,7 @@ def test_a_node_stopped_with_sigterm_tells_its_clients_and_their_partners(nodes)
 
 def test_redis_stopped_and_started_empty(nodes, redis_server: RedisServer) -> None:  # noqa: F811
     n0, n1, n2 = nodes(3)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     carol = join(n2, "carol")
     carol.expect(WAITING)
     dave = join(n2, "dave")
@@ -345,11 +339,7 @@ def test_a_node_that_cannot_reach_redis_says_so_and_joins_when_it_can(tmp_path, 
 def test_a_slow_reader_on_one_node_slows_its_partner_on_another(nodes) -> None:
     """Flow control across nodes: while bob reads nothing, alice is read only up to the window."""
     n0, n1 = nodes(2)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     payload = b"x" * (16 * 1024 - 8)
     # 96 MiB. What alice gets out before she is held back is the window (1,024
     # messages, 16 MiB) plus every socket buffer on the way (loopback buffers
@@ -396,11 +386,7 @@ def test_a_slow_reader_on_one_node_slows_its_partner_on_another(nodes) -> None:
 def test_a_node_restarted_with_the_same_id_after_kill_replaces_its_stale_registration(
         nodes, start_server, redis_server: RedisServer, rclient) -> None:  # noqa: F811
     n0, n1, _ = nodes(3)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     chat(alice, bob, 10)
     ghost = join(n1, "ghost")  # waiting on the node that dies
     ghost.expect(WAITING)
@@ -420,22 +406,14 @@ def test_a_node_restarted_with_the_same_id_after_kill_replaces_its_stale_registr
     carol.expect(WAITING)
     paired(alice, carol, "alice", "carol")  # the ghost of the earlier run was never a candidate
     chat(alice, carol, 10)
-    dave = join(again, "dave")
-    dave.expect(WAITING)
-    erin = join(n0, "erin")
-    erin.expect(WAITING)
-    paired(dave, erin, "dave", "erin")
+    dave, erin = join_and_pair(again, "dave", n0, "erin")
     chat(dave, erin, 10)
     assert "Traceback" not in again.stderr() + n0.stderr()
 
 
 def test_a_node_whose_listener_dies_restarts_it_and_its_partners_elsewhere_hear_within_5s(nodes) -> None:
     n0, n1, _ = nodes(3)
-    alice = join(n0, "alice")
-    alice.expect(WAITING)
-    bob = join(n1, "bob")
-    bob.expect(WAITING)
-    paired(alice, bob, "alice", "bob")
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
     chat(alice, bob, 10)
     listener = n1.listener()
     os.kill(listener, signal.SIGKILL)  # only the listener: the node's main process lives on
