@@ -113,7 +113,10 @@ def test_typing_is_not_disturbed_then_enter_delivers_then_resize(server, tmux):
     tmux.keys("bob", "Enter")
     tmux.wait_text("alice", "bob: xxxx")
     tmux.run("resize-window", "-t", "alice", "-x", "60", "-y", "20")
-    lines = tmux.wait("alice", lambda lines: len(lines) == 20 and "you: alice" in lines[18])
+    # (Wait for the whole repaint: a capture can land between the status row
+    # and the conversation being drawn at the new size.)
+    lines = tmux.wait("alice", lambda lines: len(lines) == 20 and "you: alice" in lines[18]
+                      and "bob: hi alice" in "\n".join(lines) and "alice: hello wor" in "\n".join(lines))
     assert all(len(line) <= 60 for line in lines)
     assert lines[19].startswith(">")
     text = "\n".join(lines)
