@@ -13,6 +13,8 @@ checks word them (``check_header``, ``check_length``, ``check_client_frame``).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatpair.proto import (
     ErrorCode,
@@ -231,3 +233,71 @@ def test_what_the_whole_buffer_hands_on() -> None:
     assert out == [("msg", b"tail")] and rest == msg(b"incomplete")[:-3]
     out, _ = feed([CASES[5]])
     assert out == [("msg", b"a"), ("error", *BAD_UTF8)]
+
+
+# -- against a frame-at-a-time reference, on frames that repeat (the equal-frames stretch) ------
+
+
+def reference_scan(data: bytes, max_frame: int = MAX) -> tuple[list[tuple[int, int, int]], int, tuple[str, str] | None]:
+    """The scanner's contract written the slow, obvious way: one frame at a time."""
+    items: list[tuple[int, int, int]] = []
+    pos = run_start = count = 0
+
+    def close_run() -> None:
+        nonlocal count
+        if count:
+            items.append((run_start, pos, count))
+            count = 0
+
+    while len(data) - pos >= 5:
+        length, ftype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4]
+        try:
+            check_header(length, ftype, max_frame)
+        except ProtocolError as err:
+            close_run()
+            return items, pos, (err.code, err.message)
+        fend = pos + 4 + length
+        if fend > len(data):
+            break
+        if ftype == MSG:
+            try:
+                check_client_frame(Frame(MSG, data[pos + 5:fend]))
+            except ProtocolError as err:
+                close_run()
+                return items, pos, (err.code, err.message)
+            if not count:
+                run_start = pos
+            count += 1
+        else:
+            close_run()
+            items.append((pos, fend, 0))
+        pos = fend
+    close_run()
+    if len(data) - pos == 4:
+        try:
+            check_length(int.from_bytes(data[pos:], "big"), max_frame)
+        except ProtocolError as err:
+            return items, pos, (err.code, err.message)
+    return items, pos, None
+
+
+# A few payloads, so that frames of one length (and one header) come in long stretches.
+PAYLOADS = [b"x" * 59, b"y" * 59, b"z", "é".encode() * 20, b"w" * 127, b"v" * 200, b"\xff" * 59,
+            b"a" * 58 + b"\xc3"]
+FRAMES = [msg(p) for p in PAYLOADS] + [encode_frame(PING, b"p"), encode_frame(NEXT), b"\x00\x00\x00\x00\x02"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FRAMES), st.integers(1, 40)), max_size=6), st.integers(0, 40))
+def test_stretches_of_equal_frames_scan_as_one_frame_at_a_time_would(pieces: list[tuple[bytes, int]],
+                                                                   cut: int) -> None:
+    data = b"".join(frame * times for frame, times in pieces)
+    data = data[:max(0, len(data) - cut)]  # often ends in the middle of a frame
+    assert run(data) == reference_scan(data)
+
+
+def test_a_stretch_of_equal_frames_ending_in_a_different_one() -> None:
+    data = msg(b"a" * 59) * 1000 + msg(b"b" * 58) + msg(b"a" * 59) * 3
+    assert run(data) == ([(0, len(data), 1004)], len(data), None)
+    data = msg(b"a" * 59) * 1000 + msg(b"a" * 58 + b"\xff") + msg(b"a" * 59)
+    assert run(data) == ([(0, 64000, 1000)], 64000, BAD_UTF8)

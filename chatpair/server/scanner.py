@@ -17,6 +17,15 @@ is the common case ``ftype == MSG and 1 < length <= max_frame``, which is
 exactly the set of MSG headers ``check_header`` accepts; anything outside it
 goes to ``check_header``, so the scanner and the decoder cannot disagree.
 
+Frames of one length in a row (a bulk sender, a benchmark's flood) have one
+header, repeated at a fixed stride. At the start of a run, and every 8th
+message, the scanner looks at the next header; when it is the same, it
+measures the whole stretch of equal headers with five strided slices (one
+per header byte) instead of a Python step per frame. Only a header that is
+the common case above is stretched, so the rules stay exactly the same:
+``tests/test_scanner.py`` checks the scanner against a frame-at-a-time
+reference on stretches of repeated frames.
+
 Why one UTF-8 check per run is enough: a run of MSG frames with lengths up
 to 127 is ``header payload header payload ...`` where every header byte is
 ASCII (``00 00 00 LL 02``, LL < 0x80). An ASCII byte can neither continue a
@@ -74,6 +83,14 @@ def scan(view: memoryview, end: int, max_frame: int) -> tuple[list[Item], int, P
                 if not _utf8_ok(view, seg, pos) or not _utf8_ok(view, pos + 5, fend):
                     return _split_bad_run(view, run, items)
                 seg = fend
+            elif not count & 7 and end - fend >= 5 and _UNPACK_HEADER(view, fend) == (length, ftype):
+                # At the start of a run and every 8th message, a look at the
+                # next header: when it is the same, a stretch of equal frames
+                # (a bulk sender, a flood) is measured at C speed.
+                same = _equal_frames(view, pos, length + 4, end)
+                count += same
+                pos += same * (length + 4)
+                continue
             count += 1
             pos = fend
             continue
@@ -104,6 +121,21 @@ def scan(view: memoryview, end: int, max_frame: int) -> tuple[list[Item], int, P
         except ProtocolError as err:
             return items, pos, err
     return items, pos, None
+
+
+def _equal_frames(view: memoryview, pos: int, stride: int, end: int) -> int:
+    """How many complete frames from ``pos`` on have exactly the header of the one at ``pos``.
+
+    Frames of one length sit ``stride`` bytes apart, so header byte ``j`` of
+    every one of them is the strided slice ``view[pos + j::stride]``; the
+    frames agree as far as all five slices start with a run of one byte. Five
+    copies and five ``lstrip`` calls in C instead of a Python step per frame.
+    """
+    same = (end - pos) // stride  # complete frames that fit
+    for j in range(5):
+        column = view[pos + j:pos + j + (same - 1) * stride + 1:stride].tobytes()
+        same -= len(column.lstrip(column[:1]))
+    return same
 
 
 def _utf8_ok(view: memoryview, start: int, end: int) -> bool:
