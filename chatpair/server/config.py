@@ -1,4 +1,4 @@
-"""Every server option and default, written once, and how the server logs.
+"""Every server option and default, written once (how the server logs: :mod:`chatpair.server.logs`).
 
 :class:`ServerConfig` is plain data so it pickles into the listener process
 and the relay workers (spawn); :class:`Limits` is the part every selector
@@ -9,13 +9,8 @@ frame size, timeouts) live in :mod:`chatpair.proto`, shared with the client.
 
 from __future__ import annotations
 
-import atexit
-import io
-import json
 import logging
-import sys
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from chatpair.proto import (
@@ -144,110 +139,3 @@ class ServerConfig:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
         return ctx
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-
-
-def iso_time(created: float) -> str:
-    """A log record's time in ISO 8601, local time with its UTC offset, to the millisecond."""
-    return datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
-
-
-def process_role(record: logging.LogRecord) -> str:
-    """Which of the server's processes wrote a record: main, listener, relay-worker-N."""
-    name = record.processName or ""
-    return "main" if name == "MainProcess" else name.removeprefix("chatpair-")
-
-
-class TextFormatter(logging.Formatter):
-    """``2025-05-01T12:34:56.789+02:00 INFO message``: the default format, for people."""
-
-    def __init__(self) -> None:
-        super().__init__(LOG_FORMAT)
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return iso_time(record.created)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers.
-
-    Keys: ``time`` (ISO 8601), ``level`` (lower case), ``message`` (the text
-    line's message), ``process`` (main, listener, relay-worker-N), then the
-    record's ``fields`` (``log.info(..., extra={"fields": {...}})``: numbers
-    stay numbers), and ``exception`` with the traceback if there is one. A
-    newline inside a value is escaped, so one record is always one line.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {"time": iso_time(record.created), "level": record.levelname.lower(),
-                               "message": record.getMessage(), "process": process_role(record)}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            for key, value in fields.items():
-                obj.setdefault(key, value)
-        if record.exc_info:
-            obj["exception"] = self.formatException(record.exc_info)
-        return json.dumps(obj, ensure_ascii=False, default=str)
-
-
-def make_formatter(log_format: str) -> logging.Formatter:
-    return JsonFormatter() if log_format == "json" else TextFormatter()
-
-
-class BatchedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Log lines to stderr through a buffer that the selector loops flush once per batch.
-
-    A plain StreamHandler flushes (one write system call) per line; at the
-    default log level a busy listener writes a few lines per client, and
-    those writes were half the cost of connect+pair. The loops call
-    :func:`flush_logs` at every timer tick (TICK_SECONDS, a quarter of a
-    second) and when they stop, so a line reaches stderr soon after the event.
-    """
-
-    def __init__(self) -> None:
-        stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(sys.stderr.fileno(), "w", closefd=False), 1 << 16),
-                                  encoding="utf-8", errors="backslashreplace", line_buffering=False)
-        super().__init__(stream)
-
-    def flush(self) -> None:
-        """Called by emit() after every record: deliberately nothing (see flush_now)."""
-
-    def flush_now(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            try:
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass  # stderr closed or gone: nothing more to say
-
-    def close(self) -> None:
-        self.flush_now()
-        super().close()
-
-
-_batched: BatchedStderrHandler | None = None
-
-
-def flush_logs() -> None:
-    """Write out buffered log lines (a no-op unless this process logs through a buffer)."""
-    if _batched is not None:
-        _batched.flush_now()
-
-
-def setup_logging(level: int, batched: bool = False, log_format: str = DEFAULT_LOG_FORMAT) -> None:
-    """Log lines on stderr, with the date and time: the same format in every process of the server.
-
-    ``batched`` (the listener and relay workers) buffers lines until the
-    selector loop calls :func:`flush_logs`; they are also flushed at exit.
-    ``log_format`` is "text" (:class:`TextFormatter`) or "json" (:class:`JsonFormatter`).
-    """
-    global _batched
-    handler: logging.Handler
-    if batched:
-        handler = _batched = BatchedStderrHandler()
-        atexit.register(flush_logs)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(make_formatter(log_format))
-    logging.basicConfig(level=level, handlers=[handler])

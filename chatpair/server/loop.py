@@ -34,8 +34,9 @@ from typing import Any
 from chatpair.netutil import Waker
 from chatpair.proto import ErrorCode, FrameType, encode_frame
 from chatpair.server.closing import CloseMixin
-from chatpair.server.config import Limits, flush_logs
+from chatpair.server.config import Limits
 from chatpair.server.conn import Conn
+from chatpair.server.logs import flush_logs
 from chatpair.server.output import OutputMixin
 from chatpair.server.ratelimit import RateLimiter
 from chatpair.server.reader import ReadMixin
@@ -147,7 +148,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
                 self.after_events()
                 if self.now >= next_tick:
                     self.tick(self.now)
-                    # Log lines are buffered (config.BatchedStderrHandler):
+                    # Log lines are buffered (logs.BatchedStderrHandler):
                     # written out here, at most a tick after the event.
                     flush_logs()
                     next_tick = self.now + TICK_SECONDS
@@ -175,12 +176,10 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
 
     # -- ownership and registration ------------------------------------------------
 
-    def adopt_conn(self, conn: Conn) -> None:
-        """Take ownership of ``conn`` (register it with this loop's selector).
-
-        Only a connection nobody owns can be adopted: the previous owner must
-        have called :meth:`release_conn` first, on its own thread.
-        """
+    def adopt_conn(self, conn: Conn, register: bool = True) -> None:
+        """Own ``conn`` and register it with this loop's selector (``register=False``: the caller acts
+        first, then calls :meth:`update_interest` if it is still ours). Only a connection nobody owns
+        can be adopted: its previous owner must have called :meth:`release_conn`, on its own thread."""
         if conn.owner is not None:
             raise RuntimeError(f"{conn!r} is still owned by {conn.owner!r}; it must be released first")
         conn.owner = self
@@ -193,7 +192,8 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
         if conn.throttled_until:
             # Over its rate when it moved here: this loop must end the pause.
             self.limiter.throttle(conn, conn.throttled_until)
-        self.update_interest(conn)
+        if register:
+            self.update_interest(conn)
 
     def release_conn(self, conn: Conn) -> None:
         """Give up ownership without closing (the conn moves to another loop).

@@ -55,10 +55,11 @@ from typing import TextIO
 
 from chatpair.errors import ChatpairError, ConfigError
 from chatpair.netutil import format_addr
-from chatpair.server.config import ServerConfig, setup_logging
+from chatpair.server.config import ServerConfig
 from chatpair.server.deny import DenyList
 from chatpair.server.keys import KeyWatcher, StopPrompt, stdin_is_terminal
 from chatpair.server.listener import listener_main
+from chatpair.server.logs import setup_logging
 from chatpair.server.processes import (
     STATUS_SIGNALS,
     STOP_SIGNALS,

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from chatpair.netutil import raise_fd_limit
-from chatpair.server.config import DEFAULT_LOG_FORMAT, setup_logging
+from chatpair.server.config import DEFAULT_LOG_FORMAT
+from chatpair.server.logs import setup_logging
 
 log = logging.getLogger("chatpair")
 

@@ -191,12 +191,23 @@ class Reception:
             log.debug("%s: refused: %s", label, refusal[1])
         else:
             admission.admit(conn.cid, ip)
+        # A client may send its HELLO right behind its connect (chatpair
+        # bench does, and a busy listener accepts late): read it at once,
+        # before registering. If it is all there, the banner goes out in one
+        # write with WELCOME and WAITING (the client sees the same bytes in
+        # the same order), and a client paired straight away is handed to a
+        # relay without ever entering this loop's selector.
+        read_now = not owned and self.tls is None and refusal is None
         if owned:
             loop.update_interest(conn)
         else:
             self.handshaking.add(conn)
-            loop.adopt_conn(conn)
-        if self.tls is None:  # with TLS the banner waits for the TLS handshake (on_tls_ready)
+            loop.adopt_conn(conn, register=not read_now)
+        if read_now:
+            self.on_readable(conn, banner=self.banner)
+            if conn.owner is loop:
+                loop.update_interest(conn)
+        elif self.tls is None:  # with TLS the banner waits for the TLS handshake (on_tls_ready)
             loop.send(conn, self.banner)
 
     def _close(self, sock: socket.socket, conn: Conn | None) -> None:
@@ -239,8 +250,12 @@ class Reception:
     def on_tls_ready(self, conn: Conn) -> None:
         self.loop.send(conn, self.banner)
 
-    def on_readable(self, conn: Conn) -> None:
-        """More of the handshake (or the first byte, which fixes the mode; or the PROXY header)."""
+    def on_readable(self, conn: Conn, banner: bytes = b"") -> None:
+        """More of the handshake (or the first byte, which fixes the mode; or the PROXY header).
+
+        ``banner``: the banner is still owed (a read straight after accept),
+        to be written ahead of anything else said to the client.
+        """
         loop = self.loop
         if conn.phase is Phase.PROXY_HEADER:
             self._on_proxy_header(conn)
@@ -248,6 +263,7 @@ class Reception:
         try:
             data = conn.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
+            loop.send(conn, banner)
             return
         except OSError:
             data = b""
@@ -266,12 +282,16 @@ class Reception:
         try:
             hello = read_hello(decoder)
         except ProtocolError as err:
+            loop.send(conn, banner)
             loop.fail(conn, err.code, err.message)
             return
         if hello is not None:
-            self._complete(conn, hello)
+            self._complete(conn, hello, banner)
+        else:
+            loop.send(conn, banner)
 
-    def _complete(self, conn: Conn, hello: Hello | Resume) -> None:
+    def _complete(self, conn: Conn, hello: Hello | Resume, banner: bytes = b"") -> None:
+        """A valid HELLO (or RESUME): on to the lobby (or the session), ``banner`` (if owed) first."""
         conn.phase = Phase.CHATTING
         conn.tokens, conn.token_time = float(self.config.burst), self.loop.now
         self.handshaking.discard(conn)
@@ -281,6 +301,7 @@ class Reception:
         else:
             conn.decoder.max_line = self.config.max_frame - 1  # type: ignore[union-attr]
         if isinstance(hello, Resume):
+            self.loop.send(conn, banner)
             self._on_resume(conn, hello)
             return
         conn.name, conn.room = hello.name, hello.room
@@ -293,7 +314,7 @@ class Reception:
                  "frame" if conn.mode is Mode.FRAME else "line")
         # WELCOME goes out with WAITING (and PAIRED, if a partner is there) in
         # one send: fewer syscalls is most of what connect+pair costs.
-        self._on_hello(conn, welcome if conn.mode is Mode.FRAME else b"")
+        self._on_hello(conn, banner + welcome if conn.mode is Mode.FRAME else banner)
 
     def leave(self, conn: Conn) -> None:
         """``conn`` is leaving (harmless if it finished its handshake)."""
