@@ -61,13 +61,37 @@ def encode_frame(ftype: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload) + 1, ftype) + payload
 
 
+#: One decoder made once (``json.loads`` looks up its default one per call).
+_JSON_DECODER: Final = json.JSONDecoder()
 #: One encoder made once: ``json.dumps`` with options builds a new encoder per call.
 _JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+#: JSON text of one string, as the encoder above writes it (the C function it uses itself).
+_quote: Final = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
 def encode_json_frame(ftype: int, obj: dict[str, Any]) -> bytes:
     """A control frame whose payload is a compact UTF-8 JSON object."""
-    return encode_frame(ftype, _JSON_ENCODER.encode(obj).encode())
+    return encode_frame(ftype, _flat_json(obj) or _JSON_ENCODER.encode(obj).encode())
+
+
+def _flat_json(obj: dict[str, Any]) -> bytes | None:
+    """``obj`` as the encoder writes it, if every value is a string or null; else None.
+
+    Most server events (WAITING, PAIRED, PEER_LEFT, NOTICE) are such objects,
+    and the encoder's set-up per call costs more than the quoting: a new
+    client costs two of these, so they are written here directly.
+    """
+    parts = []
+    for key, value in obj.items():
+        if value is None:
+            parts.append(_quote(key) + ":null")
+        elif value.__class__ is str:
+            parts.append(_quote(key) + ":" + _quote(value))
+        else:
+            return None
+    return ("{" + ",".join(parts) + "}").encode()
 
 
 def encode_msg(text: str) -> bytes:
@@ -116,7 +140,7 @@ def encode_notice(code: str, message: str) -> bytes:
 def decode_json(payload: bytes) -> dict[str, Any]:
     """A control payload: a UTF-8 JSON object, else ProtocolError bad_frame."""
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = _JSON_DECODER.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: b"[" * 1000
         raise ProtocolError(ErrorCode.BAD_FRAME, "a control frame must carry a JSON object") from None
     if not isinstance(obj, dict):

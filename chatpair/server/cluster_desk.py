@@ -50,6 +50,7 @@ from chatpair.server.cluster_relay import ClusterRelay
 from chatpair.server.cluster_sessions import ClusterSessions
 from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
+from chatpair.server.reception import log_joined
 from chatpair.server.relay import Bounce, PairEnd, Relay, Report
 from chatpair.server.render import event_bytes
 
@@ -93,6 +94,7 @@ class ClusterDesk:
 
     def queue(self, conn: Conn, first: bytes = b"", requeued: bool = False) -> None:
         listener = self.listener
+        log_joined(conn, requeued)  # (said at once: whether it waits is Redis's answer, which comes later)
         listener.waiting[conn.cid] = conn
         self.joined.add(conn.cid)
         if conn.session is not None and not requeued:

@@ -36,7 +36,7 @@ from chatpair.server.lobby import Lobby, Matched, RoomFull
 from chatpair.server.loop import EVENT_READ, ConnLoop
 from chatpair.server.operations import Operations
 from chatpair.server.processes import prepare_child_process, stop_resource_tracker
-from chatpair.server.reception import Reception
+from chatpair.server.reception import Reception, log_joined
 from chatpair.server.relay import Bounce, Report
 from chatpair.server.relay_pool import RelayPool
 from chatpair.server.render import event_bytes, undelivered_notices
@@ -147,14 +147,14 @@ class Listener(ConnLoop):
         result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
         if isinstance(result, RoomFull):
             self.send(conn, first)
-            self.fail(conn, ErrorCode.ROOM_FULL,
-                      f"room {conn.room} is full: a pair is already chatting there")
+            self.fail(conn, ErrorCode.ROOM_FULL, f"room {conn.room} is full: a pair is already chatting there")
             return
         self.waiting[conn.cid] = conn
         waiting = first + event_bytes(conn, FrameType.WAITING, {"room": conn.room})
         if isinstance(result, Matched):
             self._pair(self.waiting[result.waiter], conn, newcomer_first=waiting)
         else:
+            log_joined(conn, requeued)
             self.send(conn, waiting)
             self.process_buffered(conn)
 
