@@ -90,8 +90,7 @@ def test_the_log_names_the_real_client_through_haproxy(start_server, balancer, s
         assert read_until(bob, b"\n").startswith(BANNER)
         bob.sendall(b"bob\n")
         read_until(bob, b"paired")
-        server.wait_stderr(f"alice@127.0.0.5:{a_port}: joined", 5)
-        line = server.wait_stderr("paired alice@", 5)
+        line = server.wait_stderr("paired alice@", 5)  # (names both: neither waited a timer tick alone)
         assert f"alice@127.0.0.5:{a_port}" in line and f"bob@127.0.0.6:{b_port}" in line, line
         bob.sendall(b"hi alice\n")
         assert b"bob: hi alice" in read_until(alice, b"hi alice")
@@ -177,7 +176,7 @@ def test_header_and_first_bytes_together_or_in_pieces(start_server, version, spl
             sock.sendall(b"carol\n")
         data = read_until(sock, b"waiting")
         assert data.startswith(BANNER), data
-    server.wait_stderr("carol@198.51.100.4:4242: joined", 5)
+    server.wait_stderr("carol@198.51.100.4:4242: ", 5)  # (joined, or left while waiting)
 
 
 @pytest.mark.timeout(20)
@@ -189,7 +188,7 @@ def test_local_and_unknown_headers_keep_the_socket_address(start_server, header)
         port = sock.getsockname()[1]
         sock.sendall(header + b"dave\n")
         read_until(sock, b"waiting")
-    server.wait_stderr(f"dave@127.0.0.11:{port}: joined", 5)
+    server.wait_stderr(f"dave@127.0.0.11:{port}: ", 5)  # (joined, or left while waiting)
 
 
 @pytest.mark.timeout(20)
@@ -219,7 +218,7 @@ def test_tls_after_the_header(start_server, balancer, tmp_path: Path, through):
     ctx.verify_mode = ssl.CERT_NONE
     if through == "haproxy":
         raw = connect_from("127.0.0.12", balancer(server).port)
-        expected = f"erin@127.0.0.12:{raw.getsockname()[1]}: joined"
+        expected = f"erin@127.0.0.12:{raw.getsockname()[1]}: "  # (joined, or left while waiting)
     else:
         raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         # Header and ClientHello in one segment: a non-blocking TLS object over

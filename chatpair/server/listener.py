@@ -36,7 +36,7 @@ from chatpair.server.lobby import Lobby, Matched, RoomFull
 from chatpair.server.loop import EVENT_READ, ConnLoop
 from chatpair.server.operations import Operations
 from chatpair.server.processes import prepare_child_process, stop_resource_tracker
-from chatpair.server.reception import Reception, log_joined
+from chatpair.server.reception import Reception
 from chatpair.server.relay import Bounce, Report
 from chatpair.server.relay_pool import RelayPool
 from chatpair.server.render import event_bytes, undelivered_notices
@@ -154,19 +154,18 @@ class Listener(ConnLoop):
         if isinstance(result, Matched):
             self._pair(self.waiting[result.waiter], conn, newcomer_first=waiting)
         else:
-            log_joined(conn, requeued)
+            self.reception.joins.joined(conn, requeued)
             self.send(conn, waiting)
             self.process_buffered(conn)
 
     def _pair(self, a: Conn, b: Conn, newcomer_first: bytes = b"") -> None:
+        relay = self.relays.pick()
         for me, peer, first in ((a, b, b""), (b, a, newcomer_first)):
             del self.waiting[me.cid]
             self.send(me, first + event_bytes(me, FrameType.PAIRED, {"peer": peer.name, "room": me.room}))
             self.release_conn(me)
-        relay = self.relays.pick()
+            self.registry.moved(me.cid, relay)
         log.info("paired %s with %s%s", a.label, b.label, f" in room {a.room}" if a.room else "")
-        self.registry.moved(a.cid, relay)
-        self.registry.moved(b.cid, relay)
         relay.submit_pair(a, b)
 
     def detach(self, conn: Conn, reason: str) -> None:
@@ -283,6 +282,7 @@ class Listener(ConnLoop):
             return
         log.info("stopping: telling every client (%d not in a pair) the server is shutting down", len(self.conns))
         self.running = False
+        self.reception.joins.say_waiting(self.waiting)
         self.drop_away()
         self.acceptor.stop()
         for conn in list(self.conns):
@@ -297,7 +297,7 @@ class Listener(ConnLoop):
 
     def tick(self, now: float) -> None:
         self.acceptor.tick(now)
-        self.reception.expire(now)
+        self.reception.tick(now, self.waiting)
         self.relays.tick(now)
         self.ops.tick(now)
         if self.cluster is not None:

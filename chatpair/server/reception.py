@@ -109,7 +109,7 @@ class Reception:
     The loop calls :meth:`new_connection` (via the acceptor),
     :meth:`on_tls_ready`, :meth:`on_readable` while a connection handshakes
     (or, with ``--proxy-protocol``, sends its PROXY header), :meth:`leave`
-    and :meth:`on_closed` as it goes, and :meth:`expire` from its timer.
+    and :meth:`on_closed` as it goes, and :meth:`tick` from its timer.
     ``on_hello(conn, first)`` gets each client that said hello, with the
     bytes to send it ahead of anything else (WELCOME in frame mode). The
     owner calls :meth:`attach` with the acceptor once both exist.
@@ -127,6 +127,7 @@ class Reception:
         self.limits = config.limits()
         self.welcome = welcome_frame(self.limits)
         self.handshaking: set[Conn] = set()
+        self.joins = JoinLog()  # the log's "joined" lines, for clients who wait
         self.proxy_protocol = config.proxy_protocol
         self.acceptor: Acceptor | None = None  # its deny list judges the real address behind a balancer
         self._awaiting: dict[Conn, _AwaitingHeader] = {}  # connections in Phase.PROXY_HEADER
@@ -327,6 +328,11 @@ class Reception:
             conn.refusal = None
             self.admission.end_refusal()
 
+    def tick(self, now: float, waiting: dict[int, Conn]) -> None:
+        """Every timer tick: expired handshakes are closed; clients who joined and wait get their log line."""
+        self.expire(now)
+        self.joins.say_waiting(waiting)
+
     def expire(self, now: float) -> None:
         """Close the connections whose handshake deadline has passed."""
         loop = self.loop
@@ -347,14 +353,34 @@ class Reception:
                 loop.drop(conn, "disconnected")
 
 
-def log_joined(conn: Conn, requeued: bool = False) -> None:
-    """The log line for a client who finished its handshake and waits in the lobby.
+class JoinLog:
+    """Who joined the lobby, in the log: a line for each client still waiting at the next timer tick.
 
-    A client paired the moment it arrives gets no line of its own: the
-    "paired A with B" line names both (with their addresses), and two lines
-    per pair instead of three is a third of what the default log costs. A
-    client queued again after its partner left (``requeued``) is no news.
+    A client paired within a tick of its arrival gets no line of its own:
+    the "paired A with B" line names both, with their addresses, and one
+    line per pair instead of three is most of what the default log level
+    costs a busy listener. A client queued again after its partner left
+    is no news. The listener calls :meth:`joined` as a client starts to
+    wait and :meth:`say_waiting` at every tick and when it stops.
     """
+
+    def __init__(self) -> None:
+        self._pending: list[Conn] = []
+
+    def joined(self, conn: Conn, requeued: bool = False) -> None:
+        if not requeued:
+            self._pending.append(conn)
+
+    def say_waiting(self, waiting: dict[int, Conn]) -> None:
+        """A line for each client who joined since the last call and is still in ``waiting``."""
+        pending, self._pending = self._pending, []
+        for conn in pending:
+            if waiting.get(conn.cid) is conn:
+                log_joined(conn)
+
+
+def log_joined(conn: Conn, requeued: bool = False) -> None:
+    """The log line for a client who finished its handshake and waits in the lobby (see :class:`JoinLog`)."""
     if requeued:
         return
     log.info("%s: joined%s (%s mode)", conn.label, f" room {conn.room}" if conn.room else "",
