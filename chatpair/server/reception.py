@@ -365,17 +365,19 @@ class JoinLog:
     """
 
     def __init__(self) -> None:
-        self._pending: list[Conn] = []
+        # Client ids, not connections: one that leaves within the tick is freed at once.
+        self._pending: list[int] = []
 
     def joined(self, conn: Conn, requeued: bool = False) -> None:
-        if not requeued:
-            self._pending.append(conn)
+        if not requeued and log.isEnabledFor(logging.INFO):
+            self._pending.append(conn.cid)
 
     def say_waiting(self, waiting: dict[int, Conn]) -> None:
         """A line for each client who joined since the last call and is still in ``waiting``."""
         pending, self._pending = self._pending, []
-        for conn in pending:
-            if waiting.get(conn.cid) is conn:
+        for cid in pending:
+            conn = waiting.get(cid)
+            if conn is not None:
                 log_joined(conn)
 
 
