@@ -285,6 +285,23 @@ class RawClient:
 
 
 @pytest.fixture
+def clients():
+    """``clients(*args)`` -> a ``chatpair client`` subprocess (``test_client.Proc``); every one killed at the end."""
+    from test_client import Proc  # (the harness lives with the client's own tests)
+
+    made: list[Proc] = []
+
+    def make(*args: str, **kw) -> Proc:
+        proc = Proc(*args, **kw)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()
+
+
+@pytest.fixture
 def raw_client():
     made: list[RawClient] = []
 

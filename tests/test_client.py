@@ -421,26 +421,20 @@ class Proc:
         self.proc.communicate()
 
 
-@pytest.fixture
-def clients():
-    made: list[Proc] = []
-
-    def make(*args: str, **kw) -> Proc:
-        proc = Proc(*args, **kw)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.kill()
-
-
 def pair_raw(raw_client, port: int, name: str = "raw", room: str | None = None):
     raw = raw_client(port)
     raw.hello(name, room)
     raw.expect(WELCOME)
     raw.expect(WAITING)
     return raw
+
+
+def fill_room(raw_client, port: int, room: str) -> tuple:
+    """Two raw clients paired in ``room``: it is full while they chat."""
+    first = pair_raw(raw_client, port, "ann", room)
+    second = pair_raw(raw_client, port, "ben", room)
+    second.expect(PAIRED)
+    return first, second
 
 
 def assert_terminal_safe(data: bytes) -> None:

@@ -21,24 +21,10 @@ import sys
 import time
 
 import pytest
-from test_client import MSG, PAIRED, PEER_LEFT, ROOT, WAITING, WELCOME, Proc, pair_raw
+from test_client import MSG, PAIRED, PEER_LEFT, ROOT, fill_room, pair_raw
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
-
-
-@pytest.fixture
-def clients():
-    made: list[Proc] = []
-
-    def make(*args: str, **kw) -> Proc:
-        proc = Proc(*args, **kw)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.kill()
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
@@ -71,12 +57,7 @@ def test_a_signal_does_not_wait_for_ever_for_a_partner(server, clients):
 
 
 def test_room_full_is_said_once_on_stderr(server, raw_client, clients):
-    first, second = raw_client(server.port), raw_client(server.port)
-    for raw, name in ((first, "ann"), (second, "ben")):
-        raw.hello(name, "full")
-        raw.expect(WELCOME)
-        raw.expect(WAITING)
-    second.expect(PAIRED)
+    fill_room(raw_client, server.port, "full")
     me = clients("--port", str(server.port), "--name", "eve", "--room", "full")
     code, out, err = me.finish()
     assert code == 3
@@ -86,12 +67,7 @@ def test_room_full_is_said_once_on_stderr(server, raw_client, clients):
 
 
 def test_room_full_with_json_is_an_event_on_stdout(server, raw_client, clients):
-    first, second = raw_client(server.port), raw_client(server.port)
-    for raw, name in ((first, "ann"), (second, "ben")):
-        raw.hello(name, "full")
-        raw.expect(WELCOME)
-        raw.expect(WAITING)
-    second.expect(PAIRED)
+    fill_room(raw_client, server.port, "full")
     me = clients("--port", str(server.port), "--name", "eve", "--room", "full", "--json")
     code, out, err = me.finish()
     assert code == 3 and err.decode().count("\n") == 1

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 
 import pytest
 
+import wire
 from conftest import ROOT, RawClient, ServerProcess
 
 WAITING, PAIRED, PEER_LEFT, NOTICE, ERROR, WELCOME, MSG = 0x11, 0x12, 0x13, 0x14, 0x1F, 0x10, 0x02
@@ -174,60 +173,31 @@ def test_throttled_client_keeps_its_messages_across_a_partner_change(start_serve
 # -- a client that speaks before it has read the banner ---------------------------------------
 
 
-def _connect_and_say(port: int, data: bytes) -> socket.socket:
-    """Connect and send ``data`` at once, before reading anything (as chatpair bench does)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(data)
-    return sock
-
-
-def _hello(name: str, room: str | None = None) -> bytes:
-    payload = json.dumps({"version": 1, "name": name, "room": room}).encode()
-    return struct.pack(">IB", len(payload) + 1, 0x01) + payload
-
-
-def _read_stream(sock: socket.socket, until: bytes) -> bytes:
-    got = b""
-    while until not in got:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {got!r}"
-        got += chunk
-    return got
-
-
-def _frames(data: bytes) -> list[tuple[int, dict]]:
-    out, pos = [], 0
-    while pos < len(data):
-        length, ftype = struct.unpack_from(">IB", data, pos)
-        out.append((ftype, json.loads(data[pos + 5:pos + 4 + length])))
-        pos += 4 + length
-    return out
-
-
 @pytest.mark.timeout(30)
 def test_a_hello_sent_with_the_connect_gets_the_banner_first_then_the_same_frames(server: ServerProcess) -> None:
     """The listener reads such a HELLO at once and writes banner, WELCOME and WAITING in one go: same bytes, same order."""
-    alice = _connect_and_say(server.port, _hello("alice", "r1"))
-    got = _read_stream(alice, b'{"room":"r1"}')
-    banner, _, rest = got.partition(b"\r\n")
-    assert banner.startswith(b"CHATPAIR/1 ")
-    assert [(t, o.get("room")) for t, o in _frames(rest)][1:] == [(WAITING, "r1")]
-    assert _frames(rest)[0][0] == WELCOME
-    bob = _connect_and_say(server.port, _hello("bob", "r1") + struct.pack(">IB", 3, MSG) + b"hi")
-    got = _read_stream(bob, b'"peer":"alice"')
-    banner, _, rest = got.partition(b"\r\n")
-    assert banner.startswith(b"CHATPAIR/1 ")
-    assert [t for t, _ in _frames(rest)] == [WELCOME, WAITING, PAIRED]
+    alice = wire.Client(server.port, read_banner=False)
+    alice.send(wire.frame(wire.HELLO, wire.hello_payload("alice", "r1")))
+    assert alice.read_banner().startswith(b"CHATPAIR/1 ")
+    alice.expect(WELCOME)
+    assert alice.expect(WAITING) == {"room": "r1"}
+    bob = wire.Client(server.port, read_banner=False)
+    bob.send(wire.frame(wire.HELLO, wire.hello_payload("bob", "r1")) + wire.frame(MSG, b"hi"))
+    assert bob.read_banner().startswith(b"CHATPAIR/1 ")
+    bob.expect(WELCOME)
+    bob.expect(WAITING)
+    assert bob.expect(PAIRED)["peer"] == "alice"
     # The MSG that came with bob's HELLO reaches alice, after her PAIRED.
-    got = _read_stream(alice, b"hi")
-    assert got.endswith(struct.pack(">IB", 3, MSG) + b"hi") and b'"peer":"bob"' in got
+    assert alice.expect(PAIRED)["peer"] == "bob"
+    assert alice.expect(MSG) == b"hi"
     # Line mode and a bad HELLO, said at once: the banner still comes first.
-    carol = _connect_and_say(server.port, b"carol\n")
-    assert _read_stream(carol, b"waiting").startswith(b"CHATPAIR/1 ")
-    bad = b'{"version": 1, "name": "bad name!"}'
-    dave = _connect_and_say(server.port, struct.pack(">IB", len(bad) + 1, 0x01) + bad)
-    got = _read_stream(dave, b"bad_hello")
-    banner, _, rest = got.partition(b"\r\n")
-    assert banner.startswith(b"CHATPAIR/1 ") and _frames(rest)[0][0] == ERROR
-    for sock in (alice, bob, carol, dave):
-        sock.close()
+    carol = wire.Client(server.port, read_banner=False)
+    carol.send(b"carol\n")
+    assert carol.read_banner().startswith(b"CHATPAIR/1 ")
+    assert carol.read_line() == b"* waiting for a partner"
+    dave = wire.Client(server.port, read_banner=False)
+    dave.send(wire.frame(wire.HELLO, b'{"version": 1, "name": "bad name!"}'))
+    assert dave.read_banner().startswith(b"CHATPAIR/1 ")
+    dave.expect_error("bad_hello")
+    for client in (alice, bob, carol, dave):
+        client.close()

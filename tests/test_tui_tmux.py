@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from test_client import fill_room
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
@@ -196,12 +197,7 @@ def test_full_room_is_said_once_not_retried_forever(server, raw_client, tmux):
     It used to reconnect every 0.5 s for ever (the backoff restarted on every
     successful connect), two server log lines per attempt.
     """
-    first, second = raw_client(server.port), raw_client(server.port)
-    for client, name in ((first, "ann"), (second, "ben")):
-        client.hello(name, "lab")
-        client.expect(WELCOME)
-        client.expect(WAITING)
-    second.expect(PAIRED)
+    fill_room(raw_client, server.port, "lab")
     tmux.client("eve", server.port, "eve", "--room", "lab")
     lines = tmux.wait_text("eve", "not reconnecting")
     assert any("room lab is full" in line for line in lines)
