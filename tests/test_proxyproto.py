@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chatpair.proto import NEED_DATA
+from chatpair.server.accept import real_address
 from chatpair.server.proxyproto import (
     MAX_V1_LENGTH,
     MAX_V2_PAYLOAD,
@@ -66,6 +67,15 @@ def test_v1_tcp4():
 def test_v1_tcp6_is_normalized():
     h = parse_in_every_split(b"PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::1 0 65535\r\nalice\n")
     assert h.source == ("2001:db8::1", 0) and h.dest == ("::1", 65535) and h.rest == b"alice\n"
+
+
+def test_an_ipv4_mapped_source_is_the_ipv4_address_the_acceptor_would_have_seen():
+    for header in (b"PROXY TCP6 ::ffff:10.0.0.5 ::1 1234 7878\r\n",
+                   build_v2(("::ffff:10.0.0.5", 1234), ("::1", 7878))):
+        source = parse_proxy_header(header).source
+        assert real_address(source) == ("10.0.0.5", 1234), source
+    assert real_address(("2001:db8::1", 9)) == ("2001:db8::1", 9)
+    assert real_address(("192.0.2.1", 9)) == ("192.0.2.1", 9)
 
 
 @pytest.mark.parametrize("line", [b"PROXY UNKNOWN\r\n",

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatpair.netutil import format_addr
-from chatpair.server.deny import DenyList
+from chatpair.server.deny import DenyList, client_address
 
 log = logging.getLogger("chatpair")
 
@@ -78,11 +78,15 @@ def unmap_addr(addr: Any) -> Any:
 
 
 def real_address(source: tuple[str, int]) -> tuple[str, int]:
-    """A PROXY header's source as the acceptor would have given it: IPv4 unmapped."""
+    """A PROXY header's source as the acceptor would have given it: IPv4 unmapped.
+
+    Not by text, as :func:`unmap_addr` does for the kernel's dotted form: the
+    header's address is written by :mod:`ipaddress`, which (before Python
+    3.13) gives ``::ffff:a00:5`` for ``::ffff:10.0.0.5``.
+    """
     host, port = source
-    if host.startswith(_MAPPED) and "." in host:
-        return (host[len(_MAPPED):], port)
-    return (host, port)
+    addr = client_address(host)
+    return (str(addr) if addr is not None else host, port)
 
 
 class Acceptor:
