@@ -32,10 +32,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from chatpair.cluster.peer import RemotePeer
-from chatpair.proto import ErrorCode, FrameType
+from chatpair.proto import ErrorCode
 from chatpair.server.conn import Conn
 from chatpair.server.relay import PairEnd
-from chatpair.server.render import event_bytes, undelivered_notices
+from chatpair.server.render import presence_notice, undelivered_notices
 from chatpair.server.session import EXPIRED_MESSAGE
 from chatpair.server.states import Phase
 
@@ -48,13 +48,6 @@ log = logging.getLogger("chatpair")
 FREEZE_TIMEOUT = 1.5
 
 _AWAY = Phase.AWAY
-
-
-def notice_text(code: str, name: str, window: float) -> str:
-    """The words of NOTICE ``peer_away`` / ``peer_back`` (as :mod:`chatpair.server.resuming` says them)."""
-    if code == "peer_away":
-        return f"{name} lost the connection; waiting up to {window:g} s for them to return"
-    return f"{name} is back"
 
 
 def handover_state(conn: Conn, old: str, partner: str | None, partner_name: str | None, *,
@@ -134,8 +127,7 @@ class ClusterResumeMixin:
         if kind == "notice":
             code = json.loads(a)
             window = float(code.get("window", self.limits.resume_window))
-            self.send(conn, event_bytes(conn, FrameType.NOTICE, {
-                "code": code["code"], "message": notice_text(code["code"], peer.name, window)}))
+            self.send(conn, presence_notice(conn, code["code"], peer.name, window))
         elif kind == "lost":
             self.send(conn, undelivered_notices(conn, int(a), f"{peer.name} left"))
         elif kind == "freeze":  # stop sending to the partner until it has moved: ``frozen`` follows our last

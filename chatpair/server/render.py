@@ -44,6 +44,13 @@ class Recipient(Protocol):
 _WAITING_NO_ROOM: Final = encode_json_frame(FrameType.WAITING, {"room": None})
 
 
+def presence_notice(conn: Recipient, code: str, name: str, window: float = 0.0) -> bytes:
+    """NOTICE ``peer_away`` (``name`` lost the connection, may return within ``window`` s) or ``peer_back``."""
+    message = (f"{name} lost the connection; waiting up to {window:g} s for them to return" if code == "peer_away"
+               else f"{name} is back")
+    return event_bytes(conn, FrameType.NOTICE, {"code": code, "message": message})
+
+
 def event_bytes(conn: Recipient, ftype: FrameType, obj: dict[str, Any]) -> bytes:
     """A server event for ``conn``: a frame, or a ``* `` line in line mode (``b""`` if it has none)."""
     if conn.mode is not _LINE:

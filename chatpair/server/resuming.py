@@ -37,7 +37,7 @@ from chatpair.proto import ErrorCode, Frame, FrameType, ProtocolError
 from chatpair.proto.resume import encode_ack, encode_resumed, parse_ack
 from chatpair.server.conn import Conn
 from chatpair.server.handshake import welcome_frame
-from chatpair.server.render import event_bytes
+from chatpair.server.render import event_bytes, presence_notice
 from chatpair.server.session import EXPIRED_MESSAGE, SESSION_LOW_WATER
 from chatpair.server.states import Phase
 
@@ -201,9 +201,7 @@ class ResumeMixin:
         if tell_partner:
             log.info("%s: lost the connection; keeping the session for %gs", conn.label, window)
             if partner is not None:
-                self.send(partner, event_bytes(partner, FrameType.NOTICE, {
-                    "code": "peer_away",
-                    "message": f"{conn.name} lost the connection; waiting up to {window:g} s for them to return"}))
+                self.send(partner, presence_notice(partner, "peer_away", conn.name, window))
         if partner is not None:
             self.on_drained(conn)  # its queue is gone: a partner held back by it may be read again
         self.on_away(conn)
@@ -245,8 +243,7 @@ class ResumeMixin:
                  again, "" if again == 1 else "s")
         partner = conn.partner
         if was_away and partner is not None:
-            self.send(partner, event_bytes(partner, FrameType.NOTICE,
-                                           {"code": "peer_back", "message": f"{conn.name} is back"}))
+            self.send(partner, presence_notice(partner, "peer_back", conn.name))
         self.on_resumed(conn)
         self.process_buffered(conn)
 
