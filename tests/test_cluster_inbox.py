@@ -26,6 +26,7 @@ from chatpair.cluster.inbox import (
     SeqCheck,
     decode_entry,
     frame_msgs,
+    skip_frames,
     split_frames,
 )
 from chatpair.cluster.lobby import ClusterLobby
@@ -81,7 +82,7 @@ def test_frames_both_ways():
     payloads = [b"a", "é".encode() * 3, b"x" * 70000]
     frames = frame_msgs(payloads)
     assert frames[:6] == b"\x00\x00\x00\x02\x02a"
-    assert split_frames(frames) == payloads and split_frames(frames, skip=2) == payloads[2:]
+    assert split_frames(frames) == payloads and split_frames(skip_frames(frames, 2)) == payloads[2:]
 
 
 # -- order, exactly once ---------------------------------------------------------------------

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatpair.cluster.names import Keys, node_of
+from chatpair.proto import FrameType, encode_frame
 
 DEFAULT_WINDOW = 1024
 DEFAULT_MAXLEN = 100_000
@@ -73,22 +74,19 @@ CONTROL_KINDS = frozenset({"paired", "peer_left", "wake", "notice", "lost",
 MAX_ENTRY_BYTES = 256 * 1024
 #: Seconds between two trims of what the reader has read.
 TRIM_INTERVAL = 0.5
-_MSG_TYPE = b"\x02"
 
 
 def frame_msgs(payloads: list[bytes]) -> bytes:
     """MSG payloads as MSG frames, the way a ``msg`` entry carries them."""
-    return b"".join((len(p) + 1).to_bytes(4, "big") + _MSG_TYPE + p for p in payloads)
+    return b"".join(encode_frame(FrameType.MSG, p) for p in payloads)
 
 
-def split_frames(frames: bytes, skip: int = 0) -> list[bytes]:
-    """The payloads of the MSG frames in ``frames`` (a ``msg`` entry's ``p``), the first ``skip`` left out."""
-    out, pos, end, k = [], 0, len(frames), 0
+def split_frames(frames: bytes) -> list[bytes]:
+    """The payloads of the MSG frames in ``frames`` (a ``msg`` entry's ``p``)."""
+    out, pos, end = [], 0, len(frames)
     while pos < end:
         stop = pos + 4 + int.from_bytes(frames[pos:pos + 4], "big")
-        if k >= skip:
-            out.append(frames[pos + 5:stop])
-        k += 1
+        out.append(frames[pos + 5:stop])
         pos = stop
     return out
 
