@@ -236,7 +236,7 @@ class Outbox:
         self.window = window
         self._out: dict[tuple[str, str], _Direction] = {}
         self._queued: list[tuple[str, dict[str, Any]]] = []
-        self._open: dict[tuple[str, str], tuple[dict[str, Any], list[bytes]]] = {}  # entries still growing
+        self._open: dict[tuple[str, str], list[Any]] = {}  # entries still growing: [fields, frames, size]
         self._acks: dict[tuple[str, str], tuple[int, list[tuple[int, int]]]] = {}
 
     # -- sending -------------------------------------------------------------------------
@@ -267,15 +267,15 @@ class Outbox:
         d.next_seq += count
         d.add(seq, count)
         growing = self._open.get(key)
-        if growing is not None and growing[0]["size"] + len(frames) <= MAX_ENTRY_BYTES:
-            fields, parts = growing
+        if growing is not None and growing[2] + len(frames) <= MAX_ENTRY_BYTES:
+            fields, parts, _ = growing
             fields["n"] += count
-            fields["size"] += len(frames)
+            growing[2] += len(frames)
             parts.append(frames)
             return seq
-        fields = {"t": target, "s": source, "q": seq, "k": "msg", "n": count, "size": len(frames)}
+        fields = {"t": target, "s": source, "q": seq, "k": "msg", "n": count}
         parts = [frames]
-        self._open[key] = (fields, parts)
+        self._open[key] = [fields, parts, len(frames)]  # the entry, its frames, their size
         self._queued.append((self.keys.inbox(node_of(target)), fields))
         fields["p"] = parts  # joined at flush
         return seq
@@ -311,10 +311,8 @@ class Outbox:
         self._open.clear()  # from here on (even if this flush fails) these entries no longer grow
         batch = []
         for key, fields in self._queued:
-            if fields["k"] == "msg":
-                fields = {k: v for k, v in fields.items() if k != "size"}
-                if isinstance(fields["p"], list):
-                    fields["p"] = b"".join(fields["p"])
+            if isinstance(fields["p"], list):  # a msg entry's frames, joined once (it grows no more)
+                fields["p"] = b"".join(fields["p"])
             batch.append((key, fields))
         for (source, target), (upto, gaps) in self._acks.items():
             fields: dict[str, Any] = {"t": source, "s": target, "q": upto, "k": "ack", "p": b""}
