@@ -52,7 +52,7 @@ from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
 from chatpair.server.reception import log_joined
 from chatpair.server.relay import Bounce, PairEnd, Relay, Report
-from chatpair.server.render import event_bytes
+from chatpair.server.render import event_bytes, room_full_text
 
 log = logging.getLogger("chatpair")
 
@@ -209,7 +209,7 @@ class ClusterDesk:
                 del listener.waiting[conn.cid]
                 self.asked.discard(conn.cid)
                 self.joined.discard(conn.cid)  # the cluster lobby did not keep it
-                listener.fail(conn, ErrorCode.ROOM_FULL, f"room {conn.room} is full: a pair is already chatting there")
+                listener.fail(conn, ErrorCode.ROOM_FULL, room_full_text(conn.room))
             return
         if isinstance(result, Queued):
             if conn is not None:

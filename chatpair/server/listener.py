@@ -39,7 +39,7 @@ from chatpair.server.processes import prepare_child_process, stop_resource_track
 from chatpair.server.reception import Reception
 from chatpair.server.relay import Bounce, Report
 from chatpair.server.relay_pool import RelayPool
-from chatpair.server.render import event_bytes, undelivered_notices
+from chatpair.server.render import event_bytes, room_full_text, undelivered_notices
 from chatpair.server.resume_desk import ResumeDesk
 from chatpair.server.states import Phase
 from chatpair.server.workers import Stranded
@@ -147,7 +147,7 @@ class Listener(ConnLoop):
         result = self.lobby.join(conn.cid, conn.room, requeued=requeued)
         if isinstance(result, RoomFull):
             self.send(conn, first)
-            self.fail(conn, ErrorCode.ROOM_FULL, f"room {conn.room} is full: a pair is already chatting there")
+            self.fail(conn, ErrorCode.ROOM_FULL, room_full_text(conn.room))
             return
         self.waiting[conn.cid] = conn
         waiting = first + event_bytes(conn, FrameType.WAITING, {"room": conn.room})

@@ -44,6 +44,11 @@ class Recipient(Protocol):
 _WAITING_NO_ROOM: Final = encode_json_frame(FrameType.WAITING, {"room": None})
 
 
+def room_full_text(room: str | None) -> str:
+    """The words of ERROR ``room_full`` (a room holds one pair)."""
+    return f"room {room} is full: a pair is already chatting there"
+
+
 def presence_notice(conn: Recipient, code: str, name: str, window: float = 0.0) -> bytes:
     """NOTICE ``peer_away`` (``name`` lost the connection, may return within ``window`` s) or ``peer_back``."""
     message = (f"{name} lost the connection; waiting up to {window:g} s for them to return" if code == "peer_away"
