@@ -26,6 +26,7 @@ from typing import Any
 from chatpair.bench.config import BenchConfig
 from chatpair.client.config import ClientConfig
 from chatpair.client.greeting import silent, stranger
+from chatpair.client.session import SPEAK_AFTER  # a silent server is spoken to first, as the client does
 from chatpair.client.transport import open_socket, os_reason, speaks_tls
 from chatpair.errors import ChatpairError, ConfigError, ConnectError
 from chatpair.netutil import format_hostport
@@ -33,9 +34,6 @@ from chatpair.proto import BANNER_PREFIX, HEADER, MAX_BANNER, FrameType, encode_
 
 #: Seconds for connect, TLS, banner and WELCOME together.
 PROBE_TIMEOUT = 10.0
-#: A chatpair server greets at once; one silent this long is spoken to first
-#: (HTTP and TLS servers wait for the client), as ``chatpair client`` does.
-SPEAK_AFTER = 1.0
 
 
 class _Reader:

@@ -25,13 +25,10 @@ was received is sanitized before it is shown.
 
 from __future__ import annotations
 
-import json
-
-from chatpair.proto import sanitize
+from chatpair.proto import HEADER, FrameType, ProtocolError, decode_json, sanitize
 
 #: At most this much of what the server said is shown.
 SHOWN = 60
-ERROR_TYPE = 0x1F
 
 
 def first_line(data: bytes) -> str:
@@ -43,14 +40,15 @@ def first_line(data: bytes) -> str:
 
 def _error_frame_message(data: bytes) -> str | None:
     """The message of a chatpair ERROR frame at the start of ``data`` (None: not one)."""
-    if len(data) < 5 or data[0] != 0 or data[4] != ERROR_TYPE:
+    if len(data) < HEADER.size:
         return None
-    size = int.from_bytes(data[:4], "big")
+    size, ftype = HEADER.unpack_from(data)
+    if ftype != FrameType.ERROR:
+        return None
     try:
-        obj = json.loads(data[5:4 + size].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        message = decode_json(data[HEADER.size:4 + size]).get("message")
+    except ProtocolError:
         return None
-    message = obj.get("message") if isinstance(obj, dict) else None
     return sanitize(message, False) if isinstance(message, str) else None
 
 
