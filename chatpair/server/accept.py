@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import selectors
 import socket
 import sys
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from typing import Any
 
 from chatpair.netutil import format_addr
 from chatpair.server.deny import DenyList, client_address
+from chatpair.server.poller import EVENT_READ, Poller
 
 log = logging.getLogger("chatpair")
 
@@ -102,10 +102,10 @@ class Acceptor:
     :meth:`denied_network` and closes the connection itself.
     """
 
-    def __init__(self, sock: socket.socket, sel: selectors.BaseSelector,
+    def __init__(self, sock: socket.socket, poller: Poller,
                  on_connection: Callable[[socket.socket, Any], None], deny: DenyList | None = None) -> None:
         self.sock = sock
-        self._sel = sel
+        self._poller = poller
         self._on_connection = on_connection
         self.deny = deny
         self.accepted = 0  # connections accepted, denied ones included
@@ -119,7 +119,7 @@ class Acceptor:
         # one: set them once here instead of five syscalls per connection.
         tune_socket(sock)
         self._tune_each = not sys.platform.startswith("linux")
-        sel.register(sock, selectors.EVENT_READ, None)
+        poller.register(sock, EVENT_READ, None)
 
     def on_readable(self, now: float) -> None:
         if self.state is not AcceptState.ACCEPTING:
@@ -179,7 +179,7 @@ class Acceptor:
     def tick(self, now: float) -> None:
         if self.state is AcceptState.RESTING and now >= self._resume_at:
             self.state = AcceptState.ACCEPTING
-            self._sel.register(self.sock, selectors.EVENT_READ, None)
+            self._poller.register(self.sock, EVENT_READ, None)
 
     def stop(self) -> None:
         """Accept no more (the socket stays open: the main process owns it)."""
@@ -189,6 +189,6 @@ class Acceptor:
 
     def _unregister(self) -> None:
         try:
-            self._sel.unregister(self.sock)
+            self._poller.unregister(self.sock)
         except (KeyError, ValueError):
             pass

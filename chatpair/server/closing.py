@@ -27,9 +27,8 @@ from chatpair.server.stats import LoopStats
 from chatpair.server.tls import WOULD_BLOCK
 
 if TYPE_CHECKING:
-    import selectors
-
     from chatpair.netutil import Waker
+    from chatpair.server.poller import Poller
 
 log = logging.getLogger("chatpair")
 
@@ -53,7 +52,7 @@ class CloseMixin:
         closing: set[Conn]
         sessions: dict[int, Conn]
         _dead: list[Conn]
-        sel: selectors.BaseSelector
+        poller: Poller
         waker: Waker
 
         def drop_away(self) -> None: ...
@@ -140,7 +139,7 @@ class CloseMixin:
         self.drop_away()
         for conn in list(self.conns) + list(self.closing):
             self._close_now(conn)
-        self.sel.close()
+        self.poller.close()
         self.waker.close()
 
     def _bury_dead(self) -> None:

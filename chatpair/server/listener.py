@@ -33,8 +33,9 @@ from chatpair.server.admission import Admission
 from chatpair.server.config import ServerConfig
 from chatpair.server.conn import Conn
 from chatpair.server.lobby import Lobby, Matched, RoomFull
-from chatpair.server.loop import EVENT_READ, ConnLoop
+from chatpair.server.loop import ConnLoop
 from chatpair.server.operations import Operations
+from chatpair.server.poller import EVENT_READ
 from chatpair.server.processes import prepare_child_process, stop_resource_tracker
 from chatpair.server.reception import Reception
 from chatpair.server.relay import Bounce, Report
@@ -77,10 +78,10 @@ class Listener(ConnLoop):
         self.registry = self.resumes.registry
         self.reception = Reception(self, config, self.admission, self._queue, self.resumes.on_resume)
         self.ops = Operations(self, config)  # the deny list, status lines, /metrics (server/operations.py)
-        self.acceptor = self.reception.attach(Acceptor(listen_sock, self.sel, self.reception.new_connection, self.ops.deny))
+        self.acceptor = self.reception.attach(Acceptor(listen_sock, self.poller, self.reception.new_connection, self.ops.deny))
         if control is not None:
             control.setblocking(False)
-            self.sel.register(control, EVENT_READ, None)
+            self.poller.register(control, EVENT_READ, None)
         self.cluster: ClusterDesk | None = None  # --cluster: the lobby in Redis (server/cluster_desk.py)
         if config.cluster:
             from chatpair.server.cluster_desk import ClusterDesk
@@ -88,7 +89,7 @@ class Listener(ConnLoop):
             self.cluster = ClusterDesk(self, config)  # threads stopped and joined by finish() in listener_main
             self.reception.make_token = self.cluster.sessions.new_token
             self.resumes.elsewhere = self.cluster.sessions.resume_elsewhere
-        self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.sel,
+        self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.poller,
                                 self.cluster.make_relay if self.cluster is not None else None)
 
     # -- sockets that are not clients -----------------------------------------------------

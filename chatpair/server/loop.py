@@ -27,7 +27,6 @@ Subclasses decide what a message means (forward it, or answer
 from __future__ import annotations
 
 import logging
-import selectors
 import time
 from typing import Any
 
@@ -38,6 +37,13 @@ from chatpair.server.config import Limits
 from chatpair.server.conn import Conn
 from chatpair.server.logs import flush_logs
 from chatpair.server.output import OutputMixin
+from chatpair.server.poller import (
+    EVENT_READ,
+    EVENT_WRITE,
+    READ_READY,
+    WRITE_READY,
+    make_poller,
+)
 from chatpair.server.ratelimit import RateLimiter
 from chatpair.server.reader import ReadMixin
 from chatpair.server.resuming import ResumeMixin
@@ -47,9 +53,6 @@ from chatpair.server.timers import TICK_SECONDS, Expired, sweep, sweep_interval
 from chatpair.server.tls import PLAINTEXT_MESSAGE, handshake_step, plaintext_on_tls
 
 log = logging.getLogger("chatpair")
-
-EVENT_READ = selectors.EVENT_READ
-EVENT_WRITE = selectors.EVENT_WRITE
 
 #: One read takes at most this much; big enough to batch thousands of small frames.
 SCRATCH_SIZE = 256 * 1024
@@ -84,7 +87,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
         self.limits = limits
         self.max_frame = limits.max_frame
         self.limiter = RateLimiter(limits.rate, limits.burst)
-        self.sel = selectors.DefaultSelector()
+        self.poller = make_poller()
         self.conns: set[Conn] = set()  # owned and not closing
         self.closing: set[Conn] = set()
         self.running = True
@@ -97,7 +100,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
         self.scratch_view = memoryview(self.scratch)
         # Other threads (the listener handing over a pair) wake select() with it.
         self.waker = Waker()
-        self.sel.register(self.waker.reader, EVENT_READ, None)
+        self.poller.register(self.waker.reader, EVENT_READ, None)
         self.init_resume()
         self.stats = LoopStats()  # for the status line and /metrics; written by this loop's thread only
 
@@ -109,7 +112,8 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
 
     def run(self) -> None:
         """Serve until :attr:`running` goes false and the closing sockets are done."""
-        sel = self.sel
+        poll = self.poller.poll
+        owners, specials = self.poller.data, self.poller.files  # fd -> Conn, fd -> socket of our own
         throttled = self.limiter.heap
         next_tick = 0.0
         try:
@@ -117,24 +121,23 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
                 wake_at = next_tick
                 if throttled and throttled[0][0] < wake_at:
                     wake_at = throttled[0][0]
-                events = sel.select(max(0.0, wake_at - self.now))
+                events = poll(max(0.0, wake_at - self.now))
                 self.now = time.monotonic()
-                for key, mask in events:
-                    conn = key.data
-                    if conn is None:
-                        self.on_special(key.fileobj)
+                for fd, ready in events:
+                    conn = owners.get(fd)
+                    if conn is None:  # a socket of the loop's own (wake-up, listening socket)
+                        if fd in specials:
+                            self.on_special(specials[fd])
                         continue
-                    # An event of this batch may be stale: handling an earlier
-                    # one can hand this connection to another loop (or close
-                    # it). Only the owner may touch it, so ask ownership, not
-                    # "registered somewhere" - the new owner may already have
-                    # registered it in its own selector.
-                    if mask & EVENT_WRITE and conn.owner is self and conn.events:
+                    # An event may be stale (an earlier one handed the conn on, or closed it): ask
+                    # ownership and what it waits for now. A stale event on a reused fd reads or
+                    # writes nothing: the sockets are non-blocking.
+                    if ready & WRITE_READY and conn.owner is self and conn.events & EVENT_WRITE:
                         if conn.phase is _TLS_HANDSHAKE:
                             self.tls_step(conn)
                         else:
                             self.write_queued(conn)
-                    if mask & EVENT_READ and conn.owner is self and conn.events:
+                    if ready & READ_READY and conn.owner is self and conn.events & EVENT_READ:
                         self.on_readable(conn)
                 while self._again:
                     again, self._again = self._again, []
@@ -219,7 +222,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
     def _unregister(self, conn: Conn) -> None:
         if conn.events:
             try:
-                self.sel.unregister(conn.fd)
+                self.poller.unregister(conn.fd)
             except (KeyError, ValueError, OSError):
                 pass
             conn.events = 0
@@ -242,11 +245,11 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
             return
         try:
             if not have:
-                self.sel.register(conn.fd, want, conn)
+                self.poller.register(conn.fd, want, conn)
             elif not want:
-                self.sel.unregister(conn.fd)
+                self.poller.unregister(conn.fd)
             else:
-                self.sel.modify(conn.fd, want, conn)
+                self.poller.modify(conn.fd, want, conn)
         except (KeyError, ValueError, OSError):
             self._dead.append(conn)
             return

@@ -11,12 +11,12 @@ thread of the listener process takes new pairs meanwhile (the *fallback*).
 from __future__ import annotations
 
 import logging
-import selectors
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
+from chatpair.server.poller import Poller
 from chatpair.server.relay import Relay, RelayThread, Report
 from chatpair.server.workers import Stranded, WorkerHandle
 
@@ -49,16 +49,16 @@ class RelayPool:
 
     ``on_pair_end`` hears from every relay when a pair ends (from relay
     threads, on their thread); ``on_lost`` hears when a worker died with
-    clients. Runs in the listener's loop thread, whose selector ``sel`` also
+    clients. Runs in the listener's loop thread, whose poller ``poller`` also
     watches the workers' channels.
     """
 
     def __init__(self, config: ServerConfig, on_pair_end: Callable[[Report], None],
-                 on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector,
+                 on_lost: Callable[[list[Stranded]], None], poller: Poller,
                  make_relay: Callable[[Limits, int, Callable[[Report], None]], Relay] | None = None) -> None:
         self._limits = config.limits()
         self._on_pair_end = on_pair_end
-        self.workers = [WorkerHandle(config, i, on_pair_end, on_lost, sel) for i in range(config.workers)]
+        self.workers = [WorkerHandle(config, i, on_pair_end, on_lost, poller) for i in range(config.workers)]
         #: With --workers: a relay thread of this process, started the first time
         #: a pair is made while no worker is available (all dead, restarting).
         self.fallback: RelayThread | None = None

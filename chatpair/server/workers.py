@@ -43,7 +43,6 @@ import enum
 import logging
 import multiprocessing
 import os
-import selectors
 import socket
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from typing import Any
 from chatpair.server.channel import Channel, Message
 from chatpair.server.config import ServerConfig
 from chatpair.server.conn import Conn
-from chatpair.server.loop import EVENT_READ, EVENT_WRITE
+from chatpair.server.poller import EVENT_READ, EVENT_WRITE, Poller
 from chatpair.server.processes import (
     RESTART_BACKOFF_SECONDS,
     RestartBackoff,
@@ -115,7 +114,7 @@ class WorkerRelay(Relay):
         self.channel = channel
         self.max_line = config.max_frame - 1
         self._channel_events = EVENT_READ  # what the channel is registered for
-        self.sel.register(channel.sock, EVENT_READ, None)
+        self.poller.register(channel.sock, EVENT_READ, None)
 
     def _send_end(self, report: Report) -> None:
         obj, socks = _report_message(report)
@@ -125,7 +124,7 @@ class WorkerRelay(Relay):
     def _channel_interest(self) -> None:
         want = EVENT_READ | (EVENT_WRITE if self.channel.has_output else 0)
         if want != self._channel_events and not self.channel.closed:
-            self.sel.modify(self.channel.sock, want, None)
+            self.poller.modify(self.channel.sock, want, None)
             self._channel_events = want
 
     def on_special(self, fileobj: Any) -> None:
@@ -145,7 +144,7 @@ class WorkerRelay(Relay):
         if self.channel.closed and self.running:
             # The listener is gone (crashed or killed): nobody can requeue our
             # clients, so tell them and finish.
-            self.sel.unregister(self.channel.sock)
+            self.poller.unregister(self.channel.sock)
             self.stop()
         else:
             self._channel_interest()
@@ -213,12 +212,12 @@ class WorkerHandle:
     """
 
     def __init__(self, config: ServerConfig, index: int, on_pair_end: Callable[[Report], None],
-                 on_lost: Callable[[list[Stranded]], None], sel: selectors.BaseSelector) -> None:
+                 on_lost: Callable[[list[Stranded]], None], poller: Poller) -> None:
         self.index = index
         self.config = config
         self._on_pair_end = on_pair_end
         self._on_lost = on_lost
-        self._sel = sel
+        self._poller = poller
         self.state = WorkerState.NEW
         self.process: multiprocessing.process.BaseProcess | None = None
         self.channel: Channel | None = None
@@ -273,20 +272,20 @@ class WorkerHandle:
         self.state = WorkerState.RUNNING
         self.restart_at = 0.0
         self._events = EVENT_READ
-        self._sel.register(ours, EVENT_READ, None)
+        self._poller.register(ours, EVENT_READ, None)
 
     def _interest(self) -> None:
         if self.channel is None or self.channel.closed:
             return
         want = EVENT_READ | (EVENT_WRITE if self.channel.has_output else 0)
         if want != self._events:
-            self._sel.modify(self.channel.sock, want, None)
+            self._poller.modify(self.channel.sock, want, None)
             self._events = want
 
     def _unregister(self) -> None:
         if self._events:
             try:
-                self._sel.unregister(self.channel.sock)  # type: ignore[union-attr]
+                self._poller.unregister(self.channel.sock)  # type: ignore[union-attr]
             except (KeyError, ValueError, OSError):
                 pass
             self._events = 0

@@ -1,0 +1,132 @@
+"""The readiness poller under every server loop: ``epoll`` itself on Linux, ``selectors`` elsewhere.
+
+A relay hop (read one message, write it to the partner) costs a few
+microseconds of Python, and ``selectors`` added about 0.8 us of them to
+every wait (a ``SelectorKey`` per ready socket, a list built and walked
+again) and about 1.5 us to every register/unregister (a namedtuple, a
+lookup by file object). :class:`EpollPoller` keeps only what the loops need
+- one dict from descriptor to its owner's data - and lets the loop walk
+``epoll.poll()``'s own list. ``docs/performance.md`` has the figures.
+
+Both pollers keep the ``selectors`` calling convention for registering
+(``register(fileobj, events, data)``, ``modify``, ``unregister``, with
+``EVENT_READ``/``EVENT_WRITE``), so code that registers a socket of its own
+(the acceptor, a worker channel) does not care which one runs. Waiting is
+:meth:`poll`: a list of ``(fd, ready)``, where ``ready`` is tested against
+:data:`READ_READY` and :data:`WRITE_READY`; the loop looks ``fd`` up in
+:attr:`data` (a connection) or :attr:`files` (a socket of its own,
+registered with ``data=None``). An error or hang-up counts as both, as in
+``selectors``: the next read or write says what happened.
+"""
+
+from __future__ import annotations
+
+import select
+import selectors
+from typing import Any
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+# epoll's bits (numbers from the Linux ABI, so that the fallback can speak
+# them where the select module has no EPOLL* names).
+_IN, _PRI, _OUT, _ERR, _HUP, _RDHUP = 0x001, 0x002, 0x004, 0x008, 0x010, 0x2000
+#: A ready mask with any of these bits: read (an error or hang-up too).
+READ_READY = _IN | _PRI | _ERR | _HUP | _RDHUP
+#: A ready mask with any of these bits: write (an error or hang-up too).
+WRITE_READY = _OUT | _ERR | _HUP
+#: selectors' EVENT_* combination -> epoll's interest bits.
+_INTEREST = (0, _IN, _OUT, _IN | _OUT)
+#: At most this many ready descriptors per wait; the rest come next time (epoll keeps them queued fairly).
+MAX_EVENTS = 1024
+
+
+def _fd(fileobj: Any) -> int:
+    return fileobj if isinstance(fileobj, int) else fileobj.fileno()
+
+
+class EpollPoller:
+    """``select.epoll`` with a descriptor -> data dict. Used by one thread only."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self.data: dict[int, Any] = {}  # fd -> its connection (None: see files)
+        self.files: dict[int, Any] = {}  # fd -> file object registered with data=None
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> None:
+        fd = _fd(fileobj)
+        if fd in self.data:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        self._epoll.register(fd, _INTEREST[events])
+        self.data[fd] = data
+        if data is None:
+            self.files[fd] = fileobj
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> None:
+        fd = _fd(fileobj)
+        if fd not in self.data:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
+        self._epoll.modify(fd, _INTEREST[events])
+        self.data[fd] = data
+
+    def unregister(self, fileobj: Any) -> None:
+        fd = _fd(fileobj)
+        self.data.pop(fd)  # KeyError for an unknown one, as selectors says
+        self.files.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # already closed: the kernel forgot it by itself
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        """Wait up to ``timeout`` seconds (< 0: for ever); ``(fd, ready bits)`` of what is ready."""
+        try:
+            return self._epoll.poll(timeout, MAX_EVENTS)
+        except InterruptedError:
+            return []
+
+    def close(self) -> None:
+        self._epoll.close()
+        self.data.clear()
+        self.files.clear()
+
+
+class SelectorPoller:
+    """The same on ``selectors.DefaultSelector`` (macOS, BSD, Windows): ready masks in epoll's bits."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self.data: dict[int, Any] = {}
+        self.files: dict[int, Any] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> None:
+        key = self._sel.register(fileobj, events, data)
+        self.data[key.fd] = data
+        if data is None:
+            self.files[key.fd] = fileobj
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> None:
+        key = self._sel.modify(fileobj, events, data)
+        self.data[key.fd] = data
+
+    def unregister(self, fileobj: Any) -> None:
+        key = self._sel.unregister(fileobj)
+        self.data.pop(key.fd, None)
+        self.files.pop(key.fd, None)
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        return [(key.fd, (_IN if mask & EVENT_READ else 0) | (_OUT if mask & EVENT_WRITE else 0))
+                for key, mask in self._sel.select(None if timeout < 0 else timeout)]
+
+    def close(self) -> None:
+        self._sel.close()
+        self.data.clear()
+        self.files.clear()
+
+
+Poller = EpollPoller | SelectorPoller
+
+
+def make_poller() -> Poller:
+    """The fastest poller this platform has."""
+    return EpollPoller() if hasattr(select, "epoll") else SelectorPoller()

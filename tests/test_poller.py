@@ -1,0 +1,106 @@
+"""The readiness poller under the server loops: epoll on Linux and the selectors fallback behave alike.
+
+Real socket pairs; readiness is what the kernel says, so nothing waits on time.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from chatpair.server.poller import (
+    EVENT_READ,
+    EVENT_WRITE,
+    READ_READY,
+    WRITE_READY,
+    EpollPoller,
+    Poller,
+    SelectorPoller,
+    make_poller,
+)
+
+KINDS = [SelectorPoller] + ([EpollPoller] if hasattr(select, "epoll") else [])
+
+
+@pytest.fixture(params=KINDS, ids=lambda kind: kind.__name__)
+def poller(request: pytest.FixtureRequest) -> Iterator[Poller]:
+    p = request.param()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def ready(poller: Poller, timeout: float = 0.0) -> dict[int, int]:
+    return dict(poller.poll(timeout))
+
+
+def test_read_write_and_the_data_of_each_descriptor(poller: Poller, pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    poller.register(a.fileno(), EVENT_READ, "conn-a")
+    assert poller.data == {a.fileno(): "conn-a"} and poller.files == {}
+    assert ready(poller) == {}  # nothing to read yet
+    b.send(b"x")
+    got = ready(poller, 5.0)
+    assert got[a.fileno()] & READ_READY and not got[a.fileno()] & WRITE_READY
+    poller.modify(a.fileno(), EVENT_READ | EVENT_WRITE, "conn-a2")
+    got = ready(poller, 5.0)
+    assert got[a.fileno()] & READ_READY and got[a.fileno()] & WRITE_READY
+    assert poller.data[a.fileno()] == "conn-a2"
+    poller.modify(a.fileno(), EVENT_WRITE, "conn-a2")
+    got = ready(poller, 5.0)
+    assert got[a.fileno()] & WRITE_READY and not got[a.fileno()] & READ_READY
+    poller.unregister(a.fileno())
+    assert ready(poller) == {} and poller.data == {}
+
+
+def test_a_socket_of_the_loops_own_is_kept_as_its_file_object(poller: Poller,
+                                                             pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    poller.register(a, EVENT_READ, None)
+    assert poller.files == {a.fileno(): a}
+    b.send(b"x")
+    assert a.fileno() in ready(poller, 5.0)
+    poller.unregister(a)
+    assert poller.files == {} and poller.data == {}
+
+
+def test_a_hang_up_is_ready_for_what_was_asked(poller: Poller, pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    poller.register(a.fileno(), EVENT_READ, "conn")
+    b.close()
+    got = ready(poller, 5.0)
+    assert got[a.fileno()] & READ_READY
+    assert a.recv(10) == b""  # the read says what happened
+
+
+def test_mistakes_are_the_errors_selectors_gives(poller: Poller, pair: tuple[socket.socket, socket.socket]) -> None:
+    a, _ = pair
+    poller.register(a.fileno(), EVENT_READ, "conn")
+    with pytest.raises(KeyError):
+        poller.register(a.fileno(), EVENT_READ, "again")
+    poller.unregister(a.fileno())
+    with pytest.raises(KeyError):
+        poller.unregister(a.fileno())
+    with pytest.raises(KeyError):
+        poller.modify(a.fileno(), EVENT_READ, "conn")
+    with pytest.raises((ValueError, OSError)):
+        poller.register(-1, EVENT_READ, "closed")
+
+
+def test_the_platforms_best_is_chosen() -> None:
+    p = make_poller()
+    try:
+        assert isinstance(p, EpollPoller if hasattr(select, "epoll") else SelectorPoller)
+    finally:
+        p.close()
