@@ -1,0 +1,33 @@
+"""What every server child process does first (server/processes.py), in a real spawned process."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+
+from chatpair.server.processes import GC_YOUNG_THRESHOLD, prepare_child_process
+
+
+def _child(answer: multiprocessing.connection.Connection) -> None:
+    import gc
+    import signal
+
+    before = gc.get_threshold()
+    prepare_child_process(logging.WARNING)
+    answer.send((before, gc.get_threshold(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
+
+
+def test_a_child_runs_young_collections_less_often_and_ignores_stop_signals() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_child, args=(theirs,))
+    child.start()
+    try:
+        assert ours.poll(30), "the child did not answer"
+        before, after, ignores_ctrl_c = ours.recv()
+    finally:
+        child.join(10)
+    assert before[0] < GC_YOUNG_THRESHOLD  # CPython's own default (700)
+    assert after == (GC_YOUNG_THRESHOLD, before[1], before[2])
+    assert ignores_ctrl_c
+    assert child.exitcode == 0
