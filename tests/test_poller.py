@@ -6,8 +6,9 @@ Real socket pairs; readiness is what the kernel says, so nothing waits on time.
 from __future__ import annotations
 
 import select
+import selectors
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,12 +23,23 @@ from chatpair.server.poller import (
     make_poller,
 )
 
-KINDS = [SelectorPoller] + ([EpollPoller] if hasattr(select, "epoll") else [])
+
+# The fallback is tried on each selector this platform has, not only on the default one.
+def _fallback_on(selector_class: type[selectors.BaseSelector]) -> Callable[[], Poller]:
+    return lambda: SelectorPoller(selector_class())
 
 
-@pytest.fixture(params=KINDS, ids=lambda kind: kind.__name__)
+KINDS: dict[str, Callable[[], Poller]] = {
+    f"SelectorPoller-{name}": _fallback_on(getattr(selectors, name))
+    for name in ("SelectSelector", "PollSelector", "EpollSelector", "KqueueSelector") if hasattr(selectors, name)
+}
+if hasattr(select, "epoll"):
+    KINDS["EpollPoller"] = EpollPoller
+
+
+@pytest.fixture(params=sorted(KINDS))
 def poller(request: pytest.FixtureRequest) -> Iterator[Poller]:
-    p = request.param()
+    p = KINDS[request.param]()
     yield p
     p.close()
 
@@ -84,6 +96,37 @@ def test_a_hang_up_is_ready_for_what_was_asked(poller: Poller, pair: tuple[socke
     assert a.recv(10) == b""  # the read says what happened
 
 
+def test_a_hang_up_reaches_a_socket_that_only_waits_to_write(poller: Poller,
+                                                             pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    poller.register(a.fileno(), EVENT_WRITE, "conn")
+    b.close()
+    assert ready(poller, 5.0)[a.fileno()] & WRITE_READY  # the write then says what happened
+
+
+def test_a_socket_closed_before_it_is_unregistered_is_forgotten(poller: Poller,
+                                                                pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    c, d = socket.socketpair()
+    try:
+        poller.register(c, EVENT_READ, None)
+        c.close()  # fileno() is -1 now: the poller still knows which descriptor it had
+        poller.unregister(c)
+        assert poller.data == {} and poller.files == {}
+        poller.register(a.fileno(), EVENT_READ, "conn")  # the number may be reused at once
+        b.send(b"x")
+        assert a.fileno() in ready(poller, 5.0)
+    finally:
+        d.close()
+
+
+def test_a_wait_for_ever_returns_as_soon_as_something_is_ready(poller: Poller,
+                                                               pair: tuple[socket.socket, socket.socket]) -> None:
+    a, _ = pair
+    poller.register(a.fileno(), EVENT_WRITE, "conn")  # a fresh socket is writable at once
+    assert a.fileno() in ready(poller, -1)
+
+
 def test_mistakes_are_the_errors_selectors_gives(poller: Poller, pair: tuple[socket.socket, socket.socket]) -> None:
     a, _ = pair
     poller.register(a.fileno(), EVENT_READ, "conn")
@@ -96,6 +139,9 @@ def test_mistakes_are_the_errors_selectors_gives(poller: Poller, pair: tuple[soc
         poller.modify(a.fileno(), EVENT_READ, "conn")
     with pytest.raises((ValueError, OSError)):
         poller.register(-1, EVENT_READ, "closed")
+    with pytest.raises(ValueError):
+        poller.register(a.fileno(), 0, "nothing to wait for")
+    assert poller.data == {} and poller.files == {}
 
 
 def test_the_platforms_best_is_chosen() -> None:

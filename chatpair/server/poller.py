@@ -45,45 +45,77 @@ def _fd(fileobj: Any) -> int:
     return fileobj if isinstance(fileobj, int) else fileobj.fileno()
 
 
-class EpollPoller:
+def _interest(events: int) -> int:
+    if not 0 < events <= EVENT_READ | EVENT_WRITE:
+        raise ValueError(f"invalid events: {events!r}")
+    return _INTEREST[events]
+
+
+class _Registry:
+    """What both pollers keep: descriptor -> data, and the loop's own file objects."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, Any] = {}  # fd -> its connection (None: see files)
+        self.files: dict[int, Any] = {}  # fd -> file object registered with data=None
+
+    def _known_fd(self, fileobj: Any) -> int:
+        """The descriptor ``fileobj`` was registered under, even once it is closed (fileno() -1)."""
+        fd = _fd(fileobj)
+        if fd < 0:
+            fd = next((known for known, f in self.files.items() if f is fileobj), fd)
+        if fd not in self.data:
+            raise KeyError(f"{fileobj!r} is not registered")
+        return fd
+
+    def _remember(self, fd: int, fileobj: Any, data: Any) -> None:
+        self.data[fd] = data
+        if data is None:
+            self.files[fd] = fileobj
+        else:
+            self.files.pop(fd, None)
+
+    def _forget(self, fd: int) -> None:
+        self.data.pop(fd, None)
+        self.files.pop(fd, None)
+
+
+class EpollPoller(_Registry):
     """``select.epoll`` with a descriptor -> data dict. Used by one thread only."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._epoll = select.epoll()
-        self.data: dict[int, Any] = {}  # fd -> its connection (None: see files)
-        self.files: dict[int, Any] = {}  # fd -> file object registered with data=None
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> None:
         fd = _fd(fileobj)
         if fd in self.data:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
-        self._epoll.register(fd, _INTEREST[events])
-        self.data[fd] = data
-        if data is None:
-            self.files[fd] = fileobj
+        self._epoll.register(fd, _interest(events))
+        self._remember(fd, fileobj, data)
 
     def modify(self, fileobj: Any, events: int, data: Any = None) -> None:
-        fd = _fd(fileobj)
-        if fd not in self.data:
-            raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
-        self._epoll.modify(fd, _INTEREST[events])
-        self.data[fd] = data
+        fd = self._known_fd(fileobj)
+        try:
+            self._epoll.modify(fd, _interest(events))
+        except OSError:
+            self._forget(fd)  # the kernel no longer has it (closed): neither do we
+            raise
+        self._remember(fd, fileobj, data)
 
     def unregister(self, fileobj: Any) -> None:
-        fd = _fd(fileobj)
-        self.data.pop(fd)  # KeyError for an unknown one, as selectors says
-        self.files.pop(fd, None)
+        fd = self._known_fd(fileobj)
+        self._forget(fd)
         try:
             self._epoll.unregister(fd)
         except OSError:
             pass  # already closed: the kernel forgot it by itself
 
     def poll(self, timeout: float) -> list[tuple[int, int]]:
-        """Wait up to ``timeout`` seconds (< 0: for ever); ``(fd, ready bits)`` of what is ready."""
-        try:
-            return self._epoll.poll(timeout, MAX_EVENTS)
-        except InterruptedError:
-            return []
+        """Wait up to ``timeout`` seconds (< 0: for ever); ``(fd, ready bits)`` of what is ready.
+
+        (An interrupted wait is retried by Python itself, PEP 475.)
+        """
+        return self._epoll.poll(timeout, MAX_EVENTS)
 
     def close(self) -> None:
         self._epoll.close()
@@ -91,28 +123,30 @@ class EpollPoller:
         self.files.clear()
 
 
-class SelectorPoller:
-    """The same on ``selectors.DefaultSelector`` (macOS, BSD, Windows): ready masks in epoll's bits."""
+class SelectorPoller(_Registry):
+    """The same on a ``selectors`` selector (macOS, BSD, Windows): ready masks in epoll's bits."""
 
-    def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
-        self.data: dict[int, Any] = {}
-        self.files: dict[int, Any] = {}
+    def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
+        super().__init__()
+        self._sel = selector if selector is not None else selectors.DefaultSelector()
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> None:
         key = self._sel.register(fileobj, events, data)
-        self.data[key.fd] = data
-        if data is None:
-            self.files[key.fd] = fileobj
+        self._remember(key.fd, fileobj, data)
 
     def modify(self, fileobj: Any, events: int, data: Any = None) -> None:
-        key = self._sel.modify(fileobj, events, data)
-        self.data[key.fd] = data
+        fd = self._known_fd(fileobj)
+        try:
+            self._sel.modify(fd, events, data)
+        except OSError:
+            self._forget(fd)  # selectors dropped it too
+            raise
+        self._remember(fd, fileobj, data)
 
     def unregister(self, fileobj: Any) -> None:
-        key = self._sel.unregister(fileobj)
-        self.data.pop(key.fd, None)
-        self.files.pop(key.fd, None)
+        fd = self._known_fd(fileobj)
+        self._forget(fd)
+        self._sel.unregister(fd)
 
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         return [(key.fd, (_IN if mask & EVENT_READ else 0) | (_OUT if mask & EVENT_WRITE else 0))
