@@ -93,6 +93,19 @@ def test_cross_node_match_tells_the_waiters_node(rclient, ab):  # noqa: F811
     assert len(entries(rclient, a, "A")) == 1
 
 
+def test_joins_in_one_pipeline_answer_as_one_by_one_also_after_redis_lost_its_scripts(rclient, ab):  # noqa: F811
+    a, b = ab
+    a.join(a.cid(1), None, name="ann")
+    got = b.join_many([(b.cid(1), None, "bob", False), (b.cid(2), None, "bea", False)])
+    assert got == [Matched(a.cid(1), b.cid(1)), Queued(b.cid(2))] and got[0].waiter_name == "ann"
+    rclient.script_flush()  # as after a restart without persistence: EVALSHA is refused (NOSCRIPT)
+    got = a.join_many([(a.cid(3), None, "amy", False), (a.cid(4), "r", "ada", False), (a.cid(5), None, "al", False)])
+    assert got == [Matched(b.cid(2), a.cid(3)), Queued(a.cid(4)), Queued(a.cid(5))]
+    assert a.partner_of(b.cid(2)) == a.cid(3) and a.waiting() == [a.cid(5)] and a.waiting("r") == [a.cid(4)]
+    with pytest.raises(ValueError):
+        a.join_many([(b.cid(9), None, "not ours", False)])
+
+
 def test_rooms_pair_only_within_themselves(ab):
     a, b = ab
     assert a.join(a.cid(1), "x") == Queued(a.cid(1))
