@@ -147,13 +147,16 @@ def test_a_short_run_warns_but_passes() -> None:
 
 
 @pytest.mark.parametrize("json_mode", [False, True])
-def test_ctrl_c_prints_the_partial_report_and_exits_130(server, json_mode: bool) -> None:
+def test_ctrl_c_prints_the_partial_report_and_exits_130(start_server, json_mode: bool) -> None:
+    server = start_server("--status-interval", "0.1")
     args = [sys.executable, "-m", "chatpair", "bench", "--target", f"127.0.0.1:{server.port}", "--pairs", "2",
             "--duration", "60", *(["--json"] if json_mode else [])]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Both pairs paired (the server logs each pair): the load is about to run or running.
-        wait_for("two pairs", lambda: server.stderr().count(" paired ") >= 2, timeout=20)
+        # Messages relayed: the bench has counted both pairs as paired (it only
+        # tells its load to start then), so the load is running. (The server's
+        # own "paired" lines come sooner, before the bench may have read PAIRED.)
+        wait_for("messages relayed", lambda: _relayed(server.stderr()) > 0, timeout=20)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -168,6 +171,12 @@ def test_ctrl_c_prints_the_partial_report_and_exits_130(server, json_mode: bool)
         assert data["lost"] == 0 and data["out_of_order"] == 0 and data["corrupt"] == 0
     else:
         assert "INTERRUPTED, partial" in out and "pairs paired     2" in out
+
+
+def _relayed(log: str) -> int:
+    """Messages relayed, from the server's latest status line (0 before the first)."""
+    counts = re.findall(r"; (\d+) messages? relayed since start", log)
+    return int(counts[-1]) if counts else 0
 
 
 # -- TLS: --fingerprint / --insecure, like the client ------------------------------------------
