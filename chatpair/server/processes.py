@@ -108,7 +108,8 @@ def tune_gc() -> None:
     the default threshold, a listener that accepts 20,000 clients runs about
     150 collections, and each one walks the connections it promotes to the
     older generations. At 10,000 it runs about 10, with the same memory per
-    pair. That is worth about 8 % of connect+pair (``docs/performance.md``).
+    pair. That was worth 3-9 % of connect+pair in two sittings, side by side
+    (``docs/performance.md``).
     A young collection then walks at most 10,000 objects, which takes about
     a millisecond.
     """
