@@ -399,10 +399,19 @@ class Inbox:
         if block_ms is not None and block_ms <= 0:
             raise ValueError("block_ms must be positive (0 would mean forever)")
         reply = self.redis.xread({self.key: self.last_id}, count=self.count, block=block_ms)
+        out = self.accept(reply)
+        if out and self.trim_due():
+            self.trim()
+        return out
+
+    def accept(self, reply: Any) -> list[Entry | Gap]:
+        """An XREAD reply (redis-py's, or RESP as it came: fields as a flat list) as checked items."""
         out: list[Entry | Gap] = []
         for _, items in reply or ():
             for entry_id, fields in items:
                 self.last_id = entry_id
+                if isinstance(fields, list):  # straight off the wire (chatpair.cluster.lane)
+                    fields = dict(zip(fields[::2], fields[1::2]))
                 entry = decode_entry(entry_id, fields)
                 if entry.kind == "wake":
                     continue
@@ -418,14 +427,24 @@ class Inbox:
                         entry = Entry(entry.id, entry.target, entry.source, entry.seq + verdict, "msg",
                                       skip_frames(entry.payload, verdict), (), entry.count - verdict)
                 out.append(entry)
-        if out and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL:
-            self.trim()
         return out
+
+    def trim_due(self) -> bool:
+        """Time to drop what has been read (at most every :data:`TRIM_INTERVAL`)?"""
+        return time.monotonic() - self._trimmed_at >= TRIM_INTERVAL
+
+    def xread_args(self, block_ms: int) -> tuple[Any, ...]:
+        """The XREAD command :meth:`read` sends, for a caller with a connection of its own."""
+        return ("XREAD", "COUNT", self.count, "BLOCK", block_ms, "STREAMS", self.key, self.last_id)
+
+    def xtrim_args(self) -> tuple[Any, ...]:
+        """The XTRIM command :meth:`trim` sends; counts as a trim from now."""
+        self._trimmed_at = time.monotonic()
+        return ("XTRIM", self.key, "MINID", "~", self.last_id)
 
     def trim(self) -> None:
         """Drop what has been read from the stream (nobody reads an entry twice)."""
-        self._trimmed_at = time.monotonic()
-        self.redis.xtrim(self.key, minid=self.last_id, approximate=True)
+        self.redis.execute_command(*self.xtrim_args())
 
     def wake(self) -> None:
         """Any thread: end the reader's current wait (e.g. to stop it)."""

@@ -13,11 +13,15 @@ calls block, so none of them runs on a selector thread:
   one queue (:meth:`ClusterNode.join`, :meth:`send_msgs`, ...); answers go
   to the listener through the ``post`` callback it gave (which queues them
   and wakes its selector).
-* the **inbox reader** (:meth:`ClusterNode._read_loop`) waits on this node's
-  inbox stream (XREAD BLOCK) and hands what arrives to the relay holding
-  the target client (:class:`chatpair.cluster.peer.RemotePeer`), in order;
-  a ``paired`` entry (a client of ours was paired by another node) goes to
-  the listener.
+* the **inbox reader** (:meth:`ClusterNode._read_loop`) opens the
+  connection on which the node's first relay loop reads this node's inbox
+  stream itself (a *lane*, :mod:`chatpair.cluster.lane`: no hand-over
+  between threads on the way to its clients), and opens it again when it
+  fails. Where a lane cannot be had (TLS, no hiredis) it reads the stream
+  itself (XREAD BLOCK). Either way what arrives is handed on in order by
+  :meth:`ClusterNode.dispatch`: to the relay holding the target client
+  (:class:`chatpair.cluster.peer.RemotePeer`), or, for a ``paired`` entry
+  (a client of ours was paired by another node), to the listener.
 
 One client connection per thread (redis-py pools them); the reader's read
 timeout is longer than its BLOCK. While Redis is unreachable both threads
@@ -31,10 +35,12 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from chatpair.cluster.inbox import DEFAULT_WINDOW, Entry, Gap, Inbox, Outbox
+from chatpair.cluster.lane import lanes_possible, open_socket
 from chatpair.cluster.lobby import ClusterLobby
 from chatpair.cluster.names import DEFAULT_PREFIX
 from chatpair.cluster.nodeio import NodeIo
@@ -83,6 +89,10 @@ class ClusterNode:
         self.requests: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.post = post
         self.stopping = threading.Event()
+        #: The relay loop that reads the inbox on a lane (it offers itself: :meth:`offer_lane`).
+        self.lane_owner: Any = None
+        self._lanes = lanes_possible(read_client)
+        self._lane_done = threading.Event()  # the lane failed, or its loop ended
         self.errors = redis_errors()
         self.io = NodeIo(self, grace=grace)
         self._threads = [threading.Thread(target=self.io.run, name="chatpair-cluster-io", daemon=True),
@@ -159,25 +169,61 @@ class ClusterNode:
             if thread.ident is not None:
                 thread.join(timeout)
 
+    def halt(self) -> None:
+        """The I/O thread is done: the reader stops too."""
+        self.stopping.set()
+        self._lane_done.set()
+
+    # -- lanes (see chatpair.cluster.lane) -------------------------------------------------------
+
+    def offer_lane(self, relay: Any) -> None:
+        """A relay loop will read the inbox itself (``relay.submit("lane", (sock, login))``)."""
+        self.lane_owner = relay
+
+    def lane_closed(self, relay: Any, ended: bool) -> None:
+        """``relay``'s thread: its lane failed (``ended``: its loop is ending; no lane for it any more)."""
+        if ended and self.lane_owner is relay:
+            self.lane_owner = None
+        self._lane_done.set()
+
     def _read_loop(self) -> None:
-        """The inbox reader thread: XREAD BLOCK, then hand each entry on, in order."""
+        """The inbox reader thread: keep a relay's lane open, or else XREAD BLOCK here."""
         while not self.stopping.is_set():
-            try:
-                items = self.inbox.read(block_ms=READ_BLOCK_MS)
-            except self.errors:
-                self.stopping.wait(RETRY_SECONDS)  # the I/O thread says so in the log
+            owner = self.lane_owner if self._lanes else None
+            if owner is None:
+                self._read_here()
                 continue
-            except Exception:  # a bug must not pass silently, nor stop the reading
-                log.exception("cluster inbox reader: unexpected error")
+            try:
+                lane = open_socket(self.inbox.redis, CONNECT_TIMEOUT)
+            except OSError:  # Redis unreachable: the I/O thread says so in the log
                 self.stopping.wait(RETRY_SECONDS)
                 continue
-            if items:
-                try:
-                    self._dispatch(items)
-                except self.errors:
-                    self.stopping.wait(RETRY_SECONDS)
+            self._lane_done.clear()
+            opened = time.monotonic()
+            owner.submit("lane", lane)
+            self._lane_done.wait()
+            if time.monotonic() - opened < RETRY_SECONDS:  # failing at once (refused?): not in a tight loop
+                self.stopping.wait(RETRY_SECONDS)
 
-    def _dispatch(self, items: list[Entry | Gap]) -> None:
+    def _read_here(self) -> None:
+        """One XREAD BLOCK on this thread, and what it brought handed on."""
+        try:
+            items = self.inbox.read(block_ms=READ_BLOCK_MS)
+        except self.errors:
+            self.stopping.wait(RETRY_SECONDS)  # the I/O thread says so in the log
+            return
+        except Exception:  # a bug must not pass silently, nor stop the reading
+            log.exception("cluster inbox reader: unexpected error")
+            self.stopping.wait(RETRY_SECONDS)
+            return
+        if items:
+            try:
+                self.dispatch(items)
+            except self.errors:
+                self.stopping.wait(RETRY_SECONDS)
+
+    def dispatch(self, items: list[Entry | Gap]) -> None:
+        """Hand what the inbox brought on, in order (the reader thread, or the relay with the lane)."""
         routes = self.routes
         touched: set[RemotePeer] = set()
         for item in items:

@@ -80,7 +80,7 @@ class NodeIo:
         except Exception:  # a bug must not pass silently, nor take the listener down
             log.exception("cluster I/O thread crashed; this node no longer pairs across the cluster")
         finally:
-            self.node.stopping.set()
+            self.node.halt()
 
     def _take(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a request, then take every request there is."""

@@ -9,8 +9,10 @@ also serves *remote pairs*: one local connection whose partner is a
   of the bytes), to the cluster I/O thread (:meth:`ClusterNode.send_msgs`),
   which writes it to the partner's node's inbox stream, several runs of a
   pair to one entry, every entry of a batch in one pipeline;
-* what the partner sends arrives in ``peer.incoming`` (filled by the inbox
-  reader thread, which wakes this loop) and is written to the local client
+* what the partner sends arrives in ``peer.incoming`` (filled by whoever
+  reads the node's inbox: this loop itself if it has the node's lane,
+  :mod:`chatpair.server.cluster_lane`, else another thread, which wakes it)
+  and is written to the local client
   in order: a frame-mode client gets an entry's frames byte for byte, a
   line-mode one ``name: text`` lines;
 * acknowledgements go both ways: this loop acknowledges, per pair, the
@@ -33,6 +35,7 @@ also serves *remote pairs*: one local connection whose partner is a
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +43,7 @@ from typing import Any
 from chatpair.cluster.inbox import frame_msgs, split_frames
 from chatpair.cluster.peer import RemotePeer
 from chatpair.proto import PEER_LEFT_REASONS, ErrorCode, FrameType, split_utf8
+from chatpair.server.cluster_lane import LaneMixin
 from chatpair.server.cluster_resume import ClusterResumeMixin
 from chatpair.server.config import Limits
 from chatpair.server.conn import Conn
@@ -55,7 +59,7 @@ _FRAME = Mode.FRAME
 _AWAY = Phase.AWAY
 
 
-class ClusterRelay(ClusterResumeMixin, Relay):
+class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
     """A relay loop that also relays clients paired with a client of another node."""
 
     def __init__(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None], node: Any) -> None:
@@ -65,22 +69,39 @@ class ClusterRelay(ClusterResumeMixin, Relay):
         self.peers: dict[Conn, RemotePeer] = {}
         self._ready: deque[RemotePeer] = deque()  # peers with incoming items (from the inbox reader)
         self.init_cluster_resume()
+        self.init_lane(index)
 
     # -- commands and wake-ups --------------------------------------------------------------
 
     def on_command(self, what: str, arg: object) -> None:
         if what == "remote":
             self.adopt_remote(*arg)  # type: ignore[misc]
+        elif what == "lane":
+            self.open_lane(*arg)  # type: ignore[misc]
         else:
             self.on_session_command(what, arg)
 
     def _peer_ready(self, peer: RemotePeer) -> None:
-        """The inbox reader's thread: ``peer`` has items."""
+        """Whoever reads the inbox: ``peer`` has items (this loop itself, with the lane: no wake-up)."""
         self._ready.append(peer)
-        self.wake()
+        if threading.get_ident() != self.thread_id:
+            self.wake()
 
     def on_wake(self) -> None:
         super().on_wake()
+        self.drain_ready()
+
+    def on_special(self, fileobj: Any) -> None:
+        if self.lane is not None and fileobj is self.lane.sock:
+            self.on_lane_event()
+        else:
+            super().on_special(fileobj)
+
+    def close_all(self) -> None:
+        self.close_lane(ended=True)
+        super().close_all()
+
+    def drain_ready(self) -> None:
         ready = self._ready
         while ready:
             peer = ready.popleft()
@@ -186,6 +207,7 @@ class ClusterRelay(ClusterResumeMixin, Relay):
 
     def tick(self, now: float) -> None:
         super().tick(now)
+        self.tick_lane(now)
         if self.moving:
             self.tick_moving(now)
         for peer in self.peers.values():
