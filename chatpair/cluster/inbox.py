@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatpair.cluster.names import Keys, node_of
+from chatpair.cluster.resp import pack
 from chatpair.proto import FrameType, encode_frame
 
 DEFAULT_WINDOW = 1024
@@ -238,6 +239,8 @@ class Outbox:
         self._queued: list[tuple[str, dict[str, Any]]] = []
         self._open: dict[tuple[str, str], list[Any]] = {}  # entries still growing: [fields, frames, size]
         self._acks: dict[tuple[str, str], tuple[int, list[tuple[int, int]]]] = {}
+        #: the batch taken and not yet landed (:meth:`take`); several threads: under the node's lock
+        self.in_transit: list[tuple[str, dict[str, Any]]] | None = None
 
     # -- sending -------------------------------------------------------------------------
 
@@ -308,7 +311,27 @@ class Outbox:
         On a Redis error everything stays queued (and the error propagates):
         the next flush retries, and the receiver drops what was written twice.
         """
-        self._open.clear()  # from here on (even if this flush fails) these entries no longer grow
+        batch = self.take()
+        if not batch:
+            return 0
+        try:
+            self.write(batch)
+        except BaseException:
+            self.untake(batch)
+            raise
+        self.landed(batch)
+        return len(batch)
+
+    def take(self) -> list[tuple[str, dict[str, Any]]]:
+        """Everything queued, as one batch to write; *in transit* until :meth:`landed` or :meth:`untake`.
+
+        One batch at a time (check :attr:`in_transit` first): batches land in
+        the order they were taken, so a direction's numbers reach its stream
+        in order whoever writes them (the I/O thread, or a relay's lane).
+        """
+        if self.in_transit is not None:
+            raise RuntimeError("a batch is in transit already")
+        self._open.clear()  # from here on (even if this batch fails) these entries no longer grow
         batch = []
         for key, fields in self._queued:
             if isinstance(fields["p"], list):  # a msg entry's frames, joined once (it grows no more)
@@ -319,15 +342,43 @@ class Outbox:
             if gaps:
                 fields["l"] = ",".join(f"{a}-{b}" for a, b in gaps)
             batch.append((self.keys.inbox(node_of(source)), fields))
-        if not batch:
-            return 0
+        self._queued.clear()
+        self._acks.clear()
+        if batch:
+            self.in_transit = batch
+        return batch
+
+    def landed(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """``batch`` (taken) is in Redis."""
+        if self.in_transit is batch:
+            self.in_transit = None
+
+    def untake(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """``batch`` (taken) failed: back to the front of the queue, for the next take.
+
+        (Written again, what Redis had of it arrives twice: the receiver drops
+        messages seen before; acks are idempotent.)
+        """
+        if self.in_transit is batch:
+            self.in_transit = None
+            self._queued[:0] = batch
+
+    def write(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """A taken batch, in one pipeline (blocking; redis-py errors propagate)."""
         pipe = self.redis.pipeline(transaction=False)
         for key, fields in batch:
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
         pipe.execute()
-        self._queued.clear()
-        self._acks.clear()
-        return len(batch)
+
+    def packed(self, batch: list[tuple[str, dict[str, Any]]]) -> bytes:
+        """A taken batch as RESP XADD commands, for a connection of the caller's own (a lane)."""
+        out = []
+        for key, fields in batch:
+            args: list[Any] = ["XADD", key, "MAXLEN", "~", self.maxlen, "*"]
+            for name, value in fields.items():
+                args += (name, value)
+            out.append(pack(*args))
+        return b"".join(out)
 
     # -- settling ------------------------------------------------------------------------
 

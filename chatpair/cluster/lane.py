@@ -12,7 +12,10 @@ hiredis):
 * :class:`InboxLane`: XREAD BLOCK on the node's inbox stream, answered in the
   relay's loop, which hands the entries on as the reader thread would
   (:meth:`ClusterNode.dispatch`) and writes its own clients' messages at
-  once.
+  once;
+* :class:`OutboxLane`: the node's outbox written by the relay's loop (its
+  clients' messages, with whatever else is queued), one pipeline of XADDs
+  per turn of the loop, the next once Redis has answered them all.
 
 A lane never connects, retries or waits: the node's reader thread opens the
 socket (:func:`open_socket`, blocking, with the connect timeout) and hands
@@ -29,24 +32,7 @@ from collections import deque
 from typing import Any
 
 from chatpair.cluster.inbox import Entry, Gap, Inbox
-from chatpair.cluster.redisconn import ClusterError
-
-#: Bytes one read of a lane's socket takes at most.
-READ_SIZE = 256 * 1024
-
-
-class LaneBroken(ClusterError):
-    """The lane's connection failed; the message says how (one line, for the log)."""
-
-
-def pack(*args: Any) -> bytes:
-    """One Redis command in RESP (arguments: bytes, str or int)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if not isinstance(arg, bytes):
-            arg = str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+from chatpair.cluster.resp import RespConn, pack
 
 
 def lanes_possible(client: Any) -> bool:
@@ -85,66 +71,6 @@ def open_socket(client: Any, timeout: float) -> tuple[socket.socket, list[bytes]
     if kwargs.get("db"):
         login.append(pack("SELECT", kwargs["db"]))
     return sock, login
-
-
-class RespConn:
-    """A non-blocking RESP connection for one selector loop: commands out, replies in order."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        import hiredis
-
-        self.sock = sock
-        self._reader = hiredis.Reader()
-        self._error = hiredis.ReplyError
-        self._garbled = hiredis.ProtocolError
-        self.out = bytearray()  # what the socket did not take yet (the owner waits for writable)
-
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` and write what the socket takes now; LaneBroken if it failed."""
-        out = self.out
-        out += data
-        try:
-            sent = self.sock.send(out)
-        except BlockingIOError:
-            return
-        except OSError as error:
-            raise LaneBroken(f"Redis: {error.strerror or error}") from None
-        del out[:sent]
-
-    def flush(self) -> None:
-        """The socket is writable: write more of what is queued."""
-        if self.out:
-            self.send(b"")
-
-    def replies(self) -> list[Any]:
-        """Every complete reply that arrived (an error reply raises LaneBroken)."""
-        reader = self._reader
-        while True:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as error:
-                raise LaneBroken(f"Redis: {error.strerror or error}") from None
-            if not data:
-                raise LaneBroken("Redis closed the connection")
-            reader.feed(data)
-            if len(data) < READ_SIZE:
-                break
-        out = []
-        while True:
-            try:
-                reply = reader.gets()
-            except self._garbled as error:  # not Redis at the other end
-                raise LaneBroken(f"Redis: unreadable reply ({error})") from None
-            if reply is False:
-                return out
-            if isinstance(reply, self._error):
-                raise LaneBroken(f"Redis: {reply}")
-            out.append(reply)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class InboxLane:
@@ -190,6 +116,40 @@ class InboxLane:
     def overdue(self, now: float) -> bool:
         """No answer for longer than a BLOCK and the patience: Redis is not there any more."""
         return now - self.asked_at > self.patience
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class OutboxLane:
+    """The outbox's batches, written by a relay loop (:meth:`Outbox.take`): XADDs out, replies counted."""
+
+    def __init__(self, sock: socket.socket, login: list[bytes], patience: float, now: float) -> None:
+        self.conn = RespConn(sock)
+        self.patience = patience
+        self.unanswered = len(login)
+        self.sent_at = now
+        if login:
+            self.conn.send(b"".join(login))
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.conn.sock
+
+    def send(self, commands: bytes, count: int, now: float) -> None:
+        """``count`` commands, packed; LaneBroken if the connection failed."""
+        if not self.unanswered:
+            self.sent_at = now
+        self.unanswered += count
+        self.conn.send(commands)
+
+    def on_readable(self) -> bool:
+        """Count the replies that came; True when everything sent has been answered."""
+        self.unanswered -= len(self.conn.replies())
+        return not self.unanswered
+
+    def overdue(self, now: float) -> bool:
+        return bool(self.unanswered) and now - self.sent_at > self.patience
 
     def close(self) -> None:
         self.conn.close()

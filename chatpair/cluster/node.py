@@ -85,7 +85,9 @@ class ClusterNode:
         self.outbox = Outbox(io_client, self.lobby.keys, window=window)
         self.inbox = Inbox(read_client, self.lobby.keys, self.node)
         self.routes = Routes()
-        self.lock = threading.Lock()  # the outbox: the I/O thread sends and flushes, the reader settles acks
+        # The outbox: every thread queues into it and settles acks; the I/O thread and a relay's lane
+        # write its batches, one at a time (waiting on this condition for the one in transit).
+        self.lock = threading.Condition()
         self.requests: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.post = post
         self.stopping = threading.Event()
@@ -126,25 +128,46 @@ class ClusterNode:
         """The client is gone (a pair it may still be in, unknown to us yet, is ended too)."""
         self.requests.put(("leave", cid))
 
-    def send_msgs(self, source: str, target: str, frames: bytes, count: int) -> None:
+    def send_msgs(self, source: str, target: str, frames: bytes, count: int, by: Any = None) -> None:
         """``count`` messages (MSG frames) from our ``source`` to ``target`` on another node (batched)."""
-        self.requests.put(("msgs", source, target, frames, count))
+        self._put(("msgs", source, target, frames, count), by)
 
-    def ack(self, source: str, target: str, upto: int, lost: list[tuple[int, int]]) -> None:
-        """We wrote ``source``'s messages up to ``upto`` to our ``target`` (``lost``: never arrived)."""
-        self.requests.put(("ack", source, target, upto, lost))
+    def ack(self, source: str, target: str, upto: int, lost: list[tuple[int, int]], io_times: bool = True) -> None:
+        """We wrote ``source``'s messages up to ``upto`` to our ``target`` (``lost``: never arrived).
 
-    def control(self, target: str, source: str, kind: str, payload: bytes = b"") -> None:
+        Acks are queued at once (their order does not matter: each says "up
+        to"); they go with the next batch of messages, or alone after
+        :data:`~chatpair.cluster.nodeio.ACK_DELAY`, which the I/O thread times
+        (``io_times=False``: a relay writing the outbox itself times it).
+        """
+        with self.lock:
+            for gap in lost:
+                self.outbox.ack(source, target, upto, gap)
+            self.outbox.ack(source, target, upto)
+        if io_times:
+            self.requests.put(("acks",))
+
+    def control(self, target: str, source: str, kind: str, payload: bytes = b"", by: Any = None) -> None:
         """A control entry for ``target`` on another node, after what ``source`` sent before it."""
-        self.requests.put(("control", target, source, kind, payload))
+        self._put(("control", target, source, kind, payload), by)
 
     def ask_handover(self, tag: str, token: str, new: str, received: int) -> None:
         """A RESUME for a session of the node ``tag`` names came to our client ``new``: ask that node."""
         self.requests.put(("handover", tag, token, new, received))
 
-    def move(self, old: str, new: str, partner: str | None, tell: bool, state: dict[str, Any]) -> None:
+    def move(self, old: str, new: str, partner: str | None, tell: bool, state: dict[str, Any],
+             by: Any = None) -> None:
         """Hand our session ``old`` over to ``new`` on another node (after what was asked before)."""
-        self.requests.put(("move", old, new, partner, tell, state))
+        self._put(("move", old, new, partner, tell, state), by)
+
+    def _put(self, request: tuple[Any, ...], by: Any) -> None:
+        """Queue a request; ``by``: the relay loop asking, which counts what it asked (``asked``) and
+        what is done (``done``, counted by the I/O thread), and writes to the outbox itself only while
+        nothing it asked waits (its messages must not overtake what it asked before them)."""
+        if by is not None:
+            by.asked += 1
+            request = ("by", by, request)
+        self.requests.put(request)
 
     def set_away(self, cid: str) -> None:
         """Our waiting client dropped, its session kept: keep its place, pair nobody with it."""
@@ -177,7 +200,7 @@ class ClusterNode:
     # -- lanes (see chatpair.cluster.lane) -------------------------------------------------------
 
     def offer_lane(self, relay: Any) -> None:
-        """A relay loop will read the inbox itself (``relay.submit("lane", (sock, login))``)."""
+        """A relay loop will read the inbox and write the outbox itself (``relay.submit("lane", ...)``)."""
         self.lane_owner = relay
 
     def lane_closed(self, relay: Any, ended: bool) -> None:
@@ -194,13 +217,18 @@ class ClusterNode:
                 self._read_here()
                 continue
             try:
-                lane = open_socket(self.inbox.redis, CONNECT_TIMEOUT)
+                reading = open_socket(self.inbox.redis, CONNECT_TIMEOUT)
+                try:
+                    writing = open_socket(self.inbox.redis, CONNECT_TIMEOUT)
+                except OSError:
+                    reading[0].close()
+                    raise
             except OSError:  # Redis unreachable: the I/O thread says so in the log
                 self.stopping.wait(RETRY_SECONDS)
                 continue
             self._lane_done.clear()
             opened = time.monotonic()
-            owner.submit("lane", lane)
+            owner.submit("lane", (reading, writing))
             self._lane_done.wait()
             if time.monotonic() - opened < RETRY_SECONDS:  # failing at once (refused?): not in a tight loop
                 self.stopping.wait(RETRY_SECONDS)

@@ -37,7 +37,7 @@ from chatpair.cluster.lobby import Chatting, Matched, NodeGone, Queued, Waiting
 from chatpair.cluster.names import node_of, node_tag, token_hash
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.redisconn import ClusterError, describe
-from chatpair.cluster.results import RETRY_SECONDS, Joined, Ready, Refused
+from chatpair.cluster.results import IO_TIMEOUT, RETRY_SECONDS, Joined, Ready, Refused
 
 log = logging.getLogger("chatpair")
 
@@ -141,8 +141,7 @@ class NodeIo:
                     self._beat(now)  # first: a Redis that came back empty is refilled before anything
                 stop = self._run_pending()
                 if self._flush_due(time.monotonic(), stop):
-                    with self.node.lock:
-                        self.outbox.flush()
+                    flush_outbox(self.node)
                     self.acks_due = float("inf")
                 if stop:
                     leave_cluster(self.node)
@@ -206,22 +205,22 @@ class NodeIo:
                 log.warning("cluster: %s not done: %s", request[0], error)
             retried = False
             pending.popleft()
+            if request[0] == "by":
+                request[1].done += 1  # the relay may write to the outbox itself again
         return False
 
     # -- requests ----------------------------------------------------------------------------
 
     def _do(self, request: tuple[Any, ...]) -> None:
         kind = request[0]
-        if kind == "msgs":
+        if kind == "by":  # a relay's request (it counts them: see ClusterRelay.ask)
+            self._do(request[2])
+        elif kind == "msgs":
             _, source, target, frames, count = request
             with self.node.lock:
                 self.outbox.send_frames(source, target, frames, count)
-        elif kind == "ack":
-            _, source, target, upto, lost = request
-            with self.node.lock:
-                for gap in lost:
-                    self.outbox.ack(source, target, upto, gap)
-                self.outbox.ack(source, target, upto)
+        elif kind in ("acks", "flush"):
+            pass  # queued already: the flush after the requests writes them (acks: see _flush_due)
         elif kind == "join":
             self._join(*request[1:])
         elif kind == "unpair":
@@ -239,9 +238,8 @@ class NodeIo:
             sessions_request(self, request)
 
     def _join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
-        if self.outbox.pending():
-            with self.node.lock:  # what was asked before (messages, acks) is in Redis before the answer
-                self.outbox.flush()
+        if self.outbox.pending() or self.outbox.in_transit:
+            flush_outbox(self.node)  # what was asked before (messages, acks) is in Redis before the answer
         self.joined(cid, name, room, self.lobby.join(cid, room, name=name, requeued=requeued))
 
     def joined(self, cid: str, name: str, room: str | None, result: Any) -> None:
@@ -267,8 +265,7 @@ class NodeIo:
         self.node.post(Joined(result.newcomer if isinstance(result, Matched) else result.cid, result, peer))
 
     def _unpair(self, a: str, b: str, next_by: str | None, leaver: str | None, reason: str) -> None:
-        with self.node.lock:
-            self.outbox.flush()  # messages (and acks) before the partner hears peer_left
+        flush_outbox(self.node)  # messages (and acks) before the partner hears peer_left
         self.lobby.unpair(a, b, next_by=next_by, leaver=leaver, reason=reason)
         forget_pair(self, a, b)
 
@@ -291,6 +288,44 @@ class NodeIo:
     def _beat(self, now: float) -> None:
         heartbeat(self)
         self.next_beat = now + self.beat_interval
+
+
+def flush_outbox(node: Any) -> None:
+    """Write what the outbox holds, after the batch a relay's lane may have on its way.
+
+    Blocks (the I/O thread's calls do): first until that batch has landed
+    (a lane answers within :data:`IO_TIMEOUT` or fails and gives its batch
+    back; past twice that it is taken back here and written again - the
+    receiver drops what it sees twice), then for the pipeline, written
+    without holding the lock so that relays keep queueing meanwhile.
+    Redis errors propagate, the batch queued again.
+    """
+    lock, outbox = node.lock, node.outbox
+    with lock:
+        deadline = time.monotonic() + 2 * IO_TIMEOUT
+        while outbox.in_transit is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                outbox.untake(outbox.in_transit)
+                break
+            lock.wait(left)
+        batch = outbox.take()
+    if not batch:
+        return
+    try:
+        outbox.write(batch)
+    except BaseException:
+        with lock:
+            outbox.untake(batch)
+            lock.notify_all()
+        raise
+    with lock:
+        outbox.landed(batch)
+        lock.notify_all()
+        more = outbox.queued()
+    owner = node.lane_owner
+    if more and owner is not None:
+        owner.wake()  # what it queued while this batch was on its way is its lane's to write
 
 
 def forget_pair(io: NodeIo, a: str, b: str) -> None:
@@ -342,8 +377,7 @@ def sessions_request(io: NodeIo, request: tuple[Any, ...]) -> None:
                                 json.dumps({"token": token, "received": received}).encode())
     elif kind == "move":
         _, old, new, partner, tell, state = request
-        with node.lock:  # acks and notices asked before go first (the partner's node sees them before moved)
-            node.outbox.flush()
+        flush_outbox(node)  # acks and notices asked before go first (the partner's node sees them before moved)
         io.lobby.move(old, new, partner, tell, json.dumps(state), token_hash(state["session"]["token"]))
         io.waiting.pop(old, None)
         io.chatting.pop(old, None)
@@ -378,9 +412,8 @@ def join_batch(io: NodeIo) -> int:
         if request[0] != "join" or len(batch) == JOIN_BATCH:
             break
         batch.append(request)
-    if io.outbox.pending():
-        with io.node.lock:
-            io.outbox.flush()
+    if io.outbox.pending() or io.outbox.in_transit:
+        flush_outbox(io.node)
     results = io.lobby.join_many([(cid, room, name, requeued) for _, cid, name, room, requeued in batch])
     for done, ((_, cid, name, room, _), result) in enumerate(zip(batch, results)):
         if isinstance(result, NodeGone):

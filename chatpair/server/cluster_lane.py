@@ -1,14 +1,27 @@
-"""Cluster mode, a relay loop's side of a lane: it reads the node's inbox stream itself.
+"""Cluster mode, a relay loop's side of the lanes: it reads the inbox and writes the outbox itself.
 
 The node's first relay loop offers itself (:meth:`ClusterNode.offer_lane`);
-the node's reader thread then hands it a connected socket to Redis, and the
-loop watches it in its own poller (:class:`chatpair.cluster.lane.InboxLane`):
-what arrives is handed on exactly as the reader thread would
-(:meth:`ClusterNode.dispatch`), and the entries for this loop's own clients
-are written at once, in the same turn of the loop, instead of waking it
-from another thread. When the lane fails it is closed and logged once, and
-the reader thread opens the next one (same-node pairs never notice: a lane
-never blocks the loop).
+the node's reader thread then hands it two connected sockets to Redis, and
+the loop watches both in its own poller (:mod:`chatpair.cluster.lane`):
+
+* reading (:class:`~chatpair.cluster.lane.InboxLane`): what arrives is
+  handed on exactly as the reader thread would
+  (:meth:`ClusterNode.dispatch`), and the entries for this loop's own
+  clients are written at once, in the same turn of the loop, instead of
+  waking it from another thread;
+* writing (:class:`~chatpair.cluster.lane.OutboxLane`): its clients'
+  messages go into the node's outbox directly (numbered there, under the
+  node's lock) and, at the end of the turn, the outbox's batch goes out in
+  one pipeline - one batch in transit at a time, whoever writes it, so
+  numbers reach the streams in order. While a request this loop made
+  (a control entry, a move) still waits for the I/O thread, its messages
+  go the I/O thread's way too, behind it.
+
+When a lane fails (Redis closed it, an error reply, no answer in time) both
+are closed and logged once, the batch on its way goes back to the outbox
+for the I/O thread to write (it retries while Redis is unreachable), and
+the reader thread opens the next pair of sockets. A lane never blocks the
+loop, so same-node pairs never notice.
 """
 
 from __future__ import annotations
@@ -17,7 +30,9 @@ import logging
 import threading
 from typing import Any
 
-from chatpair.cluster.lane import InboxLane, LaneBroken
+from chatpair.cluster.lane import InboxLane, OutboxLane
+from chatpair.cluster.nodeio import ACK_DELAY
+from chatpair.cluster.resp import LaneBroken
 from chatpair.cluster.results import IO_TIMEOUT, READ_BLOCK_MS
 from chatpair.server.poller import EVENT_READ, EVENT_WRITE
 
@@ -25,15 +40,20 @@ log = logging.getLogger("chatpair")
 
 
 class LaneMixin:
-    """For :class:`~chatpair.server.cluster_relay.ClusterRelay`: the inbox lane, if this loop has it."""
+    """For :class:`~chatpair.server.cluster_relay.ClusterRelay`: the lanes, if this loop has them."""
 
     node: Any
     poller: Any
     now: float
+    due: float
     running: bool
 
     def init_lane(self, index: int) -> None:
         self.lane: InboxLane | None = None
+        self.out_lane: OutboxLane | None = None
+        self._batch: list[Any] | None = None  # the outbox batch our out lane has on its way
+        self.asked = 0  # requests this loop made of the I/O thread (ClusterNode._put)
+        self.done = 0  # ... and how many of them it has done (written by the I/O thread)
         self.thread_id = 0  # the loop's thread, once it runs
         if index == 0:
             self.node.offer_lane(self)
@@ -42,59 +62,128 @@ class LaneMixin:
         self.thread_id = threading.get_ident()
         super().run()  # type: ignore[misc]
 
-    def open_lane(self, sock: Any, login: list[bytes]) -> None:
-        """The reader thread's socket: read the inbox on it from now on."""
+    def writes_outbox(self) -> bool:
+        """May this loop put its clients' messages into the outbox itself (and write them)?"""
+        return self.out_lane is not None and self.asked == self.done
+
+    def open_lane(self, reading: tuple[Any, list[bytes]], writing: tuple[Any, list[bytes]]) -> None:
+        """The reader thread's sockets (each with its login commands): use them from now on."""
         if not self.running or self.lane is not None:
-            sock.close()
+            reading[0].close()
+            writing[0].close()
             self.node.lane_closed(self, ended=not self.running)
             return
         try:
-            self.lane = InboxLane(sock, login, self.node.inbox, READ_BLOCK_MS, IO_TIMEOUT, self.now)
+            self.lane = InboxLane(*reading, self.node.inbox, READ_BLOCK_MS, IO_TIMEOUT, self.now)
+            self.out_lane = OutboxLane(*writing, IO_TIMEOUT, self.now)
         except LaneBroken as error:
-            sock.close()
-            log.info("%s: cluster inbox connection lost (%s); reconnecting", self, error)
+            reading[0].close()
+            writing[0].close()
+            self.lane = self.out_lane = None
+            log.info("%s: cluster connection lost (%s); reconnecting", self, error)
             self.node.lane_closed(self, ended=False)
             return
-        self.poller.register(sock, self._lane_events(), None)
+        self.poller.register(self.lane.sock, self._events(self.lane), None)
+        self.poller.register(self.out_lane.sock, self._events(self.out_lane), None)
 
-    def _lane_events(self) -> int:
-        return EVENT_READ | (EVENT_WRITE if self.lane is not None and self.lane.conn.out else 0)
+    @staticmethod
+    def _events(lane: InboxLane | OutboxLane) -> int:
+        return EVENT_READ | (EVENT_WRITE if lane.conn.out else 0)
 
-    def on_lane_event(self) -> None:
-        lane = self.lane
-        assert lane is not None
+    def on_lane_event(self, fileobj: Any) -> bool:
+        """If ``fileobj`` is a lane's socket, handle its event; whether it was one."""
+        lane, out_lane = self.lane, self.out_lane
         try:
-            lane.conn.flush()
-            items = lane.on_readable(self.now)
-            if lane.conn.out:
-                self.poller.modify(lane.sock, self._lane_events(), None)
+            if lane is not None and fileobj is lane.sock:
+                lane.conn.flush()
+                items = lane.on_readable(self.now)
+                self._interest(lane)
+                if items:
+                    self.node.dispatch(items)
+                    self.drain_ready()  # this loop's own peers: written now, not after a wake-up
+                return True
+            if out_lane is not None and fileobj is out_lane.sock:
+                out_lane.conn.flush()
+                if out_lane.on_readable() and self._batch is not None:
+                    self._landed()
+                self._interest(out_lane)
+                return True
         except LaneBroken as error:
             self._lane_failed(error)
+            return True
+        return False
+
+    def _interest(self, lane: InboxLane | OutboxLane) -> None:
+        if lane.conn.out:
+            self.poller.modify(lane.sock, self._events(lane), None)
+
+    def _landed(self) -> None:
+        node = self.node
+        with node.lock:
+            node.outbox.landed(self._batch)
+            node.lock.notify_all()  # the I/O thread may wait for it
+        self._batch = None
+        self.write_outbox()
+
+    def write_outbox(self, acks: bool = False) -> None:
+        """End of a turn of the loop: the outbox's messages (and what else is queued) to Redis.
+
+        Acks alone wait (for messages to go with) until ``acks``: the loop's
+        timer (:attr:`due`), set when this loop queued one.
+        """
+        out_lane = self.out_lane
+        if out_lane is None:
             return
-        if items:
-            self.node.dispatch(items)
-            self.drain_ready()  # this loop's own peers: written now, not after a wake-up
+        if out_lane.unanswered:
+            if acks:
+                self.due = self.now + ACK_DELAY  # after the batch on its way
+            return
+        node = self.node
+        outbox = node.outbox
+        with node.lock:
+            if outbox.in_transit is not None:
+                if acks:
+                    self.due = self.now + ACK_DELAY
+                return
+            if not (outbox.queued() or (acks and outbox.pending())):
+                return
+            batch = self._batch = outbox.take()
+        try:
+            out_lane.send(outbox.packed(batch), len(batch), self.now)
+            self._interest(out_lane)
+        except LaneBroken as error:
+            self._lane_failed(error)
 
     def tick_lane(self, now: float) -> None:
-        if self.lane is not None and self.lane.overdue(now):
-            self._lane_failed(LaneBroken(f"Redis: no answer on the inbox lane for {self.lane.patience:g}s"))
+        for lane in (self.lane, self.out_lane):
+            if lane is not None and lane.overdue(now):
+                self._lane_failed(LaneBroken(f"Redis: no answer for {lane.patience:g}s"))
+                return
 
     def _lane_failed(self, error: LaneBroken) -> None:
         # One line; the I/O thread logs Redis going away and coming back for the whole node.
-        log.info("%s: cluster inbox connection lost (%s); reconnecting", self, error)
+        log.info("%s: cluster connection lost (%s); reconnecting", self, error)
         self.close_lane(ended=False)
 
     def close_lane(self, ended: bool) -> None:
-        """Close the lane (``ended``: the loop is ending) and have the reader thread go on."""
-        lane, self.lane = self.lane, None
-        if lane is not None:
+        """Close the lanes (``ended``: the loop is ending) and have the node's threads go on without."""
+        lanes = [lane for lane in (self.lane, self.out_lane) if lane is not None]
+        self.lane = self.out_lane = None
+        for lane in lanes:
             try:
                 self.poller.unregister(lane.sock)
             except (KeyError, ValueError, OSError):
                 pass
             lane.close()
-        if lane is not None or ended:
-            self.node.lane_closed(self, ended=ended)
+        node = self.node
+        if self._batch is not None:  # Redis may or may not have it: the I/O thread writes it again
+            with node.lock:
+                node.outbox.untake(self._batch)
+                node.lock.notify_all()
+            self._batch = None
+        if lanes or ended:
+            node.requests.put(("flush",))  # what this loop queued is the I/O thread's to write now
+            node.lane_closed(self, ended=ended)
 
     def drain_ready(self) -> None:
         """Implemented by the relay: write what its peers have received."""

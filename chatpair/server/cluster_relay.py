@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatpair.cluster.inbox import frame_msgs, split_frames
+from chatpair.cluster.nodeio import ACK_DELAY
 from chatpair.cluster.peer import RemotePeer
 from chatpair.proto import PEER_LEFT_REASONS, ErrorCode, FrameType, split_utf8
 from chatpair.server.cluster_lane import LaneMixin
@@ -92,10 +93,15 @@ class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
         self.drain_ready()
 
     def on_special(self, fileobj: Any) -> None:
-        if self.lane is not None and fileobj is self.lane.sock:
-            self.on_lane_event()
-        else:
+        if not self.on_lane_event(fileobj):
             super().on_special(fileobj)
+
+    def after_events(self) -> None:
+        self.write_outbox()
+        super().after_events()
+
+    def on_due(self, now: float) -> None:
+        self.write_outbox(acks=True)
 
     def close_all(self) -> None:
         self.close_lane(ended=True)
@@ -203,7 +209,10 @@ class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
             upto = max(upto, first + n - 1)
         if upto > peer.acked_upto or lost:
             peer.acked_upto = upto
-            self.node.ack(peer.target, peer.local, upto, lost)
+            mine = self.writes_outbox()  # then this loop writes the acks too: at the latest in ACK_DELAY
+            self.node.ack(peer.target, peer.local, upto, lost, io_times=not mine)
+            if mine and self.due == float("inf"):
+                self.due = self.now + ACK_DELAY
 
     def tick(self, now: float) -> None:
         super().tick(now)
@@ -233,8 +242,13 @@ class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
             self._forward(conn, peer, frame_msgs(pieces), len(pieces), sum(len(p) for p in pieces))
 
     def _forward(self, conn: Conn, peer: RemotePeer, frames: bytes, count: int, size: int) -> None:
-        """``count`` MSG frames from our client to its partner's node (the I/O thread batches them)."""
-        self.node.send_msgs(peer.local, peer.target, frames, count)
+        """``count`` MSG frames from our client to its partner's node (batched: see cluster_lane)."""
+        node = self.node
+        if self.writes_outbox():
+            with node.lock:
+                node.outbox.send_frames(peer.local, peer.target, frames, count)
+        else:
+            node.send_msgs(peer.local, peer.target, frames, count, by=self)
         peer.in_flight += count
         self.stats.msgs += count
         self.stats.bytes += size
@@ -277,7 +291,7 @@ class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
         self._ack(peer, everything=not closing)  # NEXT: what is queued for it is still written
         if conn.phase is _AWAY and conn.session is not None and conn.session.unacked:
             # Its window passed: what it never acknowledged may never have reached it (section 6).
-            self.node.control(peer.remote, peer.local, "lost", str(conn.session.unacked).encode())
+            self.node.control(peer.remote, peer.local, "lost", str(conn.session.unacked).encode(), by=self)
         self._unhook(conn, peer)
         peer.conn = None
         if reason not in PEER_LEFT_REASONS:

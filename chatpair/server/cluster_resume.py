@@ -101,7 +101,7 @@ class ClusterResumeMixin:
 
     def _notice(self, peer: RemotePeer, code: str) -> None:
         payload = json.dumps({"code": code, "window": self.limits.resume_window}).encode()
-        self.node.control(peer.remote, peer.local, "notice", payload)
+        self.node.control(peer.remote, peer.local, "notice", payload, by=self)
 
     def on_resumed(self, conn: Conn) -> None:
         told = conn in self.told_away
@@ -133,7 +133,7 @@ class ClusterResumeMixin:
         elif kind == "freeze":  # stop sending to the partner until it has moved: ``frozen`` follows our last
             peer.frozen = True
             self.pause(conn)
-            self.node.control(peer.remote, peer.local, "frozen")
+            self.node.control(peer.remote, peer.local, "frozen", by=self)
         elif kind == "thaw":
             peer.frozen = False
             self.resume(conn)
@@ -172,7 +172,7 @@ class ClusterResumeMixin:
         """Another node's client ``new`` resumed the session of our client ``cid``."""
         conn = self.sessions.get(cid)
         if conn is None or conn.session is None or conn.session.ended or not self.running or conn in self.moving:
-            self.node.control(new, "", "refused")
+            self.node.control(new, "", "refused", by=self)
             return
         was_away = conn.phase is _AWAY
         if not was_away:
@@ -182,7 +182,7 @@ class ClusterResumeMixin:
             self._hand_over(conn, None, new, was_away)
             return
         self.moving[conn] = (new, self.now + FREEZE_TIMEOUT, was_away)
-        self.node.control(peer.remote, peer.local, "freeze")
+        self.node.control(peer.remote, peer.local, "freeze", by=self)
 
     def tick_moving(self, now: float) -> None:
         """Hand-overs whose partner's node never said ``frozen``: refused, and the partner goes on."""
@@ -190,8 +190,8 @@ class ClusterResumeMixin:
             new, _, _ = self.moving.pop(conn)
             peer = self.peers.get(conn)
             if peer is not None:
-                self.node.control(peer.remote, peer.local, "thaw")
-            self.node.control(new, "", "refused")
+                self.node.control(peer.remote, peer.local, "thaw", by=self)
+            self.node.control(new, "", "refused", by=self)
             log.info("%s: its partner's node did not answer; the session stays here", conn.label)
 
     def _hand_over(self, conn: Conn, peer: RemotePeer | None, new: str, was_away: bool) -> None:
@@ -218,7 +218,7 @@ class ClusterResumeMixin:
         session.ended = True  # this copy: the session goes on at ``new``
         conn.phase = Phase.CLOSING
         log.info("%s: resumed on another node; the session moved there", conn.label)
-        self.node.move(self.node.cid(conn.cid), new, partner, peer is not None, state)
+        self.node.move(self.node.cid(conn.cid), new, partner, peer is not None, state, by=self)
         self._ended.append(PairEnd(conn.cid, conn.cid, gone=[conn.cid], unpair=False, moved=True))
 
     def _partner_goes_remote(self, stayer: Conn, mover: Conn, new: str) -> None:

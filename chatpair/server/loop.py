@@ -72,7 +72,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
     :meth:`adopt_conn`, :meth:`release_conn`, :meth:`owns`, :meth:`fail`,
     :meth:`finish`, :meth:`drop`, and from the mixins ``send``, ``enqueue``,
     ``send_event``, ``send_line``, ``process_buffered``. Hooks for subclasses:
-    :meth:`on_special`, :meth:`on_wake`, :meth:`after_events`, :meth:`busy`,
+    :meth:`on_special`, :meth:`on_wake`, :meth:`after_events`, :meth:`on_due`, :meth:`busy`,
     :meth:`tick` (call super), :meth:`detach`, :meth:`on_tls_ready`,
     :meth:`on_closed`, and the reader's ``on_msg_run``, ``on_line_msg``,
     ``on_next``, ``on_handshake_readable``.
@@ -95,6 +95,8 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
         self._dead: list[Conn] = []  # a write failed: dropped after this batch of events
         self._again: list[Conn] = []  # TLS: decrypted bytes left inside the SSL object
         self._next_sweep = 0.0
+        #: A subclass's own timer: :meth:`on_due` runs once this time has come (then it is unset).
+        self.due = float("inf")
         size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
         self.scratch = bytearray(size)
         self.scratch_view = memoryview(self.scratch)
@@ -118,7 +120,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
         next_tick = 0.0
         try:
             while self.running or self.closing or self.conns or self.busy():
-                wake_at = next_tick
+                wake_at = min(self.due, next_tick)  # a subclass's timer, or the tick
                 if throttled and throttled[0][0] < wake_at:
                     wake_at = throttled[0][0]
                 events = poll(max(0.0, wake_at - self.now))
@@ -149,6 +151,9 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
                 if self._dead:
                     self._bury_dead()
                 self.after_events()
+                if self.now >= self.due:
+                    self.due = float("inf")
+                    self.on_due(self.now)
                 if self.now >= next_tick:
                     self.tick(self.now)
                     # Log lines are buffered (logs.BatchedStderrHandler):
@@ -172,6 +177,9 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
 
     def after_events(self) -> None:
         """Called after each batch of events (post hand-overs here)."""
+
+    def on_due(self, now: float) -> None:
+        """The time set in :attr:`due` has come."""
 
     def busy(self) -> bool:
         """Something besides our own sockets still needs the loop (e.g. relays winding down)."""

@@ -1,0 +1,93 @@
+"""RESP, the Redis wire protocol, for a non-blocking socket a selector loop watches.
+
+redis-py blocks; a relay loop must not (:mod:`chatpair.cluster.lane`). What
+it needs of RESP is small: :func:`pack` writes a command, :class:`RespConn`
+queues what the socket does not take at once and parses replies with
+hiredis (installed by the ``cluster`` extra), in order. Any failure -
+the connection closed, an error reply, bytes that are not RESP - is a
+:class:`LaneBroken` with one line to log.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from chatpair.cluster.redisconn import ClusterError
+
+#: Bytes one read of a lane's socket takes at most.
+READ_SIZE = 256 * 1024
+
+
+class LaneBroken(ClusterError):
+    """The lane's connection failed; the message says how (one line, for the log)."""
+
+
+def pack(*args: Any) -> bytes:
+    """One Redis command in RESP (arguments: bytes, str or int)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+class RespConn:
+    """A non-blocking RESP connection for one selector loop: commands out, replies in order."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        import hiredis
+
+        self.sock = sock
+        self._reader = hiredis.Reader()
+        self._error = hiredis.ReplyError
+        self._garbled = hiredis.ProtocolError
+        self.out = bytearray()  # what the socket did not take yet (the owner waits for writable)
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` and write what the socket takes now; LaneBroken if it failed."""
+        out = self.out
+        out += data
+        try:
+            sent = self.sock.send(out)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            raise LaneBroken(f"Redis: {error.strerror or error}") from None
+        del out[:sent]
+
+    def flush(self) -> None:
+        """The socket is writable: write more of what is queued."""
+        if self.out:
+            self.send(b"")
+
+    def replies(self) -> list[Any]:
+        """Every complete reply that arrived (an error reply raises LaneBroken)."""
+        reader = self._reader
+        while True:
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                raise LaneBroken(f"Redis: {error.strerror or error}") from None
+            if not data:
+                raise LaneBroken("Redis closed the connection")
+            reader.feed(data)
+            if len(data) < READ_SIZE:
+                break
+        out = []
+        while True:
+            try:
+                reply = reader.gets()
+            except self._garbled as error:  # not Redis at the other end
+                raise LaneBroken(f"Redis: unreadable reply ({error})") from None
+            if reply is False:
+                return out
+            if isinstance(reply, self._error):
+                raise LaneBroken(f"Redis: {reply}")
+            out.append(reply)
+
+    def close(self) -> None:
+        self.sock.close()
