@@ -84,6 +84,7 @@ class InboxLane:
         self.block_ms = block_ms
         self.patience = block_ms / 1000 + patience
         self._awaiting: deque[str] = deque("login" for _ in login)
+        self.answered = False  # the XREAD was answered; the next one is not sent yet
         self.asked_at = now
         self._ask(b"".join(login), now)
 
@@ -100,18 +101,25 @@ class InboxLane:
         self.asked_at = now
         self.conn.send(first + pack(*inbox.xread_args(self.block_ms)))
 
-    def on_readable(self, now: float) -> list[Entry | Gap]:
-        """What arrived, checked as :meth:`Inbox.read` checks it; LaneBroken if the lane failed."""
+    def on_readable(self) -> list[Entry | Gap]:
+        """What arrived, checked as :meth:`Inbox.read` checks it; LaneBroken if the lane failed.
+
+        Once the XREAD is answered, call :meth:`read_on` (after handing the
+        entries on: the clients get their messages before that system call).
+        """
         out: list[Entry | Gap] = []
-        answered = False
         awaiting = self._awaiting
         for reply in self.conn.replies():
             if awaiting.popleft() == "read":
                 out += self.inbox.accept(reply)
-                answered = True
-        if answered:
-            self._ask(b"", now, trim=bool(out) and self.inbox.trim_due())
+                self.answered = True
         return out
+
+    def read_on(self, now: float, trim: bool) -> None:
+        """The XREAD was answered: the next one (``trim``: after dropping what was read)."""
+        if self.answered:
+            self.answered = False
+            self._ask(b"", now, trim=trim and self.inbox.trim_due())
 
     def overdue(self, now: float) -> bool:
         """No answer for longer than a BLOCK and the patience: Redis is not there any more."""

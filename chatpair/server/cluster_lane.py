@@ -96,11 +96,12 @@ class LaneMixin:
         try:
             if lane is not None and fileobj is lane.sock:
                 lane.conn.flush()
-                items = lane.on_readable(self.now)
-                self._interest(lane)
+                items = lane.on_readable()
                 if items:
                     self.node.dispatch(items)
                     self.drain_ready()  # this loop's own peers: written now, not after a wake-up
+                lane.read_on(self.now, trim=bool(items))
+                self._interest(lane)
                 return True
             if out_lane is not None and fileobj is out_lane.sock:
                 out_lane.conn.flush()
