@@ -16,19 +16,16 @@ from typing import Any
 import pytest
 from redisserver import RedisServer, needs_redis, rclient, redis_server  # noqa: F401 (fixtures)
 
-from chatpair.cluster.inbox import (
-    MAX_ENTRY_BYTES,
+from chatpair.cluster.entries import (
     Acked,
     Entry,
     Gap,
-    Inbox,
-    Outbox,
-    SeqCheck,
     decode_entry,
     frame_msgs,
     skip_frames,
     split_frames,
 )
+from chatpair.cluster.inbox import MAX_ENTRY_BYTES, Inbox, Outbox, SeqCheck
 from chatpair.cluster.lobby import ClusterLobby
 from chatpair.cluster.names import Keys, make_cid
 from chatpair.cluster.redisconn import redis_errors

@@ -60,12 +60,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
+from chatpair.cluster.entries import (
+    Acked,
+    Entry,
+    Gap,
+    decode_entry,
+    frame_msgs,
+    skip_frames,
+)
 from chatpair.cluster.names import Keys, node_of
-from chatpair.cluster.resp import pack
-from chatpair.proto import FrameType, encode_frame
+from chatpair.cluster.resp import bulk, pack_head
 
 DEFAULT_WINDOW = 1024
 DEFAULT_MAXLEN = 100_000
@@ -73,86 +79,10 @@ CONTROL_KINDS = frozenset({"paired", "peer_left", "wake", "notice", "lost",
                            "handover", "refused", "adopt", "moved", "freeze", "frozen", "thaw"})
 #: Messages of one direction of a pair go into one entry up to this many bytes.
 MAX_ENTRY_BYTES = 256 * 1024
+#: An entry's field names as RESP (they are the same in every entry).
+_FIELD_NAMES = {name: bulk(name) for name in ("t", "s", "q", "k", "p", "n", "l")}
 #: Seconds between two trims of what the reader has read.
 TRIM_INTERVAL = 0.5
-
-
-def frame_msgs(payloads: list[bytes]) -> bytes:
-    """MSG payloads as MSG frames, the way a ``msg`` entry carries them."""
-    return b"".join(encode_frame(FrameType.MSG, p) for p in payloads)
-
-
-def split_frames(frames: bytes) -> list[bytes]:
-    """The payloads of the MSG frames in ``frames`` (a ``msg`` entry's ``p``)."""
-    out, pos, end = [], 0, len(frames)
-    while pos < end:
-        stop = pos + 4 + int.from_bytes(frames[pos:pos + 4], "big")
-        out.append(frames[pos + 5:stop])
-        pos = stop
-    return out
-
-
-def skip_frames(frames: bytes, skip: int) -> bytes:
-    """``frames`` without its first ``skip`` frames."""
-    pos = 0
-    for _ in range(skip):
-        pos += 4 + int.from_bytes(frames[pos:pos + 4], "big")
-    return frames[pos:]
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One inbox entry, decoded."""
-
-    id: bytes
-    target: str
-    source: str
-    seq: int
-    kind: str
-    payload: bytes
-    lost: tuple[tuple[int, int], ...] = ()
-    count: int = 1  # msg: how many messages (``seq`` .. ``seq + count - 1``, frames in ``payload``)
-
-    def payloads(self) -> list[bytes]:
-        """A ``msg`` entry's messages, one payload each."""
-        return split_frames(self.payload)
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Messages ``first``..``last`` from ``source`` to ``target`` never arrived (trimmed or lost)."""
-
-    source: str
-    target: str
-    first: int
-    last: int
-
-
-@dataclass(frozen=True, slots=True)
-class Acked:
-    """What an ack settled for the pair ``source`` -> ``target`` (``source`` is ours): how many of each."""
-
-    source: str
-    target: str
-    delivered: int
-    undelivered: int
-
-
-def _ranges(text: bytes | None) -> tuple[tuple[int, int], ...]:
-    if not text:
-        return ()
-    out = []
-    for part in text.decode().split(","):
-        first, _, last = part.partition("-")
-        out.append((int(first), int(last)))
-    return tuple(out)
-
-
-def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
-    """An XREAD/XRANGE item as an :class:`Entry`."""
-    return Entry(entry_id, fields.get(b"t", b"").decode(), fields.get(b"s", b"").decode(),
-                 int(fields.get(b"q", b"0")), fields.get(b"k", b"").decode(), fields.get(b"p", b""),
-                 _ranges(fields.get(b"l")), int(fields.get(b"n", b"1")))
 
 
 class SeqCheck:
@@ -239,6 +169,7 @@ class Outbox:
         self._queued: list[tuple[str, dict[str, Any]]] = []
         self._open: dict[tuple[str, str], list[Any]] = {}  # entries still growing: [fields, frames, size]
         self._acks: dict[tuple[str, str], tuple[int, list[tuple[int, int]]]] = {}
+        self._xadd_heads: dict[tuple[str, int], bytes] = {}
         #: the batch taken and not yet landed (:meth:`take`); several threads: under the node's lock
         self.in_transit: list[tuple[str, dict[str, Any]]] | None = None
 
@@ -372,12 +303,16 @@ class Outbox:
 
     def packed(self, batch: list[tuple[str, dict[str, Any]]]) -> bytes:
         """A taken batch as RESP XADD commands, for a connection of the caller's own (a lane)."""
+        heads = self._xadd_heads
         out = []
         for key, fields in batch:
-            args: list[Any] = ["XADD", key, "MAXLEN", "~", self.maxlen, "*"]
+            head = heads.get((key, len(fields)))
+            if head is None:  # "XADD key MAXLEN ~ N *": the same for every entry of a kind to a node
+                head = heads[(key, len(fields))] = pack_head(6 + 2 * len(fields), "XADD", key, "MAXLEN", "~",
+                                                             self.maxlen, "*")
+            out.append(head)
             for name, value in fields.items():
-                args += (name, value)
-            out.append(pack(*args))
+                out += (_FIELD_NAMES[name], bulk(value))
         return b"".join(out)
 
     # -- settling ------------------------------------------------------------------------

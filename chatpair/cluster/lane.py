@@ -31,7 +31,8 @@ import socket
 from collections import deque
 from typing import Any
 
-from chatpair.cluster.inbox import Entry, Gap, Inbox
+from chatpair.cluster.entries import Entry, Gap
+from chatpair.cluster.inbox import Inbox
 from chatpair.cluster.resp import RespConn, pack
 
 

@@ -31,7 +31,6 @@ and one when it comes back, and keeps every request until it can be done.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -39,12 +38,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chatpair.cluster.inbox import DEFAULT_WINDOW, Entry, Gap, Inbox, Outbox
+from chatpair.cluster.dispatch import dispatch
+from chatpair.cluster.entries import Entry, Gap
+from chatpair.cluster.inbox import DEFAULT_WINDOW, Inbox, Outbox
 from chatpair.cluster.lane import lanes_possible, open_socket
 from chatpair.cluster.lobby import ClusterLobby
 from chatpair.cluster.names import DEFAULT_PREFIX
 from chatpair.cluster.nodeio import NodeIo
-from chatpair.cluster.peer import RemotePeer, Routes
+from chatpair.cluster.peer import Routes
 from chatpair.cluster.redisconn import connect, public_url, redis_errors
 from chatpair.cluster.results import (
     CONNECT_TIMEOUT,
@@ -53,10 +54,6 @@ from chatpair.cluster.results import (
     NODE_TTL_MS,
     READ_BLOCK_MS,
     RETRY_SECONDS,
-    Adopted,
-    HandoverAsked,
-    Refused,
-    RemotePaired,
     Result,
 )
 
@@ -251,91 +248,5 @@ class ClusterNode:
                 self.stopping.wait(RETRY_SECONDS)
 
     def dispatch(self, items: list[Entry | Gap]) -> None:
-        """Hand what the inbox brought on, in order (the reader thread, or the relay with the lane)."""
-        routes = self.routes
-        touched: set[RemotePeer] = set()
-        for item in items:
-            if isinstance(item, Gap):
-                peer = routes.get(item.target)
-                if peer is not None and peer.remote == item.source:
-                    peer.push(("gap", item.first, item.last))
-                    touched.add(peer)
-                continue
-            kind = item.kind
-            if kind == "msg":
-                peer = routes.get(item.target)
-                entry = ("msg", (item.seq, item.count), item.payload)
-                if peer is not None and peer.remote == item.source:
-                    peer.push(entry)
-                    touched.add(peer)
-                elif peer is None and self.local_id(item.target) is not None:
-                    found = routes.orphan(item.target, item.source, entry)
-                    if found is not None:
-                        touched.add(found)
-            elif kind == "ack":
-                with self.lock:
-                    acked = self.outbox.on_ack(item)
-                if acked.delivered or acked.undelivered:
-                    peer = routes.get(acked.source)
-                    if peer is not None and peer.remote == acked.target:
-                        peer.push(("acked", acked.delivered, acked.undelivered))
-                        touched.add(peer)
-            elif kind == "paired":
-                if self.local_id(item.target) is None:
-                    continue  # for a client of an earlier run of this node
-                name = item.payload.decode("utf-8", "replace")
-                peer = RemotePeer(item.target, item.source, name)
-                routes.add(peer)
-                self.requests.put(("paired_seen", item.target, item.source, name))
-                self.post(RemotePaired(peer))
-            elif kind in ("notice", "lost", "freeze", "frozen", "thaw"):
-                peer = routes.get(item.target)
-                if peer is not None and peer.remote == item.source:
-                    peer.push((kind, item.payload.decode("utf-8", "replace"), None))
-                    touched.add(peer)
-                elif kind == "freeze":
-                    # The pair ended here (our client left; its peer_left went
-                    # out before this answer): nothing more will be sent.
-                    self.control(item.source, item.target, "frozen")
-            elif kind in ("handover", "refused", "adopt", "moved"):
-                found = self._session_entry(item)
-                if found is not None:
-                    touched.add(found)
-            elif kind == "peer_left":
-                peer = routes.remove(item.target, item.source)
-                if peer is None:
-                    continue  # the pair had ended here already
-                with self.lock:
-                    lost = self.outbox.drop_pair(item.target, item.source)
-                self.inbox.forget(item.source, item.target)
-                peer.push(("left", item.payload.decode("utf-8", "replace") or "disconnected", len(lost)))
-                touched.add(peer)
-                self.requests.put(("left_seen", item.target))
-        for peer in touched:
-            peer.notify()
-
-    def _session_entry(self, item: Entry) -> RemotePeer | None:
-        """A session resumed on another node (see :mod:`chatpair.server.cluster_sessions`)."""
-        kind = item.kind
-        if kind == "handover":
-            ask = json.loads(item.payload)
-            self.post(HandoverAsked(str(ask["token"]), item.source, int(ask["received"])))
-        elif self.local_id(item.target) is None:
-            return None  # for a client of an earlier run of this node
-        elif kind == "refused":
-            self.post(Refused(item.target))
-        elif kind == "adopt":
-            self.post(Adopted(item.target, item.source, json.loads(item.payload)))
-        else:  # moved: our client's partner now lives at another cid; it goes on from 1 there
-            peer = self.routes.get(item.target)
-            if peer is None or peer.remote != item.source:
-                return None
-            new = item.payload.decode()
-            peer.remote = new  # from here on entries from ``new`` are this peer's
-            with self.lock:
-                lost = self.outbox.drop_pair(item.target, item.source)
-            self.inbox.forget(item.source, item.target)
-            peer.push(("moved", new, len(lost)))
-            self.requests.put(("moved_seen", item.target, new))
-            return peer
-        return None
+        """Hand what the inbox brought on, in order (the reader thread, or the relay with the lanes)."""
+        dispatch(self, items)

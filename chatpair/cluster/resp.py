@@ -23,14 +23,21 @@ class LaneBroken(ClusterError):
     """The lane's connection failed; the message says how (one line, for the log)."""
 
 
+def bulk(arg: Any) -> bytes:
+    """One argument of a command (bytes, str or int) in RESP."""
+    if type(arg) is not bytes:
+        arg = str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def pack_head(count: int, *first: Any) -> bytes:
+    """The start of a command of ``count`` arguments: its first ones (the rest: :func:`bulk` each)."""
+    return b"*%d\r\n" % count + b"".join(bulk(arg) for arg in first)
+
+
 def pack(*args: Any) -> bytes:
     """One Redis command in RESP (arguments: bytes, str or int)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if not isinstance(arg, bytes):
-            arg = str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+    return pack_head(len(args), *args)
 
 
 class RespConn:

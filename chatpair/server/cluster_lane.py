@@ -44,6 +44,7 @@ class LaneMixin:
 
     node: Any
     poller: Any
+    _ready: Any  # the relay's peers with items to write
     now: float
     due: float
     running: bool
@@ -61,6 +62,31 @@ class LaneMixin:
     def run(self) -> None:
         self.thread_id = threading.get_ident()
         super().run()  # type: ignore[misc]
+
+    # -- the loop's hooks (ConnLoop) ------------------------------------------------------------
+
+    def on_special(self, fileobj: Any) -> None:
+        if not self.on_lane_event(fileobj):
+            super().on_special(fileobj)  # type: ignore[misc]
+
+    def after_events(self) -> None:
+        self.write_outbox()
+        super().after_events()  # type: ignore[misc]
+
+    def on_due(self, now: float) -> None:
+        self.write_outbox(acks=True)
+
+    def close_all(self) -> None:
+        self.close_lane(ended=True)
+        super().close_all()  # type: ignore[misc]
+
+    # -- the lanes --------------------------------------------------------------------------------
+
+    def peer_ready(self, peer: Any) -> None:
+        """Whoever reads the inbox: ``peer`` has items (this loop itself, with the lanes: no wake-up)."""
+        self._ready.append(peer)
+        if threading.get_ident() != self.thread_id:
+            self.wake()  # type: ignore[attr-defined]
 
     def writes_outbox(self) -> bool:
         """May this loop put its clients' messages into the outbox itself (and write them)?"""

@@ -35,12 +35,11 @@ also serves *remote pairs*: one local connection whose partner is a
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from chatpair.cluster.inbox import frame_msgs, split_frames
+from chatpair.cluster.entries import frame_msgs, split_frames
 from chatpair.cluster.nodeio import ACK_DELAY
 from chatpair.cluster.peer import RemotePeer
 from chatpair.proto import PEER_LEFT_REASONS, ErrorCode, FrameType, split_utf8
@@ -82,30 +81,9 @@ class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
         else:
             self.on_session_command(what, arg)
 
-    def _peer_ready(self, peer: RemotePeer) -> None:
-        """Whoever reads the inbox: ``peer`` has items (this loop itself, with the lane: no wake-up)."""
-        self._ready.append(peer)
-        if threading.get_ident() != self.thread_id:
-            self.wake()
-
     def on_wake(self) -> None:
         super().on_wake()
         self.drain_ready()
-
-    def on_special(self, fileobj: Any) -> None:
-        if not self.on_lane_event(fileobj):
-            super().on_special(fileobj)
-
-    def after_events(self) -> None:
-        self.write_outbox()
-        super().after_events()
-
-    def on_due(self, now: float) -> None:
-        self.write_outbox(acks=True)
-
-    def close_all(self) -> None:
-        self.close_lane(ended=True)
-        super().close_all()
 
     def drain_ready(self) -> None:
         ready = self._ready
@@ -121,7 +99,7 @@ class ClusterRelay(LaneMixin, ClusterResumeMixin, Relay):
         self.pairs += 1
         self.stats.pair_started(conn.cid, -1 - conn.cid, self.now)
         self.adopt_conn(conn)
-        peer.attach(self._peer_ready)
+        peer.attach(self.peer_ready)
         if conn.phase is _AWAY:  # a session handed over by another node, its client not back yet
             self.adopted_away(conn, peer)
             return

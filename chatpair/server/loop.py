@@ -50,7 +50,7 @@ from chatpair.server.resuming import ResumeMixin
 from chatpair.server.states import Mode, Phase
 from chatpair.server.stats import LoopStats
 from chatpair.server.timers import TICK_SECONDS, Expired, sweep, sweep_interval
-from chatpair.server.tls import PLAINTEXT_MESSAGE, handshake_step, plaintext_on_tls
+from chatpair.server.tls import TlsMixin
 
 log = logging.getLogger("chatpair")
 
@@ -58,14 +58,13 @@ log = logging.getLogger("chatpair")
 SCRATCH_SIZE = 256 * 1024
 
 _TLS_HANDSHAKE = Phase.TLS_HANDSHAKE
-_HANDSHAKE = Phase.HANDSHAKE
 _CHATTING = Phase.CHATTING
 _CLOSING = Phase.CLOSING
 _AWAY = Phase.AWAY
 _LINE = Mode.LINE
 
 
-class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
+class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
     """A selector loop owning a set of connections. Run it in exactly one thread.
 
     For other threads: :meth:`wake`. For the owner thread: :meth:`run`,
@@ -262,30 +261,6 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin):
             self._dead.append(conn)
             return
         conn.events = want
-
-    # -- TLS -------------------------------------------------------------------------
-
-    def tls_step(self, conn: Conn) -> None:
-        """Drive the TLS handshake one step; when it is done, the handshake proper begins."""
-        if not conn.tls_started and plaintext_on_tls(conn):  # told at once, in plaintext (see tls.py)
-            self.fail(conn, ErrorCode.BAD_HELLO, PLAINTEXT_MESSAGE)
-            return
-        try:
-            want = handshake_step(conn.sock)
-        except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
-            log.info("%s: TLS handshake failed: %s", conn.label, getattr(err, "reason", None) or err)
-            self.drop(conn, "disconnected")
-            return
-        if want:
-            conn.tls_want = want
-            self.update_interest(conn)
-            return
-        conn.phase = _HANDSHAKE
-        self.update_interest(conn)
-        self.on_tls_ready(conn)
-
-    def on_tls_ready(self, conn: Conn) -> None:
-        """The TLS handshake finished (the listener sends the banner now)."""
 
     # -- timers --------------------------------------------------------------------------
 

@@ -21,16 +21,21 @@ its TLS layer (:func:`plain_socket`, nothing of TLS was read or written)
 and the loop answers in plaintext, as an ERROR frame or a ``* error:``
 line, :data:`PLAINTEXT_MESSAGE`.
 
+:class:`TlsMixin` is the loop's side: it drives a connection's handshake.
 Python built without OpenSSL has no TLS; everything else works.
 """
 
 from __future__ import annotations
 
+import logging
 import selectors
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from chatpair.proto import ErrorCode
 from chatpair.server.states import Mode, Phase
+
+log = logging.getLogger("chatpair")
 
 try:
     import ssl
@@ -116,3 +121,34 @@ def plaintext_on_tls(conn: Any) -> bool:
     conn.mode = Mode.FRAME if first == 0 else Mode.LINE
     conn.phase = Phase.HANDSHAKE
     return True
+
+
+class TlsMixin:
+    """For :class:`~chatpair.server.loop.ConnLoop`: a connection's TLS handshake, one step per event."""
+
+    if TYPE_CHECKING:  # provided by ConnLoop
+        def update_interest(self, conn: Any) -> None: ...
+        def drop(self, conn: Any, reason: str) -> None: ...
+        def fail(self, conn: Any, code: str | ErrorCode, message: str, reason: str = "error") -> None: ...
+
+    def tls_step(self, conn: Any) -> None:
+        """Drive the TLS handshake one step; when it is done, the handshake proper begins."""
+        if not conn.tls_started and plaintext_on_tls(conn):  # told at once, in plaintext (see above)
+            self.fail(conn, ErrorCode.BAD_HELLO, PLAINTEXT_MESSAGE)
+            return
+        try:
+            want = handshake_step(conn.sock)
+        except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+            log.info("%s: TLS handshake failed: %s", conn.label, getattr(err, "reason", None) or err)
+            self.drop(conn, "disconnected")
+            return
+        if want:
+            conn.tls_want = want
+            self.update_interest(conn)
+            return
+        conn.phase = Phase.HANDSHAKE
+        self.update_interest(conn)
+        self.on_tls_ready(conn)
+
+    def on_tls_ready(self, conn: Any) -> None:
+        """The TLS handshake finished (the listener sends the banner now)."""

@@ -1,0 +1,146 @@
+"""Lanes: a relay loop's own Redis connections (chatpair/cluster/lane.py, resp.py, server/cluster_lane.py).
+
+Without a socket: RESP packing, and the outbox's one-batch-in-transit rule
+(take, landed, untake) that keeps numbers in order whoever writes a batch.
+Over a socket pair: RespConn's queueing of what the socket does not take,
+its replies in order, and each way it fails (an error reply, the peer gone,
+bytes that are not RESP) as one LaneBroken. End to end, with a real
+redis-server and two nodes: every Redis connection killed again and again
+(``CLIENT KILL``) while a cross-node pair chats loses, duplicates and
+reorders nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from redisserver import needs_redis, rclient, redis_server  # noqa: F401 (fixtures)
+from test_cluster_nodes import MSG, join_and_pair, nodes  # noqa: F401 (fixture)
+
+from chatpair.cluster.names import Keys
+
+pytestmark = pytest.mark.timeout(60)
+
+try:
+    import hiredis
+except ImportError:  # the cluster extra installs it
+    hiredis = None
+
+needs_hiredis = pytest.mark.skipif(hiredis is None, reason="needs hiredis (pip install '.[cluster]')")
+
+
+def test_pack_is_resp():
+    from chatpair.cluster.resp import bulk, pack, pack_head
+
+    assert pack("XADD", b"k\r\n", 7) == b"*3\r\n$4\r\nXADD\r\n$3\r\nk\r\n\r\n$1\r\n7\r\n"
+    assert pack_head(3, "XADD") + bulk(b"k\r\n") + bulk(7) == pack("XADD", b"k\r\n", 7)
+    assert pack("SET", "é", b"") == b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$0\r\n\r\n"
+
+
+def test_packed_batches_are_the_xadds_redis_py_would_send():
+    from chatpair.cluster.inbox import Outbox
+    from chatpair.cluster.resp import pack
+
+    out = Outbox(None, Keys("{chatpair}:"))
+    out.send("n0:a-1", "n1:b-2", b"hello")
+    out.ack("n1:b-2", "n0:a-1", 3, (1, 2))
+    out.control("n2:c-1", "n0:a-1", "notice", b"{}")
+    batch = out.take()
+    assert len(batch) == 3
+    generic = b"".join(pack("XADD", key, "MAXLEN", "~", out.maxlen, "*", *(x for kv in fields.items() for x in kv))
+                       for key, fields in batch)
+    assert out.packed(batch) == generic
+    assert out.packed(batch) == generic  # the cached heads give the same bytes
+
+
+def test_one_batch_in_transit_and_a_failed_one_goes_first_again():
+    from chatpair.cluster.inbox import Outbox
+
+    out = Outbox(None, Keys("{chatpair}:"))
+    out.send("n0:a-1", "n1:b-2", b"one")
+    first = out.take()
+    assert out.in_transit is first
+    out.send("n0:a-1", "n1:b-2", b"two")
+    with pytest.raises(RuntimeError):
+        out.take()  # one at a time: the second would overtake the first if it landed sooner
+    out.untake(first)  # the first failed: it goes out again, before "two"
+    again = out.take()
+    assert [(f["q"], f["p"]) for _, f in again] == [(1, b"\x00\x00\x00\x04\x02one"), (2, b"\x00\x00\x00\x04\x02two")]
+    out.landed(first)  # a stale answer for a batch given back changes nothing
+    assert out.in_transit is again
+    out.landed(again)
+    assert out.in_transit is None and out.pending() == 0
+
+
+@needs_hiredis
+def test_respconn_queues_what_the_socket_does_not_take_and_reads_replies_in_order():
+    from chatpair.cluster.resp import RespConn
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = RespConn(ours)
+    try:
+        big = b"x" * (4 << 20)
+        conn.send(big)
+        assert conn.out  # the socket took only part of it
+        got = bytearray()
+        theirs.settimeout(5)
+        while len(got) < len(big):
+            got += theirs.recv(1 << 20)
+            conn.flush()
+        assert got == big and not conn.out
+        assert conn.replies() == []
+        theirs.sendall(b"+OK\r\n:5\r\n$3\r\nabc\r\n*1\r\n$1")  # the last one incomplete
+        assert conn.replies() == [b"OK", 5, b"abc"]
+        theirs.sendall(b"\r\nz\r\n")
+        assert conn.replies() == [[b"z"]]
+    finally:
+        conn.close()
+        theirs.close()
+
+
+@needs_hiredis
+@pytest.mark.parametrize(("sent", "said"), [
+    (b"-ERR wrong number of arguments\r\n", "Redis: ERR wrong number of arguments"),
+    (b"?not resp\r\n", "unreadable reply"),
+    (None, "Redis closed the connection"),
+])
+def test_respconn_failures_are_one_lanebroken_each(sent, said):
+    from chatpair.cluster.resp import LaneBroken, RespConn
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    conn = RespConn(ours)
+    try:
+        if sent is None:
+            theirs.close()
+        else:
+            theirs.sendall(sent)
+        with pytest.raises(LaneBroken, match=said):
+            conn.replies()
+    finally:
+        conn.close()
+        theirs.close()
+
+
+@needs_redis
+@needs_hiredis
+def test_redis_connections_killed_while_a_cross_node_pair_chats_lose_nothing(nodes, rclient):  # noqa: F811
+    """Every kill drops the lanes (and the I/O thread's connections): batches on their way are written
+    again, the receiver drops what it saw twice, and each side still gets the other's messages in order."""
+    n0, n1 = nodes(2)
+    a, b = join_and_pair(n0, "ann", n1, "bob")
+    sent = 0
+    for _ in range(5):
+        for i in range(sent, sent + 40):
+            a.send_frame(MSG, f"from a {i}".encode())
+            b.send_frame(MSG, f"from b {i}".encode())
+        rclient.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        for i in range(sent, sent + 40):
+            assert b.expect(MSG) == f"from a {i}".encode()
+            assert a.expect(MSG) == f"from b {i}".encode()
+        sent += 40
+    a.send_frame(MSG, b"after")
+    assert b.expect(MSG) == b"after"
