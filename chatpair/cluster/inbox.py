@@ -374,6 +374,7 @@ class Inbox:
         self.seqs = SeqCheck()
         self.duplicates = 0  # messages dropped as seen before
         self._trimmed_at = 0.0
+        self.trim_owed = False  # entries were read since the last trim
 
     def read(self, block_ms: int | None = None) -> list[Entry | Gap]:
         """What arrived since the last read (waiting up to ``block_ms`` for something).
@@ -384,11 +385,11 @@ class Inbox:
         """
         if block_ms is not None and block_ms <= 0:
             raise ValueError("block_ms must be positive (0 would mean forever)")
-        reply = self.redis.xread({self.key: self.last_id}, count=self.count, block=block_ms)
-        out = self.accept(reply)
-        if out and self.trim_due():
+        if self.trim_owed and self.trim_due():
+            # Before the read, not after it: a trim that fails then loses nothing read.
             self.trim()
-        return out
+        reply = self.redis.xread({self.key: self.last_id}, count=self.count, block=block_ms)
+        return self.accept(reply)
 
     def accept(self, reply: Any) -> list[Entry | Gap]:
         """An XREAD reply (redis-py's, or RESP as it came: fields as a flat list) as checked items."""
@@ -413,6 +414,8 @@ class Inbox:
                         entry = Entry(entry.id, entry.target, entry.source, entry.seq + verdict, "msg",
                                       skip_frames(entry.payload, verdict), (), entry.count - verdict)
                 out.append(entry)
+        if out:
+            self.trim_owed = True
         return out
 
     def trim_due(self) -> bool:
@@ -426,6 +429,7 @@ class Inbox:
     def xtrim_args(self) -> tuple[Any, ...]:
         """The XTRIM command :meth:`trim` sends; counts as a trim from now."""
         self._trimmed_at = time.monotonic()
+        self.trim_owed = False
         return ("XTRIM", self.key, "MINID", "~", self.last_id)
 
     def trim(self) -> None:

@@ -81,6 +81,7 @@ class InboxLane:
                  patience: float, now: float) -> None:
         """``patience``: seconds beyond ``block_ms`` an answer may take before the lane counts as failed."""
         self.conn = RespConn(sock)
+        self.events = 0  # what its loop's poller watches it for (the loop's to keep)
         self.inbox = inbox
         self.block_ms = block_ms
         self.patience = block_ms / 1000 + patience
@@ -116,11 +117,11 @@ class InboxLane:
                 self.answered = True
         return out
 
-    def read_on(self, now: float, trim: bool) -> None:
-        """The XREAD was answered: the next one (``trim``: after dropping what was read)."""
+    def read_on(self, now: float) -> None:
+        """The XREAD was answered: the next one (after dropping what was read, when that is due)."""
         if self.answered:
             self.answered = False
-            self._ask(b"", now, trim=trim and self.inbox.trim_due())
+            self._ask(b"", now, trim=self.inbox.trim_owed and self.inbox.trim_due())
 
     def overdue(self, now: float) -> bool:
         """No answer for longer than a BLOCK and the patience: Redis is not there any more."""
@@ -135,6 +136,7 @@ class OutboxLane:
 
     def __init__(self, sock: socket.socket, login: list[bytes], patience: float, now: float) -> None:
         self.conn = RespConn(sock)
+        self.events = 0  # what its loop's poller watches it for (the loop's to keep)
         self.patience = patience
         self.unanswered = len(login)
         self.sent_at = now

@@ -109,8 +109,9 @@ class LaneMixin:
             log.info("%s: cluster connection lost (%s); reconnecting", self, error)
             self.node.lane_closed(self, ended=False)
             return
-        self.poller.register(self.lane.sock, self._events(self.lane), None)
-        self.poller.register(self.out_lane.sock, self._events(self.out_lane), None)
+        for lane in (self.lane, self.out_lane):
+            lane.events = self._events(lane)
+            self.poller.register(lane.sock, lane.events, None)
 
     @staticmethod
     def _events(lane: InboxLane | OutboxLane) -> int:
@@ -126,14 +127,15 @@ class LaneMixin:
                 if items:
                     self.node.dispatch(items)
                     self.drain_ready()  # this loop's own peers: written now, not after a wake-up
-                lane.read_on(self.now, trim=bool(items))
+                lane.read_on(self.now)
                 self._interest(lane)
                 return True
             if out_lane is not None and fileobj is out_lane.sock:
                 out_lane.conn.flush()
                 if out_lane.on_readable() and self._batch is not None:
-                    self._landed()
-                self._interest(out_lane)
+                    self._landed()  # and the next batch goes out (if that fails, the lanes are closed)
+                if self.out_lane is out_lane:
+                    self._interest(out_lane)
                 return True
         except LaneBroken as error:
             self._lane_failed(error)
@@ -141,8 +143,11 @@ class LaneMixin:
         return False
 
     def _interest(self, lane: InboxLane | OutboxLane) -> None:
-        if lane.conn.out:
-            self.poller.modify(lane.sock, self._events(lane), None)
+        """Writable too while the socket has not taken everything (and only then)."""
+        want = self._events(lane)
+        if want != lane.events:
+            self.poller.modify(lane.sock, want, None)
+            lane.events = want
 
     def _landed(self) -> None:
         node = self.node
