@@ -74,7 +74,7 @@ def read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> 
 class Cluster:
     """The processes of one throwaway cluster; :meth:`stop` ends them all."""
 
-    def __init__(self, nodes: int, haproxy: bool, node_args: list[str], python: str) -> None:
+    def __init__(self, nodes: int, haproxy: bool, node_args: list[str], python: str, tcp: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="chatpair-cluster-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis: subprocess.Popen[bytes] | None = None
@@ -83,21 +83,22 @@ class Cluster:
         self.front = ""
         self._logs: list[object] = []
         try:
-            self._start(nodes, haproxy, node_args, python)
+            self._start(nodes, haproxy, node_args, python, tcp)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, nodes: int, haproxy: bool, node_args: list[str], python: str) -> None:
+    def _start(self, nodes: int, haproxy: bool, node_args: list[str], python: str, tcp: bool) -> None:
         redis = shutil.which("redis-server") or "/usr/bin/redis-server"
         sock = self.dir / "redis.sock"
-        self.redis = subprocess.Popen([redis, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+        port = free_port() if tcp else 0
+        self.redis = subprocess.Popen([redis, "--port", str(port), "--bind", "127.0.0.1", "--unixsocket", str(sock), "--unixsocketperm", "700",
                                        "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         read_until(self.redis, b"eady to accept connections", 10)
         self.redis.stdout.close()  # type: ignore[union-attr]
-        url = f"unix://{sock}"
+        url = f"redis://127.0.0.1:{port}/0" if tcp else f"unix://{sock}"
         extra = ["--proxy-protocol"] if haproxy else []
         for i in range(nodes):  # started together, waited for together
             log = open(self.dir / f"n{i}.log", "wb")  # noqa: SIM115 - closed by stop()
@@ -181,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--haproxy", action="store_true", help="HAProxy in front (round robin, send-proxy-v2)")
+    parser.add_argument("--tcp", action="store_true", help="nodes reach Redis over TCP on 127.0.0.1 (default: a Unix socket)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the nodes")
     parser.add_argument("--verbose", action="store_true", help="say where the logs are")
     parser.add_argument("node_args", nargs="*", help="options for every node (after --)")
@@ -195,7 +197,7 @@ def main() -> None:
     # (side_by_side.py sends one) reaches only us, and stop() ends them in order.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster = Cluster(args.nodes, args.haproxy, args.node_args, args.python)
+    cluster = Cluster(args.nodes, args.haproxy, args.node_args, args.python, args.tcp)
     try:
         if args.verbose:
             print(f"cluster_up: logs in {cluster.dir}", file=sys.stderr)

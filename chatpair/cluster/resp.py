@@ -51,6 +51,7 @@ class RespConn:
         self._error = hiredis.ReplyError
         self._garbled = hiredis.ProtocolError
         self.out = bytearray()  # what the socket did not take yet (the owner waits for writable)
+        self._scratch = bytearray(READ_SIZE)
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` and write what the socket takes now; LaneBroken if it failed."""
@@ -71,18 +72,20 @@ class RespConn:
 
     def replies(self) -> list[Any]:
         """Every complete reply that arrived (an error reply raises LaneBroken)."""
-        reader = self._reader
+        reader, scratch = self._reader, self._scratch
         while True:
             try:
-                data = self.sock.recv(READ_SIZE)
+                # Into a buffer kept for it: a fresh bytes of READ_SIZE per read is an
+                # mmap and munmap each time (about 14 us here), more than the read itself.
+                size = self.sock.recv_into(scratch)
             except BlockingIOError:
                 break
             except OSError as error:
                 raise LaneBroken(f"Redis: {error.strerror or error}") from None
-            if not data:
+            if not size:
                 raise LaneBroken("Redis closed the connection")
-            reader.feed(data)
-            if len(data) < READ_SIZE:
+            reader.feed(scratch, 0, size)
+            if size < READ_SIZE:
                 break
         out = []
         while True:

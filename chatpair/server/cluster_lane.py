@@ -180,6 +180,7 @@ class LaneMixin:
             if not (outbox.queued() or (acks and outbox.pending())):
                 return
             batch = self._batch = outbox.take()
+        self.due = float("inf")  # the acks queued go with this batch: no need to wake for them
         try:
             out_lane.send(outbox.packed(batch), len(batch), self.now)
             self._interest(out_lane)
