@@ -13,76 +13,88 @@ call it, one at a time.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from chatpair.cluster.entries import Entry, Gap
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.results import Adopted, HandoverAsked, Refused, RemotePaired
 
+log = logging.getLogger("chatpair")
+
 
 def dispatch(node: Any, items: list[Entry | Gap]) -> None:
     """Hand what ``node``'s inbox brought on, in order."""
-    routes = node.routes
     touched: set[RemotePeer] = set()
     for item in items:
-        if isinstance(item, Gap):
-            peer = routes.get(item.target)
-            if peer is not None and peer.remote == item.source:
-                peer.push(("gap", item.first, item.last))
-                touched.add(peer)
-            continue
-        kind = item.kind
-        if kind == "msg":
-            peer = routes.get(item.target)
-            entry = ("msg", (item.seq, item.count), item.payload)
-            if peer is not None and peer.remote == item.source:
-                peer.push(entry)
-                touched.add(peer)
-            elif peer is None and node.local_id(item.target) is not None:
-                found = routes.orphan(item.target, item.source, entry)
-                if found is not None:
-                    touched.add(found)
-        elif kind == "ack":
-            with node.lock:
-                acked = node.outbox.on_ack(item)
-            if acked.delivered or acked.undelivered:
-                peer = routes.get(acked.source)
-                if peer is not None and peer.remote == acked.target:
-                    peer.push(("acked", acked.delivered, acked.undelivered))
-                    touched.add(peer)
-        elif kind == "paired":
-            if node.local_id(item.target) is None:
-                continue  # for a client of an earlier run of this node
-            name = item.payload.decode("utf-8", "replace")
-            peer = RemotePeer(item.target, item.source, name)
-            routes.add(peer)
-            node.requests.put(("paired_seen", item.target, item.source, name))
-            node.post(RemotePaired(peer))
-        elif kind in ("notice", "lost", "freeze", "frozen", "thaw"):
-            peer = routes.get(item.target)
-            if peer is not None and peer.remote == item.source:
-                peer.push((kind, item.payload.decode("utf-8", "replace"), None))
-                touched.add(peer)
-            elif kind == "freeze":
-                # The pair ended here (our client left; its peer_left went
-                # out before this answer): nothing more will be sent.
-                node.control(item.source, item.target, "frozen")
-        elif kind in ("handover", "refused", "adopt", "moved"):
-            found = _session_entry(node, item)
-            if found is not None:
-                touched.add(found)
-        elif kind == "peer_left":
-            peer = routes.remove(item.target, item.source)
-            if peer is None:
-                continue  # the pair had ended here already
-            with node.lock:
-                lost = node.outbox.drop_pair(item.target, item.source)
-            node.inbox.forget(item.source, item.target)
-            peer.push(("left", item.payload.decode("utf-8", "replace") or "disconnected", len(lost)))
-            touched.add(peer)
-            node.requests.put(("left_seen", item.target))
+        try:
+            _hand_on(node, item, touched)
+        except Exception:  # a bug, or an entry from another version: that entry is lost, not the reading
+            log.exception("cluster: inbox entry %r not handled", item)
     for peer in touched:
         peer.notify()
+
+
+def _hand_on(node: Any, item: Entry | Gap, touched: set[RemotePeer]) -> None:
+    """One entry (or gap) to whom it is for; the peers given something are added to ``touched``."""
+    routes = node.routes
+    if isinstance(item, Gap):
+        peer = routes.get(item.target)
+        if peer is not None and peer.remote == item.source:
+            peer.push(("gap", item.first, item.last))
+            touched.add(peer)
+        return
+    kind = item.kind
+    if kind == "msg":
+        peer = routes.get(item.target)
+        entry = ("msg", (item.seq, item.count), item.payload)
+        if peer is not None and peer.remote == item.source:
+            peer.push(entry)
+            touched.add(peer)
+        elif peer is None and node.local_id(item.target) is not None:
+            found = routes.orphan(item.target, item.source, entry)
+            if found is not None:
+                touched.add(found)
+    elif kind == "ack":
+        with node.lock:
+            acked = node.outbox.on_ack(item)
+        if acked.delivered or acked.undelivered:
+            peer = routes.get(acked.source)
+            if peer is not None and peer.remote == acked.target:
+                peer.push(("acked", acked.delivered, acked.undelivered))
+                touched.add(peer)
+    elif kind == "paired":
+        if node.local_id(item.target) is None:
+            return  # for a client of an earlier run of this node
+        name = item.payload.decode("utf-8", "replace")
+        peer = RemotePeer(item.target, item.source, name)
+        routes.add(peer)
+        node.requests.put(("paired_seen", item.target, item.source, name))
+        node.post(RemotePaired(peer))
+    elif kind in ("notice", "lost", "freeze", "frozen", "thaw"):
+        peer = routes.get(item.target)
+        if peer is not None and peer.remote == item.source:
+            peer.push((kind, item.payload.decode("utf-8", "replace"), None))
+            touched.add(peer)
+        elif kind == "freeze":
+            # The pair ended here (our client left; its peer_left went
+            # out before this answer): nothing more will be sent.
+            node.control(item.source, item.target, "frozen")
+    elif kind in ("handover", "refused", "adopt", "moved"):
+        found = _session_entry(node, item)
+        if found is not None:
+            touched.add(found)
+    elif kind == "peer_left":
+        peer = routes.remove(item.target, item.source)
+        if peer is None:
+            return  # the pair had ended here already
+        with node.lock:
+            lost = node.outbox.drop_pair(item.target, item.source)
+        node.inbox.forget(item.source, item.target)
+        peer.push(("left", item.payload.decode("utf-8", "replace") or "disconnected", len(lost)))
+        touched.add(peer)
+        node.requests.put(("left_seen", item.target))
+
 
 def _session_entry(node: Any, item: Entry) -> RemotePeer | None:
     """A session resumed on another node (see :mod:`chatpair.server.cluster_sessions`)."""

@@ -58,6 +58,7 @@ holds little more than what is in flight. No socket of chatpair's here;
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -72,6 +73,8 @@ from chatpair.cluster.entries import (
 )
 from chatpair.cluster.names import Keys, node_of
 from chatpair.cluster.resp import bulk, pack_head
+
+log = logging.getLogger("chatpair")
 
 DEFAULT_WINDOW = 1024
 DEFAULT_MAXLEN = 100_000
@@ -170,6 +173,8 @@ class Outbox:
         self._open: dict[tuple[str, str], list[Any]] = {}  # entries still growing: [fields, frames, size]
         self._acks: dict[tuple[str, str], tuple[int, list[tuple[int, int]]]] = {}
         self._xadd_heads: dict[tuple[str, int], bytes] = {}
+        #: the I/O thread waits to take the next batch (a relay's lane leaves it to it)
+        self.io_waiting = False
         #: the batch taken and not yet landed (:meth:`take`); several threads: under the node's lock
         self.in_transit: list[tuple[str, dict[str, Any]]] | None = None
 
@@ -218,6 +223,7 @@ class Outbox:
         """Queue a control entry (not numbered, not acknowledged) for ``target``'s node."""
         if kind not in CONTROL_KINDS:
             raise ValueError(f"unknown control kind {kind!r}")
+        self._open.pop((source, target), None)  # what source sends next goes after it, not into an earlier entry
         self._queued.append((self.keys.inbox(node_of(target)),
                              {"t": target, "s": source, "q": 0, "k": kind, "p": payload}))
 
@@ -336,11 +342,11 @@ class Outbox:
         """Redis lost its data: every message written but not acknowledged may be gone with it.
 
         Returns them per direction (NOTICE undelivered each) and stops waiting
-        for their acks; messages still queued here are kept (they go out with
-        the next flush), and numbering goes on where it was.
+        for their acks; messages still queued here (or in transit) are kept
+        (they go out with the next flush), and numbering goes on where it was.
         """
         queued: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        for _, f in self._queued:
+        for _, f in (self.in_transit or []) + self._queued:  # a batch on its way lands in the new Redis
             if f["k"] == "msg":
                 queued.setdefault((f["s"], f["t"]), []).append((f["q"], f["q"] + f["n"] - 1))
         out = []
@@ -399,7 +405,11 @@ class Inbox:
                 self.last_id = entry_id
                 if isinstance(fields, list):  # straight off the wire (chatpair.cluster.lane)
                     fields = dict(zip(fields[::2], fields[1::2]))
-                entry = decode_entry(entry_id, fields)
+                try:
+                    entry = decode_entry(entry_id, fields)
+                except (ValueError, TypeError) as error:  # not written by this version of chatpair
+                    log.warning("cluster: inbox entry %s skipped: %s", entry_id.decode(errors="replace"), error)
+                    continue
                 if entry.kind == "wake":
                     continue
                 if entry.kind == "msg":

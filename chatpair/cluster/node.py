@@ -224,9 +224,15 @@ class ClusterNode:
                 self.stopping.wait(RETRY_SECONDS)
                 continue
             self._lane_done.clear()
+            if self.lane_owner is not owner:  # its loop ended while we connected (and said so before the clear)
+                reading[0].close()
+                writing[0].close()
+                continue
             opened = time.monotonic()
             owner.submit("lane", (reading, writing))
-            self._lane_done.wait()
+            while not self._lane_done.wait(RETRY_SECONDS):
+                if self.lane_owner is not owner:  # belt and braces: a loop gone without a word
+                    break
             if time.monotonic() - opened < RETRY_SECONDS:  # failing at once (refused?): not in a tight loop
                 self.stopping.wait(RETRY_SECONDS)
 

@@ -293,23 +293,27 @@ class NodeIo:
 def flush_outbox(node: Any) -> None:
     """Write what the outbox holds, after the batch a relay's lane may have on its way.
 
-    Blocks (the I/O thread's calls do): first until that batch has landed
-    (a lane answers within :data:`IO_TIMEOUT` or fails and gives its batch
-    back; past twice that it is taken back here and written again - the
-    receiver drops what it sees twice), then for the pipeline, written
-    without holding the lock so that relays keep queueing meanwhile.
-    Redis errors propagate, the batch queued again.
+    Blocks until that batch landed (a lane answers within :data:`IO_TIMEOUT`
+    or gives it back; past that it is taken back and written again here: the
+    receiver drops what it sees twice) - the lane takes no new batch meanwhile,
+    or under steady traffic it would always be first - then for the pipeline,
+    written without the lock so that relays keep queueing. Redis errors
+    propagate, the batch queued again.
     """
     lock, outbox = node.lock, node.outbox
     with lock:
-        deadline = time.monotonic() + 2 * IO_TIMEOUT
-        while outbox.in_transit is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                outbox.untake(outbox.in_transit)
-                break
-            lock.wait(left)
-        batch = outbox.take()
+        deadline = time.monotonic() + IO_TIMEOUT
+        outbox.io_waiting = True  # the lane takes no new batch meanwhile: this thread takes the next
+        try:
+            while outbox.in_transit is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    outbox.untake(outbox.in_transit)
+                    break
+                lock.wait(left)
+            batch = outbox.take()
+        finally:
+            outbox.io_waiting = False
     if not batch:
         return
     try:

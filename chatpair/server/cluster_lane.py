@@ -173,7 +173,7 @@ class LaneMixin:
         node = self.node
         outbox = node.outbox
         with node.lock:
-            if outbox.in_transit is not None:
+            if outbox.in_transit is not None or outbox.io_waiting:
                 if acks:
                     self.due = self.now + ACK_DELAY
                 return
