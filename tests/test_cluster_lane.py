@@ -144,3 +144,39 @@ def test_redis_connections_killed_while_a_cross_node_pair_chats_lose_nothing(nod
         sent += 40
     a.send_frame(MSG, b"after")
     assert b.expect(MSG) == b"after"
+
+
+def test_a_control_entry_closes_the_open_entry_so_later_messages_go_after_it():
+    from chatpair.cluster.inbox import Outbox
+
+    out = Outbox(None, Keys("{chatpair}:"))
+    out.send("n0:a-1", "n1:b-2", b"m1")
+    out.control("n1:b-2", "n0:a-1", "notice", b"{}")
+    out.send("n0:a-1", "n1:b-2", b"m2")
+    assert [(f["k"], f.get("n")) for _, f in out.take()] == [("msg", 1), ("notice", None), ("msg", 1)]
+
+
+def test_an_entry_that_cannot_be_decoded_is_skipped_and_the_rest_kept():
+    from chatpair.cluster.inbox import Inbox
+
+    inbox = Inbox(None, Keys("{chatpair}:"), "n1")
+    good = [b"t", b"n1:b-2", b"s", b"n0:a-1", b"q", b"1", b"k", b"msg", b"n", b"1", b"p", b"\x00\x00\x00\x03\x02hi"]
+    bad = [b"t", b"n1:b-2", b"s", b"n0:a-1", b"q", b"one", b"k", b"msg", b"p", b""]
+    reply = [[b"{chatpair}:inbox:n1", [[b"1-0", bad], [b"2-0", good]]]]
+    items = inbox.accept(reply)
+    assert [(i.seq, i.payload) for i in items] == [(1, b"\x00\x00\x00\x03\x02hi")]
+    assert inbox.last_id == b"2-0" and inbox.trim_owed
+
+
+def test_redis_emptied_keeps_the_batch_in_transit_like_the_queued_ones():
+    from chatpair.cluster.inbox import Outbox
+
+    out = Outbox(None, Keys("{chatpair}:"))
+    out.send("n0:a-1", "n1:b-2", b"written")
+    out.landed(out.take())  # in Redis, not acknowledged: may be gone with it
+    out.send("n0:a-1", "n1:b-2", b"on its way")
+    on_its_way = out.take()
+    out.send("n0:a-1", "n1:b-2", b"queued")
+    assert out.forfeit() == [("n0:a-1", "n1:b-2", (1,))]  # only the one written before
+    assert out.in_flight("n0:a-1", "n1:b-2") == 2
+    out.landed(on_its_way)
