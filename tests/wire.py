@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,8 +93,11 @@ def alive(pid: int) -> bool:
 class Server:
     def __init__(self, *args: str, timeout: float = 10.0) -> None:
         cmd = [sys.executable, "-m", "chatpair", "server", "--host", "127.0.0.1", "--port", "0", *args]
+        # Its log goes to a file nobody reads unless it will not stop; then it says why
+        # (PYTHONFAULTHANDLER: SIGABRT makes every process dump its threads' stacks there).
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop() and kill()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, cwd=ROOT)
+                                     stderr=self._log, cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         deadline = time.monotonic() + timeout
         buf = b""
         fd = self.proc.stdout.fileno()
@@ -123,10 +127,28 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            stacks = self.stacks()
             self.kill()
-            raise AssertionError("server did not exit within the timeout after SIGTERM")
+            raise AssertionError(f"server did not exit within the timeout after SIGTERM; its log and "
+                                 f"threads:\n{stacks}") from None
+        self._log.close()
+        return code
+
+    def stacks(self, settle: float = 2.0) -> str:
+        """SIGABRT to the server and its children (each dumps its threads), then the log's tail."""
+        for pid in [*self.children(), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(settle)  # the dumps are written before the processes die
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.seek(0)
+        return self._log.read()[-20000:].decode(errors="replace")
 
     def kill(self) -> None:
         for kid in self.children():
@@ -137,6 +159,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._log.close()
 
 
 # -- frame-mode client ---------------------------------------------------------------
