@@ -106,7 +106,7 @@ class LaneMixin:
             reading[0].close()
             writing[0].close()
             self.lane = self.out_lane = None
-            log.info("%s: cluster connection lost (%s); reconnecting", self, error)
+            self._say_lost(error)
             self.node.lane_closed(self, ended=False)
             return
         for lane in (self.lane, self.out_lane):
@@ -172,6 +172,8 @@ class LaneMixin:
             return
         node = self.node
         outbox = node.outbox
+        if not (acks or outbox.queued()):  # (read without the lock: a hint, checked again under it)
+            return  # every turn of a loop with same-node pairs only: no lock taken
         with node.lock:
             if outbox.in_transit is not None or outbox.io_waiting:
                 if acks:
@@ -194,9 +196,12 @@ class LaneMixin:
                 return
 
     def _lane_failed(self, error: LaneBroken) -> None:
+        self._say_lost(error)
+        self.close_lane(ended=False)
+
+    def _say_lost(self, error: LaneBroken) -> None:
         # One line; the I/O thread logs Redis going away and coming back for the whole node.
         log.info("%s: cluster connection lost (%s); reconnecting", self, error)
-        self.close_lane(ended=False)
 
     def close_lane(self, ended: bool) -> None:
         """Close the lanes (``ended``: the loop is ending) and have the node's threads go on without."""
