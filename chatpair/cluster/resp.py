@@ -23,6 +23,11 @@ class LaneBroken(ClusterError):
     """The lane's connection failed; the message says how (one line, for the log)."""
 
 
+def broken(error: OSError) -> LaneBroken:
+    """A socket error as the one line a lane's failure is logged with."""
+    return LaneBroken(f"Redis: {error.strerror or error}")
+
+
 def bulk(arg: Any) -> bytes:
     """One argument of a command (bytes, str or int) in RESP."""
     if type(arg) is not bytes:
@@ -62,7 +67,7 @@ class RespConn:
         except BlockingIOError:
             return
         except OSError as error:
-            raise LaneBroken(f"Redis: {error.strerror or error}") from None
+            raise broken(error) from None
         del out[:sent]
 
     def flush(self) -> None:
@@ -81,7 +86,7 @@ class RespConn:
             except BlockingIOError:
                 break
             except OSError as error:
-                raise LaneBroken(f"Redis: {error.strerror or error}") from None
+                raise broken(error) from None
             if not size:
                 raise LaneBroken("Redis closed the connection")
             reader.feed(scratch, 0, size)
