@@ -59,6 +59,7 @@ holds little more than what is in flight. No socket of chatpair's here;
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -248,15 +249,43 @@ class Outbox:
         On a Redis error everything stays queued (and the error propagates):
         the next flush retries, and the receiver drops what was written twice.
         """
-        batch = self.take()
+        return self.flush_shared(threading.Condition(), 0.0)
+
+    def flush_shared(self, lock: Any, patience: float) -> int:
+        """:meth:`flush` for an outbox a relay's lane writes too (``lock``: the condition every
+        thread holds to touch it); the number of entries written.
+
+        Waits for the lane's batch in transit (it answers within ``patience`` or
+        gives it back; past that it is taken back and written again here: the
+        receiver drops what it sees twice), the lane taking no new one meanwhile
+        (under steady traffic it would always be first); then writes without the
+        lock, so relays keep queueing. Redis errors propagate, the batch queued again.
+        """
+        with lock:
+            deadline = time.monotonic() + patience
+            self.io_waiting = True  # the lane takes no new batch meanwhile: this thread takes the next
+            try:
+                while self.in_transit is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.untake(self.in_transit)
+                        break
+                    lock.wait(left)
+                batch = self.take()
+            finally:
+                self.io_waiting = False
         if not batch:
             return 0
         try:
             self.write(batch)
         except BaseException:
-            self.untake(batch)
+            with lock:
+                self.untake(batch)
+                lock.notify_all()
             raise
-        self.landed(batch)
+        with lock:
+            self.landed(batch)
+            lock.notify_all()
         return len(batch)
 
     def take(self) -> list[tuple[str, dict[str, Any]]]:

@@ -291,45 +291,12 @@ class NodeIo:
 
 
 def flush_outbox(node: Any) -> None:
-    """Write what the outbox holds, after the batch a relay's lane may have on its way.
-
-    Blocks until that batch landed (a lane answers within :data:`IO_TIMEOUT`
-    or gives it back; past that it is taken back and written again here: the
-    receiver drops what it sees twice) - the lane takes no new batch meanwhile,
-    or under steady traffic it would always be first - then for the pipeline,
-    written without the lock so that relays keep queueing. Redis errors
-    propagate, the batch queued again.
-    """
-    lock, outbox = node.lock, node.outbox
-    with lock:
-        deadline = time.monotonic() + IO_TIMEOUT
-        outbox.io_waiting = True  # the lane takes no new batch meanwhile: this thread takes the next
-        try:
-            while outbox.in_transit is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    outbox.untake(outbox.in_transit)
-                    break
-                lock.wait(left)
-            batch = outbox.take()
-        finally:
-            outbox.io_waiting = False
-    if not batch:
-        return
-    try:
-        outbox.write(batch)
-    except BaseException:
-        with lock:
-            outbox.untake(batch)
-            lock.notify_all()
-        raise
-    with lock:
-        outbox.landed(batch)
-        lock.notify_all()
-        more = outbox.queued()
+    """Write what the outbox holds, after the batch a relay's lane may have on its way
+    (:meth:`Outbox.flush_shared`); then the lane writes what was queued meanwhile."""
+    node.outbox.flush_shared(node.lock, IO_TIMEOUT)
     owner = node.lane_owner
-    if more and owner is not None:
-        owner.wake()  # what it queued while this batch was on its way is its lane's to write
+    if owner is not None and node.outbox.queued():  # (a hint: read without the lock)
+        owner.wake()
 
 
 def forget_pair(io: NodeIo, a: str, b: str) -> None:
