@@ -47,7 +47,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -211,7 +210,11 @@ class Server:
         self._ctx = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
         self._control: socket.socket | None = None
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: signal handlers set it, and Event.set takes a
+        # lock that the code the handler interrupted may hold (a second SIGTERM arriving
+        # inside the first one's Event.set hung the process for good). Every wait here is
+        # at most 0.1 s long and looks at it afterwards.
+        self._stop_asked = False
         self.restarts = 0
 
     @property
@@ -232,11 +235,11 @@ class Server:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop_asked
 
     def request_stop(self) -> None:
-        """Thread- and signal-safe: ask :meth:`serve` to stop."""
-        self._stop.set()
+        """Thread- and signal-safe (no lock taken): ask :meth:`serve` to stop."""
+        self._stop_asked = True
 
     def request_command(self, command: bytes) -> None:
         """Signal-safe: have :meth:`serve` write ``command`` (``reload``, ``status``) to the listener."""
@@ -256,7 +259,7 @@ class Server:
     def wait_ready(self) -> bool:
         """Cluster mode: wait for the listener's ``ready`` (it joined the cluster); False if stopped first."""
         seen = b""
-        while not self._stop.is_set():
+        while not self._stop_asked:
             control, process = self._control, self._process
             if control is None or process is None or not process.is_alive():
                 return False
@@ -277,24 +280,34 @@ class Server:
         if self._process is None:
             self.start()
         backoff = RestartBackoff()
-        while not self._stop.is_set():
+        while not self._stop_asked:
             assert self._process is not None
             self._process.join(0.1)
             if poll is not None and poll():
                 break
             if self._commands:
                 self._send_commands()
-            if self._stop.is_set() or self._process.is_alive():
+            if self._stop_asked or self._process.is_alive():
                 continue
             code = self._process.exitcode
             delay = backoff.record_death(time.monotonic())
             log.error("listener process died (exit code %s); starting a new one in %.1fs", code, delay)
             self._close_control()
-            if self._stop.wait(delay):
+            if self._stopped_within(delay):
                 break
             self.restarts += 1
             self.start()
         self.stop()
+
+    def _stopped_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a stop request (looking every 0.1 s: see ``_stop_asked``)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop_asked:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 0.1))
+        return True
 
     def stop(self) -> None:
         """Tell the listener to stop, wait for it, release the port, reap the resource tracker."""
@@ -330,7 +343,7 @@ class Server:
             control.sendall(b"count\n")
             reply = b""
             deadline = time.monotonic() + timeout
-            while b"\n" not in reply and not self._stop.is_set():
+            while b"\n" not in reply and not self._stop_asked:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -387,9 +400,10 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
             log.warning("SIGHUP ignored: not running in a terminal, and no --deny-file to read again "
                         "(stop the server with SIGTERM)")
             return
-        if not server.stopping:
-            log.info("%s: stopping", "the terminal hung up (SIGHUP)" if name == "SIGHUP" else name)
-        server.request_stop()
+        if server.stopping:
+            return  # said once: a storm of signals must not nest a log call per signal
+        server.request_stop()  # first: a signal arriving while we log sees it and returns
+        log.info("%s: stopping", "the terminal hung up (SIGHUP)" if name == "SIGHUP" else name)
 
     # Before "listening on": whoever reads that line may signal us at once.
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS + STATUS_SIGNALS}
@@ -420,6 +434,9 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
             keys.restore()
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # Stopping because of a signal: more of them (Ctrl-C held down) are ignored
+            # until we exit, rather than raise KeyboardInterrupt in the middle of it.
+            ignore = server.stopping and signum in STOP_SIGNALS
+            signal.signal(signum, signal.SIG_IGN if ignore else handler)
     log.info("stopped")
     return 0
