@@ -80,20 +80,6 @@ def wait_for(what: str, pred: Callable[[], Any], timeout: float, poll: float = 0
         time.sleep(poll)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The conformance tests run again through HAProxy in front of 3 cluster nodes
-    (test_conformance_haproxy.py): there each test starts and stops three nodes
-    (and their Redis round trips) within its timeout, which counts setup and
-    teardown, on two cores shared with the rest of the suite. Their timeouts
-    are doubled there, and only there."""
-    for item in items:
-        if item.module.__name__ != "test_conformance_haproxy" or "3-nodes" not in item.name:  # type: ignore[attr-defined]
-            continue
-        marker = item.get_closest_marker("timeout")
-        if marker is not None and marker.args:
-            item.add_marker(pytest.mark.timeout(2 * marker.args[0]), append=False)
-
-
 class ServerProcess:
     """A running ``python -m chatpair server``; ``port`` is the real port.
 
