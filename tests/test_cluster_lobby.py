@@ -106,6 +106,16 @@ def test_joins_in_one_pipeline_answer_as_one_by_one_also_after_redis_lost_its_sc
         a.join_many([(b.cid(9), None, "not ours", False)])
 
 
+def test_joins_in_one_pipeline_take_one_round_trip(rclient, ab):  # noqa: F811
+    a, _ = ab
+    a.join(a.cid(1), None)  # the script is loaded
+    rclient.config_resetstat()
+    a.join_many([(a.cid(2), None, "", False), (a.cid(3), None, "", False)])
+    stats = rclient.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 2
+    assert not any(name.startswith("cmdstat_script") for name in stats)  # no SCRIPT EXISTS first
+
+
 def test_rooms_pair_only_within_themselves(ab):
     a, b = ab
     assert a.join(a.cid(1), "x") == Queued(a.cid(1))
