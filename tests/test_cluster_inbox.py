@@ -216,8 +216,8 @@ def test_lobby_notifications_are_inbox_entries(redis_server, rclient):  # noqa: 
         assert [(e.kind, e.target, e.source, e.payload) for e in got] == [
             ("paired", a.cid(1), b.cid(1), b"bob"), ("peer_left", a.cid(1), b.cid(1), b"bye")]
     finally:
-        a.redis.close()
-        b.redis.close()
+        a.close()
+        b.close()
 
 
 # -- blocking reads --------------------------------------------------------------------------

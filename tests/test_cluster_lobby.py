@@ -58,7 +58,7 @@ def nodes(redis_server: RedisServer, rclient: Any):  # noqa: F811
 
     yield make
     for lobby in made:
-        lobby.redis.close()
+        lobby.close()
 
 
 @pytest.fixture
@@ -327,7 +327,7 @@ def test_a_restarted_node_replaces_its_stale_registration(redis_server, rclient,
         assert b_again.join(b_again.cid(1), None) == Queued(b_again.cid(1))
         assert b_again.cid(1) != b.cid(1)
     finally:
-        b_again.redis.close()
+        b_again.close()
 
 
 def test_heartbeat_statuses(rclient, ab):  # noqa: F811

@@ -64,6 +64,7 @@ from chatpair.cluster.names import (
     room_token,
 )
 from chatpair.cluster.redisconn import ClusterError, redis_module
+from chatpair.cluster.scriptline import Scripts
 
 #: Node key TTL (ms): a node that has not renewed it for this long is presumed dead.
 DEFAULT_TTL_MS = 3000
@@ -155,7 +156,10 @@ class ClusterLobby:
     """
 
     def __init__(self, client: Any, node: str, *, prefix: str = DEFAULT_PREFIX,
-                 ttl_ms: int = DEFAULT_TTL_MS, inbox_maxlen: int = DEFAULT_INBOX_MAXLEN) -> None:
+                 ttl_ms: int = DEFAULT_TTL_MS, inbox_maxlen: int = DEFAULT_INBOX_MAXLEN,
+                 script_line: bool = True) -> None:
+        """``script_line``: False runs the scripts through redis-py even where a
+        :class:`~chatpair.cluster.scriptline.ScriptLine` could be used."""
         self.redis = client
         self.node = check_node_id(node)
         self.boot = new_boot_token()
@@ -163,13 +167,18 @@ class ClusterLobby:
         self.ttl_ms = ttl_ms
         self.epoch = ""
         self._base = [prefix, str(inbox_maxlen)]
-        self._scripts = {name: client.register_script(src) for name, src in scripts.ALL.items()}
+        self._scripts = Scripts(client, scripts.ALL, script_line=script_line)
 
     def _call(self, name: str, *args: Any) -> Any:
-        try:
-            return self._scripts[name](keys=[], args=self._base + [str(a) for a in args])
-        except redis_module().exceptions.ResponseError as error:
-            raise self._translate(name, error) from None
+        reply = self._scripts.call_many(name, [self._base + [str(a) for a in args]])[0]
+        if isinstance(reply, redis_module().exceptions.ResponseError):
+            raise self._translate(name, reply)
+        return reply
+
+    def close(self) -> None:
+        """Close this handle's connections (its redis-py client's too)."""
+        self._scripts.close()
+        self.redis.close()
 
     @staticmethod
     def _translate(name: str, error: BaseException) -> Exception:
@@ -255,35 +264,10 @@ class ClusterLobby:
                 raise ValueError(f"client {cid} is not on node {self.node}")
         calls = [self._base + [cid, name, room_token(room), str(int(requeued))]
                  for cid, room, name, requeued in joins]
-        replies = self._evalsha_many("join", calls)
+        replies = self._scripts.call_many("join", calls)
         errors = redis_module().exceptions.ResponseError
         return [self._translate("join", reply) if isinstance(reply, errors) else self._joined(cid, reply)
                 for (cid, _, _, _), reply in zip(joins, replies)]
-
-    def _evalsha_many(self, name: str, calls: list[list[str]]) -> list[Any]:
-        """Script ``name`` once per argument list, in one pipeline; replies (errors as values).
-
-        EVALSHA straight into the pipeline: redis-py's ``Script`` in a pipeline
-        asks ``SCRIPT EXISTS`` first on every execute, a second round trip per
-        batch (16 % of the I/O thread's time in a connect+pair bench). A call
-        Redis answers NOSCRIPT (it restarted, or its scripts were flushed) did
-        nothing: the script is loaded and those calls sent again, in order.
-        """
-        script = self._scripts[name]
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for i in todo:
-                pipe.evalsha(script.sha, 0, *calls[i])
-            for i, reply in zip(todo, pipe.execute(raise_on_error=False)):
-                replies[i] = reply
-            no_script = redis_module().exceptions.NoScriptError
-            todo = [i for i in todo if isinstance(replies[i], no_script)]
-            if not todo or attempt:
-                break
-            script.sha = self.redis.script_load(script.script)
-        return replies
 
     @staticmethod
     def _joined(cid: str, reply: list[Any]) -> Queued | Matched | RoomFull:

@@ -81,6 +81,7 @@ class NodeIo:
             log.exception("cluster I/O thread crashed; this node no longer pairs across the cluster")
         finally:
             self.node.halt()
+            self.lobby.close()  # (redis-py's client reconnects if asked again, e.g. by a test)
 
     def _take(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a request, then take every request there is."""
