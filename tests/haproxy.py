@@ -7,9 +7,11 @@
 
 :class:`HAProxy` writes a configuration for the given backend ports, starts
 ``haproxy -db`` and waits until it listens: haproxy binds every frontend at
-once, and a second frontend (``.ready_port``) that rejects each connection
-at once tells when that has happened without a connection reaching a
-backend. Timeouts are long (an hour), so idle chat connections are never cut
+once, and a second frontend (a Unix socket in its directory, so no other
+process can hold it) that rejects each connection at once tells when that
+has happened without a connection reaching a backend. ``noreuseport``: a
+port taken meanwhile by another test's listener makes haproxy fail (and
+start again on another port) instead of sharing it. Timeouts are long (an hour), so idle chat connections are never cut
 by the balancer during a test. :meth:`HAProxy.stop` terminates and reaps it.
 
 :class:`ServerGroup` is N chatpair servers behind one HAProxy that looks,
@@ -49,9 +51,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _connectable(port: int) -> bool:
+def _connectable(path: Path) -> bool:
+    """Does a Unix socket at ``path`` accept connections (haproxy has bound all its frontends)?"""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(1)
+            probe.connect(str(path))
             return True
     except OSError:
         return False
@@ -67,11 +72,37 @@ class HAProxy:
         self._tmp = None if directory is not None else tempfile.TemporaryDirectory(prefix="chatpair-haproxy-")
         self.dir = directory if directory is not None else Path(self._tmp.name)  # type: ignore[union-attr]
         self.backends = list(backends)
-        self.port = free_port()
-        self.ready_port = free_port()
-        self.config = self.dir / f"haproxy-{self.port}.cfg"
-        servers = "\n".join(f"    server node{i} 127.0.0.1:{port} {send}" for i, port in enumerate(self.backends))
+        self.send = send
+        # A port picked free may be taken again before haproxy binds it (tests run in parallel).
+        # With noreuseport haproxy then fails to start instead of sharing the port with another
+        # listener (SO_REUSEPORT would split the connections between the two): try new ports.
+        for attempt in range(5):
+            self.port = free_port()
+            self.ready_path = self.dir / f"ready-{self.port}.sock"
+            self.config = self.dir / f"haproxy-{self.port}.cfg"
+            self.log_path = self.dir / f"haproxy-{self.port}.log"
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed by stop()
+            self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self._write_config())], stdin=subprocess.DEVNULL,
+                                         stdout=self._log, stderr=subprocess.STDOUT)
+            try:
+                wait_for("haproxy to listen", lambda: self.proc.poll() is not None or _connectable(self.ready_path),
+                         timeout)
+            except BaseException:
+                self.stop()
+                raise
+            if self.proc.poll() is None:
+                return
+            failed = self.log()
+            self._log.close()
+            if "cannot bind" not in failed.lower() or attempt == 4:
+                self.stop()
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}: {failed}")
+
+    def _write_config(self) -> Path:
+        servers = "\n".join(f"    server node{i} 127.0.0.1:{port} {self.send}" for i, port in enumerate(self.backends))
         self.config.write_text(f"""\
+global
+    noreuseport
 defaults
     mode tcp
     timeout connect 5s
@@ -82,24 +113,13 @@ frontend chatpair
     bind 127.0.0.1:{self.port}
     default_backend nodes
 frontend ready
-    bind 127.0.0.1:{self.ready_port}
+    bind {self.ready_path}
     tcp-request connection reject
 backend nodes
     balance roundrobin
 {servers}
 """)
-        self.log_path = self.dir / f"haproxy-{self.port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config)], stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        try:
-            wait_for("haproxy to listen", lambda: self.proc.poll() is not None or _connectable(self.ready_port),
-                     timeout)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {self.proc.returncode}: {self.log()}")
-        except BaseException:
-            self.stop()
-            raise
+        return self.config
 
     def log(self) -> str:
         try:
