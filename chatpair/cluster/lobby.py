@@ -250,27 +250,31 @@ class ClusterLobby:
         """
         if node_of(cid) != self.node:
             raise ValueError(f"client {cid} is not on node {self.node}")
-        return self._joined(cid, self._call("join", cid, name, room_token(room), int(requeued)))
+        return self.parse_join(cid, self._call("join", cid, name, room_token(room), int(requeued)))
 
-    def join_many(self, joins: list[tuple[str, str | None, str, bool]]) -> list[Queued | Matched | RoomFull | Exception]:
+    def join_many(self, joins: list[tuple[str, str | None, str, bool]],
+                  via: Scripts | None = None) -> list[Queued | Matched | RoomFull | Exception]:
         """Several :meth:`join` calls (cid, room, name, requeued) in one round trip, in order.
 
         Each script is as atomic as alone; the answer for each is its result,
         or the exception :meth:`join` would have raised (ValueError, NodeGone,
-        ClusterError). Redis being unreachable raises, as everywhere.
+        ClusterError). Redis being unreachable raises, as everywhere. ``via``:
+        another connection's :class:`Scripts` (the listener's own, see
+        :mod:`chatpair.server.cluster_joins`) instead of this handle's.
         """
         for cid, _, _, _ in joins:
             if node_of(cid) != self.node:
                 raise ValueError(f"client {cid} is not on node {self.node}")
         calls = [self._base + [cid, name, room_token(room), str(int(requeued))]
                  for cid, room, name, requeued in joins]
-        replies = self._scripts.call_many("join", calls)
+        replies = (via or self._scripts).call_many("join", calls)
         errors = redis_module().exceptions.ResponseError
-        return [self._translate("join", reply) if isinstance(reply, errors) else self._joined(cid, reply)
+        return [self._translate("join", reply) if isinstance(reply, errors) else self.parse_join(cid, reply)
                 for (cid, _, _, _), reply in zip(joins, replies)]
 
     @staticmethod
-    def _joined(cid: str, reply: list[Any]) -> Queued | Matched | RoomFull:
+    def parse_join(cid: str, reply: list[Any]) -> Queued | Matched | RoomFull:
+        """The answer to ``cid``'s JOIN script, from its reply."""
         status, waiter, waiter_name, ghosts = reply
         gone = tuple(_text(g) for g in ghosts)
         status = _text(status)
@@ -354,6 +358,10 @@ class ClusterLobby:
     def partner_of(self, cid: str) -> str | None:
         value = self.redis.hget(self.keys.client(cid), "partner")
         return _text(value) or None if value is not None else None
+
+    def name_of(self, cid: str) -> str:
+        """The name ``cid`` joined with ("" if Redis does not know it)."""
+        return _text(self.redis.hget(self.keys.client(cid), "name") or b"")
 
     def pairs_chatting(self) -> int:
         """Pairs chatting, in all rooms and the open lobby."""

@@ -38,6 +38,7 @@ from chatpair.cluster.names import node_of, node_tag, token_hash
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.redisconn import ClusterError, describe
 from chatpair.cluster.results import IO_TIMEOUT, RETRY_SECONDS, Joined, Ready, Refused
+from chatpair.cluster.upkeep import heartbeat, leave_cluster, watch
 
 log = logging.getLogger("chatpair")
 
@@ -70,6 +71,7 @@ class NodeIo:
         self.acks_due = float("inf")  # when acks queued alone are flushed anyway
         self.waiting: dict[str, Waiting] = {}  # the mirror, in queue order
         self.chatting: dict[str, Chatting] = {}
+        self.paired_early: dict[str, tuple[str, str]] = {}  # see note_joined: cid -> (partner, its name)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class NodeIo:
         elif kind in ("acks", "flush"):
             pass  # queued already: the flush after the requests writes them (acks: see _flush_due)
         elif kind == "join":
-            self._join(*request[1:])
+            self.do_join(*request[1:])
         elif kind == "unpair":
             self._unpair(*request[1:])
         elif kind == "leave":
@@ -233,12 +235,20 @@ class NodeIo:
             mine = self.waiting.pop(local, None)
             if mine is not None:
                 self.chatting[local] = Chatting(local, remote, mine.name, name, mine.room)
+            elif local not in self.chatting:  # its join's note is still on its way (see note_joined)
+                self.paired_early[local] = (remote, name)
+        elif kind == "joins_seen":
+            for cid, name, room, result in request[1]:
+                note_joined(self, cid, name, room, result)
+        elif kind == "join_unsure":
+            join_unsure(self, *request[1:])
         elif kind == "left_seen":
             self.chatting.pop(request[1], None)
+            self.paired_early.pop(request[1], None)
         else:
             sessions_request(self, request)
 
-    def _join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
+    def do_join(self, cid: str, name: str, room: str | None, requeued: bool) -> None:
         if self.outbox.pending() or self.outbox.in_transit:
             flush_outbox(self.node)  # what was asked before (messages, acks) is in Redis before the answer
         self.joined(cid, name, room, self.lobby.join(cid, room, name=name, requeued=requeued))
@@ -253,17 +263,20 @@ class NodeIo:
     def announce(self, result: Any, name: str, room: str | None) -> None:
         """Tell the listener how a join (or a restore) ended; a match across nodes gets a route."""
         peer = None
+        self.note_match(result, name, room)
+        if isinstance(result, Matched) and node_of(result.waiter) != self.node.node:
+            peer = RemotePeer(result.newcomer, result.waiter, result.waiter_name, room)
+            self.node.routes.add(peer)
+        self.node.post(Joined(result.newcomer if isinstance(result, Matched) else result.cid, result, peer))
+
+    def note_match(self, result: Any, name: str, room: str | None) -> None:
+        """The mirror learns a match a join made (nothing for other answers)."""
         if isinstance(result, Matched):
             cid, waiter = result.newcomer, result.waiter
             self.chatting[cid] = Chatting(cid, waiter, name, result.waiter_name, room)
             mine = self.waiting.pop(waiter, None)
-            if node_of(waiter) == self.node.node:
-                if mine is not None:
-                    self.chatting[waiter] = Chatting(waiter, cid, mine.name, name, room)
-            else:
-                peer = RemotePeer(cid, waiter, result.waiter_name, room)
-                self.node.routes.add(peer)
-        self.node.post(Joined(result.newcomer if isinstance(result, Matched) else result.cid, result, peer))
+            if node_of(waiter) == self.node.node and mine is not None:
+                self.chatting[waiter] = Chatting(waiter, cid, mine.name, name, room)
 
     def _unpair(self, a: str, b: str, next_by: str | None, leaver: str | None, reason: str) -> None:
         flush_outbox(self.node)  # messages (and acks) before the partner hears peer_left
@@ -282,6 +295,7 @@ class NodeIo:
             self._unpair(cid, pair.partner, None, cid, "disconnected")
             self.lobby.leave(cid)
         self.waiting.pop(cid, None)
+        self.paired_early.pop(cid, None)
         self.node.routes.forget(cid)
 
     # -- liveness and restore ------------------------------------------------------------------
@@ -372,6 +386,36 @@ def renamed(io: NodeIo, local: str, partner: str) -> None:
         io.chatting[local] = Chatting(local, partner, pair.name, pair.partner_name, pair.room)
 
 
+def note_joined(io: NodeIo, cid: str, name: str, room: str | None, result: Any) -> None:
+    """A join the listener made itself (:mod:`chatpair.server.cluster_joins`): the mirror only."""
+    io.waiting.pop(cid, None)
+    early = io.paired_early.pop(cid, None)
+    if early is not None:  # its partner's node paired it before this note came
+        io.chatting[cid] = Chatting(cid, early[0], name, early[1], room)
+    elif isinstance(result, Queued):
+        io.waiting[cid] = Waiting(cid, name, room)
+    io.note_match(result, name, room)
+
+
+def join_unsure(io: NodeIo, cid: str, name: str, room: str | None) -> None:
+    """A join the listener sent when its connection failed: Redis may or may not have done it.
+
+    Asked again only if Redis does not know the client; waiting: that is the
+    answer; chatting: matched (if its partner's node already told us, the
+    route is there and the answer is "queued": the ``paired`` entry does the rest).
+    """
+    state = io.lobby.state_of(cid)
+    if state not in ("waiting", "chatting"):
+        io.do_join(cid, name, room, False)
+        return
+    partner = io.lobby.partner_of(cid) if state == "chatting" else None
+    routed = io.node.routes.get(cid)
+    if partner is None or (routed is not None and routed.remote == partner):
+        io.joined(cid, name, room, Queued(cid))
+        return
+    io.joined(cid, name, room, Matched(partner, cid, io.lobby.name_of(partner)))
+
+
 def join_batch(io: NodeIo) -> int:
     """The joins at the head of ``pending`` (up to :data:`JOIN_BATCH`) in one pipeline.
 
@@ -395,72 +439,6 @@ def join_batch(io: NodeIo) -> int:
             continue
         io.joined(cid, name, room, result)
     return len(batch)
-
-
-def watch(io: NodeIo, now: float) -> None:
-    """Look for nodes whose key is gone; purge those gone long enough (their partners are told)."""
-    missing = io.lobby.dead_nodes() - {io.node.node}
-    for dead in io.watch.observe(missing, now):
-        told = io.lobby.purge_node(dead)
-        io.watch.purged(dead)
-        if told is not None:
-            log.warning("node %s stopped its heartbeat: purged; %d of its partners told", dead, len(told))
-
-
-def heartbeat(io: NodeIo) -> None:
-    """Renew our key; if it had lapsed, or Redis lost its data, write back what we know (the mirror)."""
-    status = io.lobby.heartbeat()
-    if status == "ok":
-        return
-    if status == "taken":
-        log.error("another server took node id %s: this one stops pairing across the cluster", io.node.node)
-        return
-    rebuild = status == "reset"
-    log.warning("%s: re-registering %d waiting and %d chatting clients of node %s",
-                "Redis lost its data" if rebuild else "this node's registration had lapsed",
-                len(io.waiting), len(io.chatting), io.node.node)
-    restored = io.lobby.restore(list(io.waiting.values()), list(io.chatting.values()), rebuild=rebuild)
-    for matched in restored.matched:
-        mine = io.waiting.get(matched.newcomer)
-        if mine is not None:
-            io.waiting.pop(matched.newcomer)
-            io.announce(matched, mine.name, mine.room)
-    for local, partner in restored.ended:
-        io.chatting.pop(local, None)
-        ended_meanwhile(io.node, local, partner)
-    if rebuild:
-        forfeit(io.node)
-
-
-def ended_meanwhile(node: Any, local: str, partner: str) -> None:
-    """A pair Redis no longer has (the partner's node was purged meanwhile): PEER_LEFT disconnected."""
-    peer = node.routes.remove(local, partner)
-    if peer is None:
-        return
-    with node.lock:
-        lost = node.outbox.drop_pair(local, partner)
-    node.inbox.forget(partner, local)
-    peer.push(("left", "disconnected", len(lost)))
-    peer.notify()
-
-
-def forfeit(node: Any) -> None:
-    """Redis lost its data: our messages written but unacknowledged come back as NOTICE undelivered."""
-    with node.lock:
-        gone = node.outbox.forfeit()
-    for source, target, seqs in gone:
-        peer = node.routes.get(source)
-        if peer is not None and peer.remote == target:
-            peer.push(("acked", 0, len(seqs)))
-            peer.notify()
-
-
-def leave_cluster(node: Any) -> None:
-    """Stopping: our key goes, and the purge tells every partner elsewhere still paired with us."""
-    lobby = node.lobby
-    lobby.redis.delete(lobby.keys.node(node.node))
-    told = lobby.purge_node(node.node) or []
-    log.info("node %s left the cluster%s", node.node, f" ({len(told)} partners told)" if told else "")
 
 
 def log_ghosts(ghosts: tuple[str, ...]) -> None:

@@ -46,6 +46,7 @@ from chatpair.cluster.node import ClusterNode
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.results import Joined, Ready, RemotePaired, Result
 from chatpair.proto import ErrorCode, FrameType
+from chatpair.server.cluster_joins import FreshJoins
 from chatpair.server.cluster_relay import ClusterRelay
 from chatpair.server.cluster_sessions import ClusterSessions
 from chatpair.server.config import Limits, ServerConfig
@@ -76,6 +77,7 @@ class ClusterDesk:
         self._held: list[PairEnd] = []
         self._held_cids: set[int] = set()
         self.sessions = ClusterSessions(self)  # resumable sessions, across nodes too
+        self.fresh = FreshJoins(self.node, config.cluster)  # first JOINs: asked by the listener itself
         self.node.start()
 
     def make_relay(self, limits: Limits, index: int, on_pair_end: Callable[[Report], None]) -> Relay:
@@ -117,7 +119,13 @@ class ClusterDesk:
         """
         self.asked.add(conn.cid)
         self.listener.pause(conn)
-        self.node.join(self.node.cid(conn.cid), conn.name, conn.room, requeued)
+        if requeued or not self.fresh.take(conn):  # (else asked at the end of this turn: after_events)
+            self.node.join(self.node.cid(conn.cid), conn.name, conn.room, requeued)
+
+    def after_events(self) -> None:
+        """The end of a turn of the listener's loop: the JOINs of the clients that arrived in it."""
+        for joined in self.fresh.flush():
+            self._joined(joined)
 
     def _answered(self, conn: Conn) -> None:
         """``conn``'s JOIN was answered and it waits here: read it again."""
@@ -182,6 +190,7 @@ class ClusterDesk:
                 if conn is not None:  # else it left: its LEAVE ends the pair
                     self._to_relay(conn, result.peer)
             elif isinstance(result, Ready):
+                self.fresh.ready = True
                 self._tell_main(b"ready\n")
             else:
                 self.sessions.on_result(result)
@@ -275,6 +284,7 @@ class ClusterDesk:
             for conn in end.back:
                 node.leave(node.cid(conn.cid))
                 conn.sock.close()
+        self.fresh.close()
         node.stop()
         node.join_threads()
 

@@ -127,6 +127,8 @@ class Listener(ConnLoop):
     # -- new connections: the reception's ----------------------------------------------------
 
     def after_events(self) -> None:
+        if self.cluster is not None:
+            self.cluster.after_events()  # (first: the pairs its answers make go in this flush)
         self.relays.flush()  # pairs made in this batch: one wake-up per relay
 
     def on_tls_ready(self, conn: Conn) -> None:
@@ -236,9 +238,8 @@ class Listener(ConnLoop):
     def handle_worker_lost(self, stranded: list[Stranded]) -> None:
         """A relay worker died: each of its clients gets ERROR ``shutdown``; their pairs and counts are freed.
 
-        (Both partners of a pair live in the same worker, so no PEER_LEFT is
-        owed elsewhere; docs/protocol.md records why the code is ``shutdown``.)
-        """
+        (Both partners of a pair live in the same worker, so no PEER_LEFT is owed
+        elsewhere; docs/protocol.md records why the code is ``shutdown``.)"""
         for held in stranded:
             if self.lobby.partner_of(held.cid) == held.partner:
                 self.lobby.unpair(held.cid, held.partner)  # the room is free again
@@ -247,10 +248,9 @@ class Listener(ConnLoop):
             self.forget_gone(held.cid)  # a RESUME for it hears session_expired
             if held.sock is None:
                 continue
-            # Through our duplicate of the descriptor, closed politely so the
-            # ERROR is read, not a reset. Best effort: if the worker died while
-            # writing a frame, what follows is misframed, and the client sees
-            # a broken stream - which is the truth of it.
+            # Through our duplicate of the descriptor, closed politely so the ERROR is read, not a
+            # reset. Best effort: if the worker died while writing a frame, what follows is
+            # misframed, and the client sees a broken stream - which is the truth of it.
             conn = Conn(held.sock, held.cid, held.addr, self.now)
             conn.mode, conn.name, conn.phase = held.mode, held.name, Phase.CHATTING
             self.adopt_conn(conn)

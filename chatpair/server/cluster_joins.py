@@ -1,0 +1,122 @@
+"""Cluster mode: clients arriving are joined by the listener itself, one round trip per turn of its loop.
+
+Every other Redis call of the listener's goes to the node's I/O thread
+(:class:`~chatpair.server.cluster_desk.ClusterDesk`). A first JOIN is the
+exception because it is most of a connect+pair's cost: through the I/O
+thread it is a queue hand-over, a wake-up of that thread, the GIL handed
+back and forth at each of its system calls while the listener works, and
+the answer posted back with another wake-up. Here the JOINs of the clients
+that arrived during one turn of the loop go out at its end as one batch of
+EVALSHA on the listener's own connection (a
+:class:`~chatpair.cluster.scriptline.ScriptLine`), and are answered in the
+same turn: 1.28x the pairs per second with 3 nodes in a first, rough try
+(``docs/performance.md``).
+
+That round trip blocks the loop, so it is bounded:
+
+* only first JOINs go this way: a client queued again after its pair ended
+  goes through the I/O thread, behind the UNPAIR asked before it (one
+  thread does them in order);
+* the connection waits :data:`JOIN_TIMEOUT` at most, and after any failure
+  it is left alone for :data:`RETRY_SECONDS` and until the I/O thread can
+  reach Redis again; meanwhile JOINs go through the I/O thread;
+* the JOINs of a batch that failed may or may not have been done by Redis:
+  the I/O thread asks Redis what it knows of each client first
+  (:meth:`chatpair.cluster.nodeio.NodeIo.join_unsure`).
+
+The node's mirror of its clients (what it re-registers after Redis lost its
+data) is the I/O thread's: it hears of these JOINs in one ``joins_seen``
+request per batch, before anything the answers lead to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from chatpair.cluster import scripts
+from chatpair.cluster.lane import lanes_possible
+from chatpair.cluster.lobby import Matched, NodeGone
+from chatpair.cluster.names import node_of
+from chatpair.cluster.nodeio import log_ghosts
+from chatpair.cluster.peer import RemotePeer
+from chatpair.cluster.redisconn import connect, describe
+from chatpair.cluster.results import CONNECT_TIMEOUT, RETRY_SECONDS, Joined
+from chatpair.cluster.scriptline import Scripts
+
+log = logging.getLogger("chatpair")
+
+#: Seconds the listener waits for Redis to answer a batch of JOINs before it gives them to the I/O thread.
+JOIN_TIMEOUT = 0.5
+
+
+class FreshJoins:
+    """The listener's own JOINs of clients arriving (see the module's docstring)."""
+
+    def __init__(self, node: Any, url: str) -> None:
+        """``node``: the :class:`~chatpair.cluster.node.ClusterNode`; ``url``: its Redis."""
+        self.node = node
+        client = connect(url, socket_timeout=JOIN_TIMEOUT, socket_connect_timeout=min(JOIN_TIMEOUT, CONNECT_TIMEOUT))
+        self.possible = lanes_possible(client)  # (else: every JOIN through the I/O thread, as before)
+        self.scripts = Scripts(client, {"join": scripts.JOIN}) if self.possible else None
+        self.ready = False  # the node has joined the cluster (its first registration)
+        self.resting_until = 0.0  # after a failure: not before this (and Redis reachable again)
+        self.pending: list[Any] = []  # the conns of this turn, in arrival order
+
+    def take(self, conn: Any) -> bool:
+        """Join ``conn`` (a first JOIN) at the end of this turn? False: the I/O thread's way."""
+        if not (self.ready and self.scripts is not None):
+            return False
+        if self.resting_until:
+            if time.monotonic() < self.resting_until or self.node.io.down_since is not None:
+                return False
+            self.resting_until = 0.0
+        self.pending.append(conn)
+        return True
+
+    def flush(self) -> list[Joined]:
+        """The end of the turn: this turn's JOINs in one round trip; the answers to carry out, in order.
+
+        The mirror is told first (one request). A JOIN Redis refused because
+        this node's registration lapsed, and a batch that failed, go to the
+        I/O thread (which renews, retries, and finds out what was done).
+        """
+        batch, self.pending = self.pending, []
+        if not batch:
+            return []
+        node = self.node
+        joins = [(node.cid(conn.cid), conn.room, conn.name, False) for conn in batch]
+        try:
+            results = node.lobby.join_many(joins, via=self.scripts)
+        except node.errors as error:
+            self.resting_until = time.monotonic() + RETRY_SECONDS
+            log.info("cluster: joins go through the node's I/O thread for now (%s)", describe(error))
+            for cid, room, name, _ in joins:
+                node.requests.put(("join_unsure", cid, name, room))
+            return []
+        seen, answers = [], []
+        for (cid, room, name, _), result in zip(joins, results):
+            if isinstance(result, NodeGone):
+                node.join(cid, name, room, False)
+            elif isinstance(result, Exception):
+                log.warning("cluster: join not done: %s", result)
+            else:
+                seen.append((cid, name, room, result))
+                answers.append(self._answer(cid, room, result))
+        if seen:
+            node.requests.put(("joins_seen", seen))
+        return answers
+
+    def _answer(self, cid: str, room: str | None, result: Any) -> Joined:
+        """As the I/O thread would answer: a match across nodes gets its route first."""
+        log_ghosts(result.ghosts)
+        peer = None
+        if isinstance(result, Matched) and node_of(result.waiter) != self.node.node:
+            peer = RemotePeer(cid, result.waiter, result.waiter_name, room)
+            self.node.routes.add(peer)
+        return Joined(cid, result, peer)
+
+    def close(self) -> None:
+        if self.scripts is not None:
+            self.scripts.close()
