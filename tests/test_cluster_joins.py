@@ -12,15 +12,21 @@ paired the client before the listener's note of its JOIN came.
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from redisserver import RedisServer, needs_redis, rclient, redis_server  # noqa: F401 (fixtures)
 from test_cluster_nodes import WAITING, join, nodes, paired  # noqa: F401 (fixture)
+from wire import HELLO, frame, hello_payload
 
 from chatpair.cluster.lobby import ClusterLobby, Matched, Queued
+from chatpair.cluster.mirror import take_seen
 from chatpair.cluster.node import ClusterNode
-from chatpair.cluster.nodeio import join_unsure, note_joined
+from chatpair.cluster.nodeio import join_unsure
+from chatpair.cluster.peer import RemotePeer, Routes
 from chatpair.cluster.results import Joined
 
 pytestmark = [needs_redis, pytest.mark.timeout(60)]
@@ -99,6 +105,71 @@ def test_a_pair_whose_paired_entry_came_first_is_left_to_it(node, other):
 def test_the_mirror_is_right_when_the_partners_node_paired_first(node):
     ours, theirs = node.cid(1), "B:x-1"
     node.io._do(("paired_seen", ours, theirs, "bob"))  # before the listener's note of our JOIN
-    note_joined(node.io, ours, "ann", None, Queued(ours))
+    node.seen_joins.append((ours, "ann", None, Queued(ours)))
+    take_seen(node.io)
     assert ours not in node.io.waiting
     assert node.io.chatting[ours].partner == theirs and node.io.chatting[ours].partner_name == "bob"
+
+
+def test_a_join_whose_pair_ended_meanwhile_is_queued_again_never_refused_room_full(node, other):
+    ours, theirs = node.cid(1), other.cid(1)
+    other.join(other.cid(2), "den")
+    other.join(other.cid(3), "den")  # a pair chats in room den: a new arrival there hears room_full
+    other.join(theirs, "den-2")
+    node.lobby.join(ours, "den-2", name="ann")  # matched with bob; its reply lost ...
+    node.lobby.unpair(ours, theirs, next_by=theirs)  # ... and bob sent NEXT meanwhile
+    node.lobby.join(node.cid(2), "den")  # (room den is full for a newcomer)
+    join_unsure(node.io, ours, "ann", "den-2")
+    assert node.posted[-1] == Joined(ours, Queued(ours))  # queued again, as after any pair's end
+
+
+def test_two_threads_learning_of_one_pair_make_one_route():
+    routes = Routes()
+    first, second = RemotePeer("A:x-1", "B:y-1", "bob"), RemotePeer("A:x-1", "B:y-1", "bob")
+    assert routes.claim(first) is None and routes.claim(second) is first
+    assert routes.get("A:x-1") is first
+    newer = RemotePeer("A:x-1", "C:z-1", "cat")  # a later partner replaces a stale route
+    assert routes.claim(newer) is None and routes.get("A:x-1") is newer
+
+
+def test_clients_gone_before_their_join_went_out_leave_no_ghost_in_redis(nodes, rclient):  # noqa: F811
+    """HELLO and at once end of file (or a reset): the listener drops the client in the turn that
+    queued its JOIN; the JOIN must not go out after the LEAVE (a waiting ghost nobody removes)."""
+    (n0,) = nodes(1)
+    for i in range(60):
+        with socket.create_connection(("127.0.0.1", n0.port), timeout=5) as quick:
+            quick.sendall(frame(HELLO, hello_payload(f"q{i}")))
+            if i % 2:
+                quick.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            # else: HELLO and end of file, read together
+    survivor = join(n0, "last")
+    survivor.expect(WAITING)
+    lobby = ClusterLobby(rclient, "probe")  # (reads only)
+    wait_for("only the last client waiting in Redis", lambda: len(lobby.waiting()) == 1, 10)
+
+
+class _Conn:
+    """What FreshJoins reads of a connection."""
+
+    def __init__(self, cid: int, name: str, room: str | None = None) -> None:
+        self.cid, self.name, self.room = cid, name, room
+
+
+def test_the_listeners_batch_leaves_out_who_left_and_hands_on_who_is_asked_about(node, redis_server):  # noqa: F811
+    from chatpair.server.cluster_joins import FreshJoins
+
+    fresh = FreshJoins(node, redis_server.url)
+    try:
+        fresh.ready = True
+        ann, bob, cat = _Conn(1, "ann"), _Conn(2, "bob"), _Conn(3, "cat")
+        assert fresh.take(ann) and fresh.take(bob) and fresh.take(cat)
+        assert fresh.drop(bob) and not fresh.drop(bob)  # left before its JOIN went out: none goes
+        fresh.release(cat)  # e.g. its session is kept away: its JOIN goes to the I/O thread first
+        assert node.requests.get_nowait() == ("join", node.cid(3), "cat", None, False)
+        answers = fresh.flush()
+        assert [a.cid for a in answers] == [node.cid(1)] and answers[0].result == Queued(node.cid(1))
+        assert node.lobby.waiting() == [node.cid(1)]  # bob never reached Redis
+        assert list(node.seen_joins) == [(node.cid(1), "ann", None, Queued(node.cid(1)))]
+        assert fresh.flush() == []
+    finally:
+        fresh.close()

@@ -341,17 +341,21 @@ def test_a_slow_reader_on_one_node_slows_its_partner_on_another(nodes) -> None:
     n0, n1 = nodes(2)
     alice, bob = join_and_pair(n0, "alice", n1, "bob")
     payload = b"x" * (16 * 1024 - 8)
-    # 96 MiB. What alice gets out before she is held back is the window (1,024
+    # 128 MiB. What alice gets out before she is held back is the window (1,024
     # messages, 16 MiB) plus every socket buffer on the way (loopback buffers
-    # grow to several MiB each): about 2,000 messages. Half of 6,000 leaves room.
-    total = 6000
-    frames_out = [struct.pack(">IB", len(payload) + 9, MSG) + b"%08d" % i + payload for i in range(total)]
+    # grow to several MiB each): about 2,000 messages alone, up to 3,500 seen
+    # while the rest of the suite runs beside. Half of 8,000 leaves room.
+    total = 8000
+
+    def frame_out(i: int) -> bytes:
+        return struct.pack(">IB", len(payload) + 9, MSG) + b"%08d" % i + payload
+
     alice.sock.setblocking(False)
     sent_frames, buf = 0, b""
     stalled_since = None
     while sent_frames < total:
         if not buf:
-            buf = frames_out[sent_frames]
+            buf = frame_out(sent_frames)
         try:
             n = alice.sock.send(buf)
         except BlockingIOError:
@@ -370,7 +374,12 @@ def test_a_slow_reader_on_one_node_slows_its_partner_on_another(nodes) -> None:
     # bob reads now: everything alice got out arrives, in order, and alice can finish
     alice.sock.setblocking(True)
     alice.sock.settimeout(30)
-    done = threading.Thread(target=lambda: alice.sock.sendall(buf + b"".join(frames_out[sent_frames + 1:])))
+    def send_the_rest() -> None:
+        alice.sock.sendall(buf)
+        for i in range(sent_frames + 1, total):
+            alice.sock.sendall(frame_out(i))
+
+    done = threading.Thread(target=send_the_rest)
     done.start()
     bob.sock.settimeout(30)
     for i in range(total):

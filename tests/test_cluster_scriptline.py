@@ -101,3 +101,32 @@ def test_the_lobby_answers_the_same_with_or_without_a_line(redis_server, rclient
     finally:
         a.close()
         b.close()
+
+
+def test_a_redis_still_loading_its_data_is_unreachable_for_now_not_an_error_reply(tmp_path: Path):
+    """LOADING (after a restart with persistence), BUSY, ...: redis-py raises a ConnectionError for
+    them, which the I/O thread retries; a line does the same (a stand-in server says LOADING)."""
+    import socket
+    import threading
+
+    path = tmp_path / "loading.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1000)
+            conn.sendall(b"+PONG\r\n-LOADING Redis is loading the dataset in memory\r\n")
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+    line = ScriptLine(redis.Redis(unix_socket_path=str(path), socket_timeout=5))
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match="LOADING"):
+            line.call_many([pack("PING"), pack("EVALSHA", "0" * 40, 0)])
+    finally:
+        line.close()
+        helper.join(5)
+        server.close()

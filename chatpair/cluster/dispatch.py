@@ -66,12 +66,10 @@ def _hand_on(node: Any, item: Entry | Gap, touched: set[RemotePeer]) -> None:
     elif kind == "paired":
         if node.local_id(item.target) is None:
             return  # for a client of an earlier run of this node
-        known = routes.get(item.target)
-        if known is not None and known.remote == item.source:
-            return  # our JOIN's answer, asked again after a lost reply, found this pair first (NodeIo.join_unsure)
         name = item.payload.decode("utf-8", "replace")
         peer = RemotePeer(item.target, item.source, name)
-        routes.add(peer)
+        if routes.claim(peer) is not None:
+            return  # our JOIN's answer, asked again after a lost reply, found this pair first (NodeIo.join_unsure)
         node.requests.put(("paired_seen", item.target, item.source, name))
         node.post(RemotePaired(peer))
     elif kind in ("notice", "lost", "freeze", "frozen", "thaw"):

@@ -35,6 +35,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,9 @@ class ClusterNode:
         # write its batches, one at a time (waiting on this condition for the one in transit).
         self.lock = threading.Condition()
         self.requests: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        #: (cid, name, room, answer) of the joins the listener made itself, for the I/O thread's
+        #: mirror (NodeIo.take_seen: before its next request, and before a restore).
+        self.seen_joins: deque[tuple[str, str, str | None, Any]] = deque()
         self.post = post
         self.stopping = threading.Event()
         #: The relay loop that reads the inbox on a lane (it offers itself: :meth:`offer_lane`).

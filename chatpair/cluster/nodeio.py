@@ -34,6 +34,7 @@ from typing import Any
 
 from chatpair.cluster.liveness import DeathWatch
 from chatpair.cluster.lobby import Chatting, Matched, NodeGone, Queued, Waiting
+from chatpair.cluster.mirror import note_match, remember_join, take_seen
 from chatpair.cluster.names import node_of, node_tag, token_hash
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.redisconn import ClusterError, describe
@@ -71,7 +72,7 @@ class NodeIo:
         self.acks_due = float("inf")  # when acks queued alone are flushed anyway
         self.waiting: dict[str, Waiting] = {}  # the mirror, in queue order
         self.chatting: dict[str, Chatting] = {}
-        self.paired_early: dict[str, tuple[str, str]] = {}  # see note_joined: cid -> (partner, its name)
+        self.paired_early: dict[str, tuple[str, str]] = {}  # see mirror.remember_join: cid -> (partner, its name)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class NodeIo:
         pending = self.pending
         retried = False
         while pending:
+            take_seen(self)
             request = pending[0]
             if request[0] == "stop":
                 pending.clear()
@@ -235,11 +237,8 @@ class NodeIo:
             mine = self.waiting.pop(local, None)
             if mine is not None:
                 self.chatting[local] = Chatting(local, remote, mine.name, name, mine.room)
-            elif local not in self.chatting:  # its join's note is still on its way (see note_joined)
+            elif local not in self.chatting:  # the listener's note of its join is still on its way
                 self.paired_early[local] = (remote, name)
-        elif kind == "joins_seen":
-            for cid, name, room, result in request[1]:
-                note_joined(self, cid, name, room, result)
         elif kind == "join_unsure":
             join_unsure(self, *request[1:])
         elif kind == "left_seen":
@@ -253,30 +252,19 @@ class NodeIo:
             flush_outbox(self.node)  # what was asked before (messages, acks) is in Redis before the answer
         self.joined(cid, name, room, self.lobby.join(cid, room, name=name, requeued=requeued))
 
-    def joined(self, cid: str, name: str, room: str | None, result: Any) -> None:
-        self.waiting.pop(cid, None)
-        if isinstance(result, Queued):
-            self.waiting[cid] = Waiting(cid, name, room)
+    def joined(self, cid: str, name: str, room: str | None, result: Any, peer: RemotePeer | None = None) -> None:
+        remember_join(self, cid, name, room, result)
         log_ghosts(result.ghosts)
-        self.announce(result, name, room)
+        self.announce(result, name, room, peer)
 
-    def announce(self, result: Any, name: str, room: str | None) -> None:
-        """Tell the listener how a join (or a restore) ended; a match across nodes gets a route."""
-        peer = None
-        self.note_match(result, name, room)
-        if isinstance(result, Matched) and node_of(result.waiter) != self.node.node:
+    def announce(self, result: Any, name: str, room: str | None, peer: RemotePeer | None = None) -> None:
+        """Tell the listener how a join (or a restore) ended; a match across nodes gets a route
+        (``peer``: made and routed already)."""
+        note_match(self, result, name, room)
+        if peer is None and isinstance(result, Matched) and node_of(result.waiter) != self.node.node:
             peer = RemotePeer(result.newcomer, result.waiter, result.waiter_name, room)
             self.node.routes.add(peer)
         self.node.post(Joined(result.newcomer if isinstance(result, Matched) else result.cid, result, peer))
-
-    def note_match(self, result: Any, name: str, room: str | None) -> None:
-        """The mirror learns a match a join made (nothing for other answers)."""
-        if isinstance(result, Matched):
-            cid, waiter = result.newcomer, result.waiter
-            self.chatting[cid] = Chatting(cid, waiter, name, result.waiter_name, room)
-            mine = self.waiting.pop(waiter, None)
-            if node_of(waiter) == self.node.node and mine is not None:
-                self.chatting[waiter] = Chatting(waiter, cid, mine.name, name, room)
 
     def _unpair(self, a: str, b: str, next_by: str | None, leaver: str | None, reason: str) -> None:
         flush_outbox(self.node)  # messages (and acks) before the partner hears peer_left
@@ -386,34 +374,37 @@ def renamed(io: NodeIo, local: str, partner: str) -> None:
         io.chatting[local] = Chatting(local, partner, pair.name, pair.partner_name, pair.room)
 
 
-def note_joined(io: NodeIo, cid: str, name: str, room: str | None, result: Any) -> None:
-    """A join the listener made itself (:mod:`chatpair.server.cluster_joins`): the mirror only."""
-    io.waiting.pop(cid, None)
-    early = io.paired_early.pop(cid, None)
-    if early is not None:  # its partner's node paired it before this note came
-        io.chatting[cid] = Chatting(cid, early[0], name, early[1], room)
-    elif isinstance(result, Queued):
-        io.waiting[cid] = Waiting(cid, name, room)
-    io.note_match(result, name, room)
+def join_unsure(io: NodeIo, cid: str, name: str, room: str | None, again: bool = True) -> None:
+    """A first join the listener sent when its connection failed: Redis may or may not have done it.
 
-
-def join_unsure(io: NodeIo, cid: str, name: str, room: str | None) -> None:
-    """A join the listener sent when its connection failed: Redis may or may not have done it.
-
-    Asked again only if Redis does not know the client; waiting: that is the
-    answer; chatting: matched (if its partner's node already told us, the
-    route is there and the answer is "queued": the ``paired`` entry does the rest).
+    Unknown to Redis: joined now. Waiting: that is the answer. Chatting:
+    matched (unless its partner's node's ``paired`` entry made the route
+    first: then "queued", and that entry does the rest). Idle (paired, and
+    the pair ended meanwhile): queued again, as after any pair's end. A join
+    refused as "already in the lobby" (the listener's late command ran
+    meanwhile) is looked at once more.
     """
     state = io.lobby.state_of(cid)
     if state not in ("waiting", "chatting"):
-        io.do_join(cid, name, room, False)
+        try:
+            io.do_join(cid, name, room, state == "idle")
+        except ValueError:
+            if not again:
+                raise
+            join_unsure(io, cid, name, room, again=False)
         return
     partner = io.lobby.partner_of(cid) if state == "chatting" else None
-    routed = io.node.routes.get(cid)
-    if partner is None or (routed is not None and routed.remote == partner):
+    if partner is None:
         io.joined(cid, name, room, Queued(cid))
         return
-    io.joined(cid, name, room, Matched(partner, cid, io.lobby.name_of(partner)))
+    matched = Matched(partner, cid, io.lobby.name_of(partner))
+    peer = None
+    if node_of(partner) != io.node.node:
+        peer = RemotePeer(cid, partner, matched.waiter_name, room)
+        if io.node.routes.claim(peer) is not None:
+            io.joined(cid, name, room, Queued(cid))
+            return
+    io.joined(cid, name, room, matched, peer)
 
 
 def join_batch(io: NodeIo) -> int:

@@ -125,10 +125,23 @@ class Routes:
     def add(self, peer: RemotePeer) -> None:
         """Route ``peer.local`` to ``peer``; orphans from its partner become its first items."""
         with self._lock:
-            self._peers[peer.local] = peer
-            for source, item in self._orphans.pop(peer.local, ()):
-                if source == peer.remote:
-                    peer.push(item)
+            self._add(peer)
+
+    def claim(self, peer: RemotePeer) -> RemotePeer | None:
+        """:meth:`add`, unless ``peer.local`` is routed to ``peer.remote`` already: then that peer
+        (two threads may learn of one pair: one route, one RemotePeer, whoever is first)."""
+        with self._lock:
+            known = self._peers.get(peer.local)
+            if known is not None and known.remote == peer.remote:
+                return known
+            self._add(peer)
+            return None
+
+    def _add(self, peer: RemotePeer) -> None:
+        self._peers[peer.local] = peer
+        for source, item in self._orphans.pop(peer.local, ()):
+            if source == peer.remote:
+                peer.push(item)
 
     def remove(self, local: str, remote: str | None = None) -> RemotePeer | None:
         """Drop the route of ``local`` (only if its partner is ``remote``, when given); the peer."""

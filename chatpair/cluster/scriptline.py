@@ -32,6 +32,8 @@ from chatpair.cluster.resp import pack
 
 #: Bytes one read takes at most (the buffer is kept: see chatpair.cluster.resp).
 READ_SIZE = 64 * 1024
+#: Error replies that mean "Redis cannot serve now, try again" (redis-py: a ConnectionError).
+NOT_READY = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"})
 
 
 class ScriptLine:
@@ -52,6 +54,7 @@ class ScriptLine:
         exceptions = redis_module().exceptions
         self._redis_failures = (exceptions.ConnectionError, exceptions.TimeoutError)
         self._failures = (OSError, hiredis.ProtocolError, *self._redis_failures)
+        self._error = exceptions.ResponseError
 
     def call_many(self, commands: list[bytes]) -> list[Any]:
         """Send the packed ``commands`` at once; their replies, in order (error replies as
@@ -62,13 +65,21 @@ class ScriptLine:
                     self._open()
                 assert self._sock is not None
                 self._sock.sendall(b"".join(commands))
-                return self._read(len(commands))
+                return self._not_ready(self._read(len(commands)))
             except self._failures as error:
                 self.close()
                 raise self._failure(error) from None
             except BaseException:  # (an interrupt mid-reply): a half-read socket is never used again
                 self.close()
                 raise
+
+    def _not_ready(self, replies: list[Any]) -> list[Any]:
+        """``replies``, unless Redis said it cannot serve yet (LOADING its data after a restart,
+        BUSY with a script, ...): then the ConnectionError redis-py raises for it, retried alike."""
+        for reply in replies:
+            if isinstance(reply, self._error) and str(reply).split(" ", 1)[0] in NOT_READY:
+                raise redis_module().exceptions.BusyLoadingError(str(reply))
+        return replies
 
     def _open(self) -> None:
         import hiredis

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from chatpair.cluster.mirror import take_seen
+
 log = logging.getLogger("chatpair")
 
 
@@ -30,6 +32,7 @@ def watch(io: Any, now: float) -> None:
 
 def heartbeat(io: Any) -> None:
     """Renew our key; if it had lapsed, or Redis lost its data, write back what we know (the mirror)."""
+    take_seen(io)  # (the listener's own joins too)
     status = io.lobby.heartbeat()
     if status == "ok":
         return

@@ -137,6 +137,9 @@ class ClusterDesk:
         """The client left the listener (it was waiting, or never got that far)."""
         self.announced.discard(conn.cid)
         self.asked.discard(conn.cid)
+        if self.fresh.drop(conn):  # its JOIN had not gone out yet
+            self.joined.discard(conn.cid)
+            return
         if conn.cid in self.joined:
             self.joined.discard(conn.cid)
             if conn.cid in self._held_cids:  # its pair's end is held (stopping): after it

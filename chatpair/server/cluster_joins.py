@@ -17,16 +17,21 @@ That round trip blocks the loop, so it is bounded:
 * only first JOINs go this way: a client queued again after its pair ended
   goes through the I/O thread, behind the UNPAIR asked before it (one
   thread does them in order);
-* the connection waits :data:`JOIN_TIMEOUT` at most, and after any failure
+* each read waits :data:`JOIN_TIMEOUT` at most, and after any failure
   it is left alone for :data:`RETRY_SECONDS` and until the I/O thread can
   reach Redis again; meanwhile JOINs go through the I/O thread;
 * the JOINs of a batch that failed may or may not have been done by Redis:
   the I/O thread asks Redis what it knows of each client first
   (:meth:`chatpair.cluster.nodeio.NodeIo.join_unsure`).
 
+A client that leaves before its JOIN went out never had one (no LEAVE
+either); anything else the I/O thread is asked about such a client (a
+session kept away) goes after its JOIN, handed to that thread first.
+
 The node's mirror of its clients (what it re-registers after Redis lost its
-data) is the I/O thread's: it hears of these JOINs in one ``joins_seen``
-request per batch, before anything the answers lead to.
+data) is the I/O thread's: these JOINs go into ``node.seen_joins``, which
+that thread takes in before its next request and before a restore, so
+before anything the answers lead to.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class FreshJoins:
         self.scripts = Scripts(client, {"join": scripts.JOIN}) if self.possible else None
         self.ready = False  # the node has joined the cluster (its first registration)
         self.resting_until = 0.0  # after a failure: not before this (and Redis reachable again)
-        self.pending: list[Any] = []  # the conns of this turn, in arrival order
+        self.pending: dict[int, Any] = {}  # the conns of this turn (by connection number), in arrival order
 
     def take(self, conn: Any) -> bool:
         """Join ``conn`` (a first JOIN) at the end of this turn? False: the I/O thread's way."""
@@ -72,19 +77,29 @@ class FreshJoins:
             if time.monotonic() < self.resting_until or self.node.io.down_since is not None:
                 return False
             self.resting_until = 0.0
-        self.pending.append(conn)
+        self.pending[conn.cid] = conn
         return True
+
+    def drop(self, conn: Any) -> bool:
+        """``conn`` left before its JOIN went out: it never will (True), so Redis needs no LEAVE."""
+        return self.pending.pop(conn.cid, None) is not None
+
+    def release(self, conn: Any) -> None:
+        """Something about ``conn`` goes to the I/O thread: its JOIN, if still here, goes first."""
+        if self.pending.pop(conn.cid, None) is not None:
+            self.node.join(self.node.cid(conn.cid), conn.name, conn.room, False)
 
     def flush(self) -> list[Joined]:
         """The end of the turn: this turn's JOINs in one round trip; the answers to carry out, in order.
 
-        The mirror is told first (one request). A JOIN Redis refused because
+        The mirror hears of them first (``node.seen_joins``). A JOIN Redis refused because
         this node's registration lapsed, and a batch that failed, go to the
         I/O thread (which renews, retries, and finds out what was done).
         """
-        batch, self.pending = self.pending, []
-        if not batch:
+        if not self.pending:
             return []
+        batch = list(self.pending.values())
+        self.pending.clear()
         node = self.node
         joins = [(node.cid(conn.cid), conn.room, conn.name, False) for conn in batch]
         try:
@@ -104,8 +119,7 @@ class FreshJoins:
             else:
                 seen.append((cid, name, room, result))
                 answers.append(self._answer(cid, room, result))
-        if seen:
-            node.requests.put(("joins_seen", seen))
+        node.seen_joins.extend(seen)  # (before anything the answers lead to is asked)
         return answers
 
     def _answer(self, cid: str, room: str | None, result: Any) -> Joined:

@@ -63,6 +63,7 @@ class ClusterSessions:
     # -- waiting clients that drop and come back -------------------------------------------------
 
     def set_away(self, conn: Conn) -> None:
+        self.desk.fresh.release(conn)  # (a JOIN not yet asked goes first)
         self.node.set_away(self.node.cid(conn.cid))
 
     def on_resumed(self, conn: Conn) -> None:
