@@ -2,10 +2,11 @@
 
 With ``--cluster`` the :class:`~chatpair.server.listener.Listener` hands
 every lobby decision to a :class:`ClusterDesk`. Redis calls block, so the
-desk never makes one: it asks the node's I/O thread
-(:class:`chatpair.cluster.node.ClusterNode`) and carries out the answers
-when they come back (the node queues them and wakes the listener's loop,
-as relay threads do with their hand-backs). Meanwhile the client waits in
+desk asks the node's I/O thread (:class:`chatpair.cluster.node.ClusterNode`)
+and carries out the answers when they come back (the node queues them and
+wakes the listener's loop, as relay threads do with their hand-backs); the
+one exception, a first JOIN, is asked at the end of the loop's turn, in
+one bounded batch (:mod:`chatpair.server.cluster_joins`). Meanwhile the client waits in
 the listener like any waiting client (its messages are answered NOTICE
 ``undelivered``).
 

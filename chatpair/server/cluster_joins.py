@@ -9,7 +9,7 @@ the answer posted back with another wake-up. Here the JOINs of the clients
 that arrived during one turn of the loop go out at its end as one batch of
 EVALSHA on the listener's own connection (a
 :class:`~chatpair.cluster.scriptline.ScriptLine`), and are answered in the
-same turn: 1.28x the pairs per second with 3 nodes in a first, rough try
+same turn: 1.17x the pairs per second with 3 nodes, side by side
 (``docs/performance.md``).
 
 That round trip blocks the loop, so it is bounded:
