@@ -96,10 +96,12 @@ def test_a_pair_whose_paired_entry_came_first_is_left_to_it(node, other):
     node.lobby.join(ours, None, name="ann")  # waiting; its reply lost ...
     other.join(theirs, None, name="bob")  # ... bob's node pairs it, our inbox says so
     node.dispatch(node.inbox.read())
+    told = list(node.posted)  # RemotePaired: the listener hears of the pair from the entry
     assert node.routes.get(ours) is not None
     join_unsure(node.io, ours, "ann", None)
-    assert isinstance(node.posted[-1], Joined) and node.posted[-1].result == Queued(ours)
+    assert node.posted == told  # nothing more: no second answer to race the first
     assert node.routes.get(ours).remote == theirs  # the one route, from the paired entry
+    assert node.io.chatting[ours].partner == theirs  # the mirror knows
 
 
 def test_the_mirror_is_right_when_the_partners_node_paired_first(node):
@@ -111,16 +113,45 @@ def test_the_mirror_is_right_when_the_partners_node_paired_first(node):
     assert node.io.chatting[ours].partner == theirs and node.io.chatting[ours].partner_name == "bob"
 
 
-def test_a_join_whose_pair_ended_meanwhile_is_queued_again_never_refused_room_full(node, other):
+def test_a_join_whose_pair_ended_meanwhile_is_left_to_that_pairs_end(node, other):
+    """Idle in Redis: it was paired (the entry, or a newcomer of ours, told the listener) and the
+    pair ended; that end queues it again. Joining it here as well would queue it twice."""
     ours, theirs = node.cid(1), other.cid(1)
-    other.join(other.cid(2), "den")
-    other.join(other.cid(3), "den")  # a pair chats in room den: a new arrival there hears room_full
-    other.join(theirs, "den-2")
-    node.lobby.join(ours, "den-2", name="ann")  # matched with bob; its reply lost ...
-    node.lobby.unpair(ours, theirs, next_by=theirs)  # ... and bob sent NEXT meanwhile
-    node.lobby.join(node.cid(2), "den")  # (room den is full for a newcomer)
-    join_unsure(node.io, ours, "ann", "den-2")
-    assert node.posted[-1] == Joined(ours, Queued(ours))  # queued again, as after any pair's end
+    node.lobby.join(ours, None, name="ann")  # waiting; its reply lost ...
+    other.join(theirs, None, name="bob")  # ... bob pairs with it ...
+    other.unpair(ours, theirs, leaver=theirs, reason="bye")  # ... and leaves
+    join_unsure(node.io, ours, "ann", None)
+    assert node.posted == [] and node.lobby.state_of(ours) == "idle"
+
+
+def test_joins_wait_behind_a_request_that_takes_a_waiting_client_out_of_pairing(node, redis_server):  # noqa: F811
+    from chatpair.server.cluster_joins import FreshJoins
+
+    fresh = FreshJoins(node, redis_server.url)
+    try:
+        fresh.ready = True
+        assert fresh.take(_Conn(1, "ann"))
+        fresh.hold()  # e.g. a waiting client kept away: set_away is on its way to the I/O thread
+        assert fresh.flush() == []  # ann's JOIN goes behind it
+        assert not fresh.take(_Conn(2, "bob"))  # and so do new ones until the I/O thread has passed it
+        queued = [node.requests.get_nowait() for _ in range(2)]
+        assert queued == [("barrier", 1), ("join", node.cid(1), "ann", None, False)]
+        node.io._do(queued[0])
+        assert fresh.take(_Conn(3, "cat"))
+    finally:
+        fresh.close()
+
+
+def test_the_mirror_records_no_pair_with_a_waiter_of_ours_that_left(node):
+    from chatpair.cluster.lobby import Waiting
+    from chatpair.cluster.mirror import note_match
+
+    io, ann, gone, cat = node.io, node.cid(1), node.cid(2), node.cid(3)
+    io.waiting[ann] = Waiting(ann, "ann", None)
+    note_match(io, Matched(gone, cat, "gone"), "cat", None)  # it left: its LEAVE ends this pair
+    assert io.chatting == {}
+    note_match(io, Matched(ann, cat, "ann"), "cat", None)
+    assert set(io.chatting) == {ann, cat} and io.waiting == {}
 
 
 def test_two_threads_learning_of_one_pair_make_one_route():

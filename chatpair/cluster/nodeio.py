@@ -73,6 +73,7 @@ class NodeIo:
         self.waiting: dict[str, Waiting] = {}  # the mirror, in queue order
         self.chatting: dict[str, Chatting] = {}
         self.paired_early: dict[str, tuple[str, str]] = {}  # see mirror.remember_join: cid -> (partner, its name)
+        self.barrier = 0  # the last barrier request done (server/cluster_joins.py FreshJoins.hold)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -241,6 +242,8 @@ class NodeIo:
                 self.paired_early[local] = (remote, name)
         elif kind == "join_unsure":
             join_unsure(self, *request[1:])
+        elif kind == "barrier":  # the listener's: requests before this one are done
+            self.barrier = request[1]
         elif kind == "left_seen":
             self.chatting.pop(request[1], None)
             self.paired_early.pop(request[1], None)
@@ -379,15 +382,18 @@ def join_unsure(io: NodeIo, cid: str, name: str, room: str | None, again: bool =
 
     Unknown to Redis: joined now. Waiting: that is the answer. Chatting:
     matched (unless its partner's node's ``paired`` entry made the route
-    first: then "queued", and that entry does the rest). Idle (paired, and
-    the pair ended meanwhile): queued again, as after any pair's end. A join
-    refused as "already in the lobby" (the listener's late command ran
-    meanwhile) is looked at once more.
+    first: that entry tells the listener; the mirror learns it here). Idle:
+    it was paired (by a ``paired`` entry, or a newcomer of ours) and the
+    pair has ended, whose end queues it again: nothing to do. A join refused
+    as "already in the lobby" (the listener's late command ran meanwhile)
+    is looked at once more.
     """
     state = io.lobby.state_of(cid)
+    if state == "idle":
+        return
     if state not in ("waiting", "chatting"):
         try:
-            io.do_join(cid, name, room, state == "idle")
+            io.do_join(cid, name, room, False)
         except ValueError:
             if not again:
                 raise
@@ -402,7 +408,8 @@ def join_unsure(io: NodeIo, cid: str, name: str, room: str | None, again: bool =
     if node_of(partner) != io.node.node:
         peer = RemotePeer(cid, partner, matched.waiter_name, room)
         if io.node.routes.claim(peer) is not None:
-            io.joined(cid, name, room, Queued(cid))
+            remember_join(io, cid, name, room, matched)
+            note_match(io, matched, name, room)
             return
     io.joined(cid, name, room, matched, peer)
 

@@ -33,7 +33,7 @@ from chatpair.cluster.resp import pack
 #: Bytes one read takes at most (the buffer is kept: see chatpair.cluster.resp).
 READ_SIZE = 64 * 1024
 #: Error replies that mean "Redis cannot serve now, try again" (redis-py: a ConnectionError).
-NOT_READY = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"})
+NOT_READY = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "READONLY", "OOM", "MISCONF"})
 
 
 class ScriptLine:

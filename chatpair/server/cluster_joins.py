@@ -68,10 +68,11 @@ class FreshJoins:
         self.ready = False  # the node has joined the cluster (its first registration)
         self.resting_until = 0.0  # after a failure: not before this (and Redis reachable again)
         self.pending: dict[int, Any] = {}  # the conns of this turn (by connection number), in arrival order
+        self.holds = 0  # barriers asked of the I/O thread (see hold); it has passed node.io.barrier of them
 
     def take(self, conn: Any) -> bool:
         """Join ``conn`` (a first JOIN) at the end of this turn? False: the I/O thread's way."""
-        if not (self.ready and self.scripts is not None):
+        if not (self.ready and self.scripts is not None) or self._held():
             return False
         if self.resting_until:
             if time.monotonic() < self.resting_until or self.node.io.down_since is not None:
@@ -83,6 +84,16 @@ class FreshJoins:
     def drop(self, conn: Any) -> bool:
         """``conn`` left before its JOIN went out: it never will (True), so Redis needs no LEAVE."""
         return self.pending.pop(conn.cid, None) is not None
+
+    def hold(self) -> None:
+        """The I/O thread was just asked to take a waiting client out of pairing (kept away, moved to
+        another node): until it has done so, JOINs go its way too, behind that request, lest one
+        made here first pairs a newcomer with that client (a barrier in its queue says when)."""
+        self.holds += 1
+        self.node.requests.put(("barrier", self.holds))
+
+    def _held(self) -> bool:
+        return self.node.io.barrier < self.holds
 
     def release(self, conn: Any) -> None:
         """Something about ``conn`` goes to the I/O thread: its JOIN, if still here, goes first."""
@@ -101,6 +112,10 @@ class FreshJoins:
         batch = list(self.pending.values())
         self.pending.clear()
         node = self.node
+        if self._held():  # (a hold came later in this turn)
+            for conn in batch:
+                node.join(node.cid(conn.cid), conn.name, conn.room, False)
+            return []
         joins = [(node.cid(conn.cid), conn.room, conn.name, False) for conn in batch]
         try:
             results = node.lobby.join_many(joins, via=self.scripts)
@@ -110,16 +125,18 @@ class FreshJoins:
             for cid, room, name, _ in joins:
                 node.requests.put(("join_unsure", cid, name, room))
             return []
-        seen, answers = [], []
+        seen, answers, again = [], [], []
         for (cid, room, name, _), result in zip(joins, results):
             if isinstance(result, NodeGone):
-                node.join(cid, name, room, False)
+                again.append((cid, name, room))
             elif isinstance(result, Exception):
                 log.warning("cluster: join not done: %s", result)
             else:
                 seen.append((cid, name, room, result))
                 answers.append(self._answer(cid, room, result))
         node.seen_joins.extend(seen)  # (before anything the answers lead to is asked)
+        for cid, name, room in again:  # our registration lapsed: the I/O thread renews it, then joins
+            node.join(cid, name, room, False)
         return answers
 
     def _answer(self, cid: str, room: str | None, result: Any) -> Joined:

@@ -64,6 +64,7 @@ class ClusterSessions:
 
     def set_away(self, conn: Conn) -> None:
         self.desk.fresh.release(conn)  # (a JOIN not yet asked goes first)
+        self.desk.fresh.hold()
         self.node.set_away(self.node.cid(conn.cid))
 
     def on_resumed(self, conn: Conn) -> None:
@@ -156,6 +157,7 @@ class ClusterSessions:
         conn.session.ended = True  # this copy
         conn.phase = Phase.CLOSING
         log.info("%s: resumed on another node; the session moved there", conn.label)
+        self.desk.fresh.hold()
         self.node.move(self.node.cid(cid), asked.new, None, False, state)
 
     # -- the adopting node -----------------------------------------------------------------------
