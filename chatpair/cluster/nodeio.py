@@ -264,9 +264,10 @@ class NodeIo:
         """Tell the listener how a join (or a restore) ended; a match across nodes gets a route
         (``peer``: made and routed already)."""
         note_match(self, result, name, room)
-        if peer is None and isinstance(result, Matched) and node_of(result.waiter) != self.node.node:
-            peer = RemotePeer(result.newcomer, result.waiter, result.waiter_name, room)
-            self.node.routes.add(peer)
+        if peer is None and isinstance(result, Matched):
+            peer = RemotePeer.for_match(result, self.node.node, room)
+            if peer is not None:
+                self.node.routes.add(peer)
         self.node.post(Joined(result.newcomer if isinstance(result, Matched) else result.cid, result, peer))
 
     def _unpair(self, a: str, b: str, next_by: str | None, leaver: str | None, reason: str) -> None:
@@ -404,13 +405,11 @@ def join_unsure(io: NodeIo, cid: str, name: str, room: str | None, again: bool =
         io.joined(cid, name, room, Queued(cid))
         return
     matched = Matched(partner, cid, io.lobby.name_of(partner))
-    peer = None
-    if node_of(partner) != io.node.node:
-        peer = RemotePeer(cid, partner, matched.waiter_name, room)
-        if io.node.routes.claim(peer) is not None:
-            remember_join(io, cid, name, room, matched)
-            note_match(io, matched, name, room)
-            return
+    peer = RemotePeer.for_match(matched, io.node.node, room)
+    if peer is not None and io.node.routes.claim(peer) is not None:
+        remember_join(io, cid, name, room, matched)
+        note_match(io, matched, name, room)
+        return
     io.joined(cid, name, room, matched, peer)
 
 

@@ -39,6 +39,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from chatpair.cluster.names import node_of
+
 #: Orphan messages kept per client id (beyond that they are dropped: the
 #: sender's node counts them unacknowledged and reports them undelivered).
 MAX_ORPHANS = 4096
@@ -70,6 +72,14 @@ class RemotePeer:
         "scheduled",
         "target",
     )
+
+    @classmethod
+    def for_match(cls, matched: Any, node: str, room: str | None) -> RemotePeer | None:
+        """The newcomer's side of a match (:class:`~chatpair.cluster.lobby.Matched`) if the waiter is
+        on another node than ``node``; None for a same-node pair."""
+        if node_of(matched.waiter) == node:
+            return None
+        return cls(matched.newcomer, matched.waiter, matched.waiter_name, room)
 
     def __init__(self, local: str, remote: str, name: str, room: str | None = None) -> None:
         self.local = local

@@ -63,9 +63,7 @@ class ScriptLine:
             try:
                 if self._sock is None:
                     self._open()
-                assert self._sock is not None
-                self._sock.sendall(b"".join(commands))
-                return self._not_ready(self._read(len(commands)))
+                return self._not_ready(self._send_read(commands))
             except self._failures as error:
                 self.close()
                 raise self._failure(error) from None
@@ -89,11 +87,12 @@ class ScriptLine:
         self._sock = sock
         self._reader = hiredis.Reader(replyError=redis_module().exceptions.ResponseError)
         if login:
-            for reply in self._read_after(login):
+            for reply in self._send_read(login):
                 if isinstance(reply, Exception):
                     raise redis_module().exceptions.ConnectionError(f"Redis refused the login: {reply}")
 
-    def _read_after(self, commands: list[bytes]) -> list[Any]:
+    def _send_read(self, commands: list[bytes]) -> list[Any]:
+        """Send ``commands`` at once; their replies, in order."""
         assert self._sock is not None
         self._sock.sendall(b"".join(commands))
         return self._read(len(commands))

@@ -43,7 +43,6 @@ from typing import Any
 from chatpair.cluster import scripts
 from chatpair.cluster.lane import lanes_possible
 from chatpair.cluster.lobby import Matched, NodeGone
-from chatpair.cluster.names import node_of
 from chatpair.cluster.nodeio import log_ghosts
 from chatpair.cluster.peer import RemotePeer
 from chatpair.cluster.redisconn import connect, describe
@@ -63,8 +62,8 @@ class FreshJoins:
         """``node``: the :class:`~chatpair.cluster.node.ClusterNode`; ``url``: its Redis."""
         self.node = node
         client = connect(url, socket_timeout=JOIN_TIMEOUT, socket_connect_timeout=min(JOIN_TIMEOUT, CONNECT_TIMEOUT))
-        self.possible = lanes_possible(client)  # (else: every JOIN through the I/O thread, as before)
-        self.scripts = Scripts(client, {"join": scripts.JOIN}) if self.possible else None
+        # (no line possible - rediss://, no hiredis: every JOIN through the I/O thread, as before)
+        self.scripts = Scripts(client, {"join": scripts.JOIN}) if lanes_possible(client) else None
         self.ready = False  # the node has joined the cluster (its first registration)
         self.resting_until = 0.0  # after a failure: not before this (and Redis reachable again)
         self.pending: dict[int, Any] = {}  # the conns of this turn (by connection number), in arrival order
@@ -142,9 +141,8 @@ class FreshJoins:
     def _answer(self, cid: str, room: str | None, result: Any) -> Joined:
         """As the I/O thread would answer: a match across nodes gets its route first."""
         log_ghosts(result.ghosts)
-        peer = None
-        if isinstance(result, Matched) and node_of(result.waiter) != self.node.node:
-            peer = RemotePeer(cid, result.waiter, result.waiter_name, room)
+        peer = RemotePeer.for_match(result, self.node.node, room) if isinstance(result, Matched) else None
+        if peer is not None:
             self.node.routes.add(peer)
         return Joined(cid, result, peer)
 
