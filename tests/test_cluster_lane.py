@@ -13,6 +13,8 @@ reorders nothing.
 from __future__ import annotations
 
 import socket
+import time
+from typing import Any
 
 import pytest
 from redisserver import needs_redis, rclient, redis_server  # noqa: F401 (fixtures)
@@ -38,7 +40,7 @@ def test_pack_is_resp():
     assert pack("SET", "é", b"") == b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$0\r\n\r\n"
 
 
-def test_packed_batches_are_the_xadds_redis_py_would_send():
+def test_packed_batches_are_the_xadds_redis_py_would_send_several_in_one_transaction():
     from chatpair.cluster.inbox import Outbox
     from chatpair.cluster.resp import pack
 
@@ -48,10 +50,74 @@ def test_packed_batches_are_the_xadds_redis_py_would_send():
     out.control("n2:c-1", "n0:a-1", "notice", b"{}")
     batch = out.take()
     assert len(batch) == 3
-    generic = b"".join(pack("XADD", key, "MAXLEN", "~", out.maxlen, "*", *(x for kv in fields.items() for x in kv))
-                       for key, fields in batch)
-    assert out.packed(batch) == generic
-    assert out.packed(batch) == generic  # the cached heads give the same bytes
+    xadds = [pack("XADD", key, "MAXLEN", "~", out.maxlen, "*", *(x for kv in fields.items() for x in kv))
+             for key, fields in batch]
+    generic = pack("MULTI") + b"".join(xadds) + pack("EXEC")
+    assert out.packed(batch) == (generic, 5)  # +OK, 3 x +QUEUED, EXEC's list
+    assert out.packed(batch) == (generic, 5)  # the cached heads give the same bytes
+    assert out.packed(batch[:1]) == (xadds[0], 1)  # one alone: no transaction
+
+
+@needs_redis
+@needs_hiredis
+def test_a_message_and_the_ack_behind_it_reach_a_waiting_reader_in_one_xread(rclient):  # noqa: F811
+    """Redis answers a blocked XREAD after each command; a batch in one transaction is seen whole."""
+    from chatpair.cluster.inbox import Inbox, Outbox
+    from chatpair.cluster.lane import InboxLane, OutboxLane, open_socket
+
+    def answered(lane: InboxLane | OutboxLane) -> Any:
+        lane.sock.setblocking(True)  # a test's reader may wait (the lane itself never does)
+        try:
+            while True:
+                got = lane.on_readable()
+                if got:
+                    return got
+        finally:
+            lane.sock.setblocking(False)
+
+    keys = Keys("{chatpair}:")
+    out = Outbox(rclient, keys)
+    inbox = Inbox(None, keys, "n1")
+    writing = OutboxLane(*open_socket(rclient, timeout=5), patience=5, now=0.0)
+    reading = InboxLane(*open_socket(rclient, timeout=5), inbox, block_ms=5000, patience=5, now=0.0)
+    try:
+        for via_lane in (True, False):
+            deadline = time.monotonic() + 5  # the XREAD is blocked (Redis counts it) before the batch goes
+            while rclient.info("clients")["blocked_clients"] < 1:
+                assert time.monotonic() < deadline, "the XREAD never blocked"
+                time.sleep(0.005)
+            out.send("n0:a-1", "n1:b-2", b"hello")
+            out.ack("n1:c-3", "n0:a-1", 7)  # we wrote n1:c-3's message 7: the ack goes to n1 too
+            batch = out.take()
+            if via_lane:
+                writing.send(*out.packed(batch), now=0.0)
+                answered(writing)
+            else:
+                out.write(batch)  # the I/O thread's way, through redis-py
+            out.landed(batch)
+            assert [item.kind for item in answered(reading)] == ["msg", "ack"], f"via lane: {via_lane}"
+            reading.read_on(now=0.0)
+    finally:
+        writing.close()
+        reading.close()
+
+
+@needs_hiredis
+def test_an_error_inside_exec_breaks_the_out_lane():
+    from chatpair.cluster.lane import OutboxLane
+    from chatpair.cluster.resp import LaneBroken
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    lane = OutboxLane(ours, [], patience=5, now=0.0)
+    try:
+        lane.send(b"(a transaction of two XADDs)", 4, now=0.0)
+        theirs.sendall(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n$3\r\n1-0\r\n-WRONGTYPE not a stream\r\n")
+        with pytest.raises(LaneBroken, match="Redis: WRONGTYPE not a stream"):
+            lane.on_readable()
+    finally:
+        lane.close()
+        theirs.close()
 
 
 def test_one_batch_in_transit_and_a_failed_one_goes_first_again():

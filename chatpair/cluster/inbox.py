@@ -50,8 +50,11 @@ The three promises and how they are kept:
 
 Writes are batched twice: the messages one direction of a pair sends
 between two flushes go into one entry (up to :data:`MAX_ENTRY_BYTES`), and
-:meth:`Outbox.flush` sends every entry queued in one pipeline (one round
-trip). The reader trims what it has read (``XTRIM MINID``), so a stream
+:meth:`Outbox.flush` sends every entry queued in one round trip, as one
+MULTI/EXEC transaction when there are several: Redis answers a blocked
+XREAD after *each* command, so without it a message and the ack queued
+behind it would reach the receiver in two XREADs - one more wake-up and
+round trip of the receiving node per message in ping-pong. The reader trims what it has read (``XTRIM MINID``), so a stream
 holds little more than what is in flight. No socket of chatpair's here;
 :class:`Outbox` is for one thread, :class:`Inbox` for one reader thread.
 """
@@ -73,7 +76,7 @@ from chatpair.cluster.entries import (
     skip_frames,
 )
 from chatpair.cluster.names import Keys, node_of
-from chatpair.cluster.resp import bulk, pack_head
+from chatpair.cluster.resp import bulk, pack, pack_head
 
 log = logging.getLogger("chatpair")
 
@@ -85,6 +88,7 @@ CONTROL_KINDS = frozenset({"paired", "peer_left", "wake", "notice", "lost",
 MAX_ENTRY_BYTES = 256 * 1024
 #: An entry's field names as RESP (they are the same in every entry).
 _FIELD_NAMES = {name: bulk(name) for name in ("t", "s", "q", "k", "p", "n", "l")}
+_MULTI, _EXEC = pack("MULTI"), pack("EXEC")
 #: Seconds between two trims of what the reader has read.
 TRIM_INTERVAL = 0.5
 
@@ -330,14 +334,20 @@ class Outbox:
             self._queued[:0] = batch
 
     def write(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        """A taken batch, in one pipeline (blocking; redis-py errors propagate)."""
-        pipe = self.redis.pipeline(transaction=False)
+        """A taken batch, in one round trip (blocking; redis-py errors propagate)."""
+        pipe = self.redis.pipeline(transaction=len(batch) > 1)  # as packed(): one XREAD sees all of it
         for key, fields in batch:
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
         pipe.execute()
 
-    def packed(self, batch: list[tuple[str, dict[str, Any]]]) -> bytes:
-        """A taken batch as RESP XADD commands, for a connection of the caller's own (a lane)."""
+    def packed(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[bytes, int]:
+        """A taken batch as RESP XADD commands, for a connection of the caller's own (a lane),
+        and how many replies they get.
+
+        Several go in one MULTI/EXEC (module docstring: so that the receiver's
+        XREAD is answered with all of them at once); their replies are then
+        MULTI's, a QUEUED per XADD, and EXEC's list of the entries' ids.
+        """
         heads = self._xadd_heads
         out = []
         for key, fields in batch:
@@ -348,7 +358,9 @@ class Outbox:
             out.append(head)
             for name, value in fields.items():
                 out += (_FIELD_NAMES[name], bulk(value))
-        return b"".join(out)
+        if len(batch) == 1:
+            return b"".join(out), 1
+        return b"".join((_MULTI, *out, _EXEC)), len(batch) + 2
 
     # -- settling ------------------------------------------------------------------------
 

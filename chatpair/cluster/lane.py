@@ -14,8 +14,9 @@ hiredis):
   (:meth:`ClusterNode.dispatch`) and writes its own clients' messages at
   once;
 * :class:`OutboxLane`: the node's outbox written by the relay's loop (its
-  clients' messages, with whatever else is queued), one pipeline of XADDs
-  per turn of the loop, the next once Redis has answered them all.
+  clients' messages, with whatever else is queued), one batch of XADDs
+  (:meth:`Outbox.packed`) per turn of the loop, the next once Redis has
+  answered them all.
 
 A lane never connects, retries or waits: the node's reader thread opens the
 socket (:func:`open_socket`, blocking, with the connect timeout) and hands
@@ -156,7 +157,11 @@ class OutboxLane:
 
     def on_readable(self) -> bool:
         """Count the replies that came; True when everything sent has been answered."""
-        self.unanswered -= len(self.conn.replies())
+        replies = self.conn.replies()
+        for reply in replies:
+            if type(reply) is list:  # EXEC's: a reply per XADD, errors among them
+                self.conn.check_each(reply)
+        self.unanswered -= len(replies)
         return not self.unanswered
 
     def overdue(self, now: float) -> bool:

@@ -28,6 +28,11 @@ def broken(error: OSError) -> LaneBroken:
     return LaneBroken(f"Redis: {error.strerror or error}")
 
 
+def error_reply(reply: Exception) -> LaneBroken:
+    """An error reply from Redis as the one line a lane's failure is logged with."""
+    return LaneBroken(f"Redis: {reply}")
+
+
 def bulk(arg: Any) -> bytes:
     """One argument of a command (bytes, str or int) in RESP."""
     if type(arg) is not bytes:
@@ -101,8 +106,14 @@ class RespConn:
             if reply is False:
                 return out
             if isinstance(reply, self._error):
-                raise LaneBroken(f"Redis: {reply}")
+                raise error_reply(reply)
             out.append(reply)
+
+    def check_each(self, replies: list[Any]) -> None:
+        """LaneBroken for the first error among ``replies`` (an EXEC's, which come inside its list)."""
+        for reply in replies:
+            if isinstance(reply, self._error):
+                raise error_reply(reply)
 
     def close(self) -> None:
         self.sock.close()

@@ -184,7 +184,7 @@ class LaneMixin:
             batch = self._batch = outbox.take()
         self.due = float("inf")  # the acks queued go with this batch: no need to wake for them
         try:
-            out_lane.send(outbox.packed(batch), len(batch), self.now)
+            out_lane.send(*outbox.packed(batch), self.now)
             self._interest(out_lane)
         except LaneBroken as error:
             self._lane_failed(error)
