@@ -440,3 +440,34 @@ def test_a_node_whose_listener_dies_restarts_it_and_its_partners_elsewhere_hear_
     carol.expect(WAITING)
     paired(alice, carol, "alice", "carol")
     chat(alice, carol, 10)
+
+
+def test_redis_refusing_writes_is_an_outage_not_a_crash(nodes, rclient) -> None:  # noqa: F811
+    """A Redis that answers with errors (here out of memory: maxmemory reached, noeviction) is
+    treated like one that is gone: one line in the log, cross-node messages wait, nothing crashes;
+    once it accepts writes again, they are delivered and pairing goes on."""
+    n0, n1 = nodes(2)
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
+    chat(alice, bob, 3)
+    rclient.config_set("maxmemory-policy", "noeviction")
+    rclient.config_set("maxmemory", "1")
+    try:
+        for i in range(5):
+            alice.send_frame(MSG, f"refused {i}".encode())
+        n0.wait_stderr("Redis refuses our commands (Redis: ", 5)
+    finally:
+        rclient.config_set("maxmemory", "0")
+    n0.wait_stderr("Redis is reachable again", 10)
+    assert [bob.expect(MSG) for _ in range(5)] == [f"refused {i}".encode() for i in range(5)]
+    chat(alice, bob, 5)
+    carol = join(n1, "carol")
+    carol.expect(WAITING)
+    dave = join(n0, "dave")
+    dave.expect(WAITING)
+    paired(carol, dave, "carol", "dave")
+    log = n0.stderr()
+    refused = next(line for line in log.splitlines() if "Redis refuses our commands" in line)
+    assert "maxmemory" in refused and "refused 0" not in refused  # what Redis said, not the message
+    assert log.count("cluster connection lost") <= 1  # once for the outage, not per retry
+    for node in (n0, n1):
+        assert "Traceback" not in node.stderr()

@@ -37,7 +37,7 @@ from chatpair.cluster.lobby import Chatting, Matched, NodeGone, Queued, Waiting
 from chatpair.cluster.mirror import note_match, remember_join, take_seen
 from chatpair.cluster.names import node_of, node_tag, token_hash
 from chatpair.cluster.peer import RemotePeer
-from chatpair.cluster.redisconn import ClusterError, describe
+from chatpair.cluster.redisconn import ClusterError, describe, refusing
 from chatpair.cluster.results import IO_TIMEOUT, RETRY_SECONDS, Joined, Ready, Refused
 from chatpair.cluster.upkeep import heartbeat, leave_cluster, watch
 
@@ -164,8 +164,10 @@ class NodeIo:
             except self.node.errors as error:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
-                    log.warning("Redis unreachable (%s): same-node pairs go on; pairing and cross-node "
-                                "messages wait; retrying every %gs", describe(error), RETRY_SECONDS)
+                    log.warning("Redis %s (%s): same-node pairs go on; pairing and cross-node "
+                                "messages wait; retrying every %gs",
+                                "refuses our commands" if refusing(error) else "unreachable",
+                                describe(error), RETRY_SECONDS)
                 self.watch.reset()  # nobody can tell a dead node from a missing Redis now
                 self.next_retry = time.monotonic() + RETRY_SECONDS
 

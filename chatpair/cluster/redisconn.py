@@ -7,6 +7,7 @@ the extra still runs everything but cluster mode.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from chatpair.errors import ChatpairError, ConfigError
@@ -35,15 +36,33 @@ def connect(url: str, **options: Any) -> Any:
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "Redis is unreachable or failed" (for ``except`` clauses)."""
+    """The exceptions that mean "Redis is unreachable or failed" (for ``except`` clauses).
+
+    An error reply counts: a Redis out of memory, read-only (a replica after
+    a failover) or refusing writes after a failed save answers every write
+    with one, and the node waits for it as for one that is gone.
+    """
     redis = redis_module()
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
+
+
+def refusing(error: BaseException) -> bool:
+    """Did Redis answer (with an error), rather than not answer at all?"""
+    return isinstance(error, redis_module().exceptions.ResponseError)
 
 
 def describe(error: BaseException) -> str:
-    """One line for a log or a user: what went wrong talking to Redis."""
+    """One line for a log or a user: what went wrong talking to Redis.
+
+    redis-py names the failed command of a pipeline with all its arguments:
+    that is a client's message for an XADD, neither short nor for the log.
+    """
     text = " ".join(str(error).split()) or type(error).__name__
-    return f"Redis: {text}"
+    return f"Redis: {_PIPELINE_COMMAND.sub('', text)}"
+
+
+#: How redis-py starts the error of a pipeline's failed command.
+_PIPELINE_COMMAND = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ")
 
 
 def public_url(url: str) -> str:

@@ -56,6 +56,7 @@ class LaneMixin:
         self.asked = 0  # requests this loop made of the I/O thread (ClusterNode._put)
         self.done = 0  # ... and how many of them it has done (written by the I/O thread)
         self.thread_id = 0  # the loop's thread, once it runs
+        self.lane_worked = True  # Redis answered the lanes since they were last lost (or never lost)
         if index == 0:
             self.node.offer_lane(self)
 
@@ -124,6 +125,7 @@ class LaneMixin:
             if lane is not None and fileobj is lane.sock:
                 lane.conn.flush()
                 items = lane.on_readable()
+                self.lane_worked = True
                 if items:
                     self.node.dispatch(items)
                     self.drain_ready()  # this loop's own peers: written now, not after a wake-up
@@ -150,6 +152,7 @@ class LaneMixin:
             lane.events = want
 
     def _landed(self) -> None:
+        self.lane_worked = True
         node = self.node
         with node.lock:
             node.outbox.landed(self._batch)
@@ -200,8 +203,12 @@ class LaneMixin:
         self.close_lane(ended=False)
 
     def _say_lost(self, error: LaneBroken) -> None:
-        # One line; the I/O thread logs Redis going away and coming back for the whole node.
-        log.info("%s: cluster connection lost (%s); reconnecting", self, error)
+        # One line per outage: lanes that fail again before Redis answered them once (a Redis
+        # that refuses writes fails each new lane at its first batch) are not news. The I/O
+        # thread logs Redis going away and coming back for the whole node.
+        log.log(logging.INFO if self.lane_worked else logging.DEBUG,
+                "%s: cluster connection lost (%s); reconnecting", self, error)
+        self.lane_worked = False
 
     def close_lane(self, ended: bool) -> None:
         """Close the lanes (``ended``: the loop is ending) and have the node's threads go on without."""
