@@ -301,3 +301,22 @@ def test_a_stretch_of_equal_frames_ending_in_a_different_one() -> None:
     assert run(data) == ([(0, len(data), 1004)], len(data), None)
     data = msg(b"a" * 59) * 1000 + msg(b"a" * 58 + b"\xff") + msg(b"a" * 59)
     assert run(data) == ([(0, 64000, 1000)], 64000, BAD_UTF8)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.integers(1, 130), st.integers(1, 5000), st.integers(0, 4), st.integers(0, 255), st.integers(0, 200))
+def test_equal_frames_counts_a_stretch_as_a_walk_would(size: int, stretch: int, column: int, byte: int,
+                                                       cut: int) -> None:
+    """The stretch of one header, measured in windows of strided slices, against a plain walk:
+    long stretches (several windows), ended by a frame whose header differs in any one byte."""
+    from chatpair.server.scanner import _equal_frames
+
+    frame = msg(b"m" * size)
+    odd = bytearray(frame)
+    odd[column] = byte
+    data = (frame * stretch + bytes(odd) + frame * 3)[:max(len(frame), len(frame) * (stretch + 4) - cut)]
+    stride = len(frame)
+    walked = 0
+    while (walked + 1) * stride <= len(data) and data[walked * stride:walked * stride + 5] == frame[:5]:
+        walked += 1
+    assert _equal_frames(memoryview(data), 0, stride, len(data)) == walked

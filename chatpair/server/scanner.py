@@ -22,7 +22,7 @@ header, repeated at a fixed stride. At the start of a run, and every 8th
 message, the scanner looks at the next header and the one 8 frames on;
 when both are the same, it measures the whole stretch of equal headers
 with five strided slices (one per header byte, in growing windows)
-instead of a Python step per frame. Only a header that is the common case
+instead of a Python step per frame (:func:`_equal_frames`). Only a header that is the common case
 above is stretched, so the rules stay exactly the same:
 ``tests/test_scanner.py`` checks the scanner against a frame-at-a-time
 reference on stretches of repeated frames.
@@ -130,12 +130,17 @@ def _equal_frames(view: memoryview, pos: int, stride: int, end: int) -> int:
     """How many complete frames from ``pos`` on have exactly the header of the one at ``pos``.
 
     Frames of one length sit ``stride`` bytes apart, so header byte ``j`` of
-    every one of them is the strided slice ``view[pos + j::stride]``; the
-    frames agree as far as all five slices start with a run of that byte.
-    Five copies and five ``lstrip`` calls in C instead of a Python step per
-    frame. They are taken in windows of 64, 512, 4,096, ... frames, stopping at
-    the first window that is not all equal, so the work is in proportion to
-    the stretch found (a client sending pairs of equal frames must not make
+    every one of them is the strided slice ``chunk[j::stride]`` of the bytes
+    they fill; the frames agree as far as all five slices start with a run
+    of that byte. Five strided slices and five compares in C instead of a
+    Python step per frame; only a slice that differs is walked (``lstrip``)
+    to find where. The slices are taken of a copy of the window, not of the
+    memoryview: CPython copies a strided memoryview a byte at a time through
+    its generic buffer code, ten times slower than slicing ``bytes`` (139
+    against 21 us for the headers of a 256 KiB read of 64-byte messages).
+    They are taken in windows of 64, 512, 4,096, ... frames, stopping at the
+    first window that is not all equal, so the work is in proportion to the
+    stretch found (a client sending pairs of equal frames must not make
     every 8th message cost a pass over the whole buffer).
     """
     header = view[pos:pos + 5].tobytes()
@@ -144,9 +149,12 @@ def _equal_frames(view: memoryview, pos: int, stride: int, end: int) -> int:
     while total < fit:
         start = pos + total * stride
         want = same = min(window, fit - total)
+        chunk = view[start:start + (want - 1) * stride + 5].tobytes()
         for j in range(5):
-            column = view[start + j:start + j + (same - 1) * stride + 1:stride].tobytes()
-            same -= len(column.lstrip(header[j:j + 1]))
+            column = chunk[j::stride]
+            byte = header[j:j + 1]
+            if column != byte * want:  # all equal is one compare; only a difference is walked
+                same = min(same, want - len(column.lstrip(byte)))
         total += same
         if same < want:
             break
