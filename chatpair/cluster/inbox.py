@@ -54,8 +54,9 @@ between two flushes go into one entry (up to :data:`MAX_ENTRY_BYTES`), and
 MULTI/EXEC transaction when there are several: Redis answers a blocked
 XREAD after *each* command, so without it a message and the ack queued
 behind it would reach the receiver in two XREADs - one more wake-up and
-round trip of the receiving node per message in ping-pong. The reader trims what it has read (``XTRIM MINID``), so a stream
-holds little more than what is in flight. No socket of chatpair's here;
+round trip of the receiving node per message in ping-pong. The reader
+trims what it has read (``XTRIM MINID``), so a stream holds little more
+than what is in flight. No socket of chatpair's here;
 :class:`Outbox` is for one thread, :class:`Inbox` for one reader thread.
 """
 
@@ -88,6 +89,7 @@ CONTROL_KINDS = frozenset({"paired", "peer_left", "wake", "notice", "lost",
 MAX_ENTRY_BYTES = 256 * 1024
 #: An entry's field names as RESP (they are the same in every entry).
 _FIELD_NAMES = {name: bulk(name) for name in ("t", "s", "q", "k", "p", "n", "l")}
+#: What a batch of several entries goes between (:meth:`Outbox.packed`).
 _MULTI, _EXEC = pack("MULTI"), pack("EXEC")
 #: Seconds between two trims of what the reader has read.
 TRIM_INTERVAL = 0.5

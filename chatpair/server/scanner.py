@@ -22,10 +22,10 @@ header, repeated at a fixed stride. At the start of a run, and every 8th
 message, the scanner looks at the next header and the one 8 frames on;
 when both are the same, it measures the whole stretch of equal headers
 with five strided slices (one per header byte, in growing windows)
-instead of a Python step per frame (:func:`_equal_frames`). Only a header that is the common case
-above is stretched, so the rules stay exactly the same:
-``tests/test_scanner.py`` checks the scanner against a frame-at-a-time
-reference on stretches of repeated frames.
+instead of a Python step per frame (:func:`_equal_frames`). Only a header
+that is the common case above is stretched, so the rules stay exactly the
+same: ``tests/test_scanner.py`` checks the scanner against a
+frame-at-a-time reference on stretches of repeated frames.
 
 Why one UTF-8 check per run is enough: a run of MSG frames with lengths up
 to 127 is ``header payload header payload ...`` where every header byte is
