@@ -246,3 +246,41 @@ def test_redis_emptied_keeps_the_batch_in_transit_like_the_queued_ones():
     assert out.forfeit() == [("n0:a-1", "n1:b-2", (1,))]  # only the one written before
     assert out.in_flight("n0:a-1", "n1:b-2") == 2
     out.landed(on_its_way)
+
+
+@needs_hiredis
+def test_respconn_writes_a_big_queue_in_order_across_many_wakeups_and_empties_it():
+    """Megabytes queued behind a small socket buffer come out whole and in order; the queue is
+    emptied (not kept growing) once written, and a queue that never drains is compacted."""
+    from chatpair.cluster import resp
+    from chatpair.cluster.resp import RespConn
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = RespConn(ours)
+    try:
+        parts = [bytes([65 + i % 26]) * (300_000 + i) for i in range(12)]  # about 3.6 MB
+        for part in parts:
+            conn.send(part)
+        want = b"".join(parts)
+        got = bytearray()
+        theirs.settimeout(5)
+        most = 0
+        while len(got) < len(want):
+            got += theirs.recv(1 << 16)
+            conn.flush()
+            most = max(most, len(conn.out))
+        assert got == want
+        assert not conn.out  # emptied once all was written
+        assert most <= len(want)  # never more than what was queued
+        big = 3 * resp.COMPACT_AFTER
+        conn.send(b"x" * big)
+        drained = 0
+        while drained < 2 * resp.COMPACT_AFTER:  # a queue that never empties: written bytes are dropped
+            drained += len(theirs.recv(1 << 16))
+            conn.flush()
+        assert len(conn.out) <= big - 1.5 * resp.COMPACT_AFTER
+    finally:
+        conn.close()
+        theirs.close()

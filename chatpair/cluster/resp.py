@@ -17,6 +17,8 @@ from chatpair.cluster.redisconn import ClusterError
 
 #: Bytes one read of a lane's socket takes at most.
 READ_SIZE = 256 * 1024
+#: Written bytes a connection's queue keeps (skipped) before it drops them.
+COMPACT_AFTER = 1 << 20
 
 
 class LaneBroken(ClusterError):
@@ -60,25 +62,50 @@ class RespConn:
         self._reader = hiredis.Reader()
         self._error = hiredis.ReplyError
         self._garbled = hiredis.ProtocolError
-        self.out = bytearray()  # what the socket did not take yet (the owner waits for writable)
+        self.out = bytearray()  # what the socket did not take yet (the owner waits for writable) ...
+        self._out_at = 0  # ... from here on: written bytes are skipped, not moved (see _write)
         self._scratch = bytearray(READ_SIZE)
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` and write what the socket takes now; LaneBroken if it failed."""
-        out = self.out
-        out += data
-        try:
-            sent = self.sock.send(out)
-        except BlockingIOError:
+        if self.out:  # behind what waits already
+            self.out += data
+            self._write()
             return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError as error:
             raise broken(error) from None
-        del out[:sent]
+        if sent < len(data):
+            self.out += memoryview(data)[sent:]
 
     def flush(self) -> None:
         """The socket is writable: write more of what is queued."""
         if self.out:
-            self.send(b"")
+            self._write()
+
+    def _write(self) -> None:
+        # A batch can be megabytes (a flood's messages between two turns of the
+        # loop) and the socket takes a few hundred KiB per wake-up: deleting
+        # what was written each time moved the rest again and again. The
+        # offset moves instead, and the buffer is emptied once all of it is
+        # written (or compacted, should it never be).
+        with memoryview(self.out) as view:
+            try:
+                sent = self.sock.send(view[self._out_at:])
+            except BlockingIOError:
+                return
+            except OSError as error:
+                raise broken(error) from None
+        self._out_at += sent
+        if self._out_at == len(self.out):
+            self.out.clear()
+            self._out_at = 0
+        elif self._out_at > COMPACT_AFTER and self._out_at > len(self.out) // 2:
+            del self.out[:self._out_at]  # (each byte is moved once at most, on average)
+            self._out_at = 0
 
     def replies(self) -> list[Any]:
         """Every complete reply that arrived (an error reply raises LaneBroken)."""
