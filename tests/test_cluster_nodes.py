@@ -444,10 +444,15 @@ def test_a_node_whose_listener_dies_restarts_it_and_its_partners_elsewhere_hear_
 
 def test_redis_refusing_writes_is_an_outage_not_a_crash(nodes, rclient) -> None:  # noqa: F811
     """A Redis that answers with errors (here out of memory: maxmemory reached, noeviction) is
-    treated like one that is gone: one line in the log, cross-node messages wait, nothing crashes;
-    once it accepts writes again, they are delivered and pairing goes on."""
+    treated like one that is gone: one line in the log, cross-node messages wait, same-node pairs
+    go on, nothing crashes; once it accepts writes again, they are delivered and pairing goes on."""
     n0, n1 = nodes(2)
     alice, bob = join_and_pair(n0, "alice", n1, "bob")
+    carol = join(n1, "carol")
+    carol.expect(WAITING)
+    dave = join(n1, "dave")
+    dave.expect(WAITING)
+    paired(carol, dave, "carol", "dave")  # a same-node pair
     chat(alice, bob, 3)
     rclient.config_set("maxmemory-policy", "noeviction")
     rclient.config_set("maxmemory", "1")
@@ -455,19 +460,53 @@ def test_redis_refusing_writes_is_an_outage_not_a_crash(nodes, rclient) -> None:
         for i in range(5):
             alice.send_frame(MSG, f"refused {i}".encode())
         n0.wait_stderr("Redis refuses our commands (Redis: ", 5)
+        # The outage lasts 2 s more (the lanes reconnect every 0.5 s meanwhile); the same-node pair chats.
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            chat(carol, dave, 5)
     finally:
         rclient.config_set("maxmemory", "0")
     n0.wait_stderr("Redis is reachable again", 10)
     assert [bob.expect(MSG) for _ in range(5)] == [f"refused {i}".encode() for i in range(5)]
     chat(alice, bob, 5)
-    carol = join(n1, "carol")
-    carol.expect(WAITING)
-    dave = join(n0, "dave")
-    dave.expect(WAITING)
-    paired(carol, dave, "carol", "dave")
+    erin = join(n1, "erin")
+    erin.expect(WAITING)
+    fred = join(n0, "fred")
+    fred.expect(WAITING)
+    paired(erin, fred, "erin", "fred")
     log = n0.stderr()
     refused = next(line for line in log.splitlines() if "Redis refuses our commands" in line)
     assert "maxmemory" in refused and "refused 0" not in refused  # what Redis said, not the message
     assert log.count("cluster connection lost") <= 1  # once for the outage, not per retry
+    for node in (n0, n1):
+        assert "Traceback" not in node.stderr()
+
+
+def test_an_inbox_that_is_not_a_stream_loses_its_messages_loudly_and_nothing_else(nodes, rclient) -> None:  # noqa: F811
+    """A Redis key clobbered by hand (n1's inbox made a string): every XADD to it gets WRONGTYPE,
+    which no retry mends. n0 says so and goes on; n1's reader says so; the messages sent
+    meanwhile come back to alice as NOTICE undelivered, and once the key is gone all works."""
+    from chatpair.cluster.names import Keys
+
+    n0, n1 = nodes(2)
+    alice, bob = join_and_pair(n0, "alice", n1, "bob")
+    chat(alice, bob, 3)
+    inbox = Keys("{chatpair}:").inbox("n1")
+    assert rclient.type(inbox) == b"stream"
+    rclient.delete(inbox)
+    rclient.set(inbox, "not a stream")
+    try:
+        for i in range(3):
+            alice.send_frame(MSG, f"lost {i}".encode())
+        wait_for("n0 saying Redis refused the entries",
+                 lambda: "cluster: Redis refused 1 of" in n0.stderr() or "cluster: msgs not done" in n0.stderr(), 5)
+        n1.wait_stderr("(Redis: WRONGTYPE", 5)  # its reading lane, or its reader thread
+    finally:
+        rclient.delete(inbox)
+    alice.send_frame(MSG, b"after")
+    assert bob.expect(MSG) == b"after"  # the numbers in between never came: a gap, acked as lost
+    undelivered = [expect_json(alice, NOTICE) for _ in range(3)]
+    assert all(n["code"] == "undelivered" for n in undelivered), undelivered
+    chat(alice, bob, 5)
     for node in (n0, n1):
         assert "Traceback" not in node.stderr()

@@ -18,7 +18,7 @@ from redisserver import RedisServer, needs_redis, rclient, redis_server  # noqa:
 
 from chatpair.cluster.lobby import ClusterLobby, Matched, Queued
 from chatpair.cluster.resp import pack
-from chatpair.cluster.scriptline import ScriptLine
+from chatpair.cluster.scriptline import ScriptLine, Scripts
 
 pytestmark = [needs_redis, pytest.mark.timeout(30)]
 
@@ -118,15 +118,16 @@ def test_a_redis_still_loading_its_data_is_unreachable_for_now_not_an_error_repl
         conn, _ = server.accept()
         with conn:
             conn.recv(1000)
-            conn.sendall(b"+PONG\r\n-LOADING Redis is loading the dataset in memory\r\n")
+            conn.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
 
     helper = threading.Thread(target=answer)
     helper.start()
-    line = ScriptLine(redis.Redis(unix_socket_path=str(path), socket_timeout=5))
+    scripts = Scripts(redis.Redis(unix_socket_path=str(path), socket_timeout=5), {"one": "return 1"})
+    assert scripts._line is not None  # (the line's way, not redis-py's)
     try:
         with pytest.raises(redis.exceptions.ConnectionError, match="LOADING"):
-            line.call_many([pack("PING"), pack("EVALSHA", "0" * 40, 0)])
+            scripts.call_many("one", [[]])
     finally:
-        line.close()
+        scripts.close()
         helper.join(5)
         server.close()

@@ -50,13 +50,10 @@ The three promises and how they are kept:
 
 Writes are batched twice: the messages one direction of a pair sends
 between two flushes go into one entry (up to :data:`MAX_ENTRY_BYTES`), and
-:meth:`Outbox.flush` sends every entry queued in one round trip, as one
-MULTI/EXEC transaction when there are several: Redis answers a blocked
-XREAD after *each* command, so without it a message and the ack queued
-behind it would reach the receiver in two XREADs - one more wake-up and
-round trip of the receiving node per message in ping-pong. The reader
-trims what it has read (``XTRIM MINID``), so a stream holds little more
-than what is in flight. No socket of chatpair's here;
+:meth:`Outbox.flush` sends every entry queued in one MULTI/EXEC (Redis
+answers a blocked XREAD after *each* command: a message and the ack behind
+it would take the receiver two XREADs). The reader trims what it has read
+(``XTRIM MINID``), so a stream holds little more than what is in flight. No socket of chatpair's here;
 :class:`Outbox` is for one thread, :class:`Inbox` for one reader thread.
 """
 
@@ -77,6 +74,7 @@ from chatpair.cluster.entries import (
     skip_frames,
 )
 from chatpair.cluster.names import Keys, node_of
+from chatpair.cluster.redisconn import describe
 from chatpair.cluster.resp import bulk, pack, pack_head
 
 log = logging.getLogger("chatpair")
@@ -250,11 +248,8 @@ class Outbox:
         return len(self._queued) + len(self._acks)
 
     def flush(self) -> int:
-        """Write everything queued in one pipeline; the number of entries written.
-
-        On a Redis error everything stays queued (and the error propagates):
-        the next flush retries, and the receiver drops what was written twice.
-        """
+        """Write everything queued at once; the number of entries written. On a Redis error it all
+        stays queued (the error propagates): the next flush retries; the receiver drops repeats."""
         return self.flush_shared(threading.Condition(), 0.0)
 
     def flush_shared(self, lock: Any, patience: float) -> int:
@@ -340,16 +335,12 @@ class Outbox:
         pipe = self.redis.pipeline(transaction=len(batch) > 1)  # as packed(): one XREAD sees all of it
         for key, fields in batch:
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-        pipe.execute()
+        note_refused(pipe.execute(raise_on_error=False))
 
     def packed(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[bytes, int]:
-        """A taken batch as RESP XADD commands, for a connection of the caller's own (a lane),
-        and how many replies they get.
-
-        Several go in one MULTI/EXEC (module docstring: so that the receiver's
-        XREAD is answered with all of them at once); their replies are then
-        MULTI's, a QUEUED per XADD, and EXEC's list of the entries' ids.
-        """
+        """A taken batch as RESP XADD commands for a connection of the caller's own (a lane), and
+        how many replies they get: several go in one MULTI/EXEC (module docstring), answered with
+        MULTI's OK, a QUEUED per XADD and EXEC's list of the entries' ids."""
         heads = self._xadd_heads
         out = []
         for key, fields in batch:
@@ -410,6 +401,16 @@ class Outbox:
             if seqs:
                 out.append((source, target, seqs))
         return out
+
+
+def note_refused(replies: list[Any]) -> None:
+    """Log the entries of a written batch Redis refused while carrying them out (a key that is not
+    a stream: the same answer again on a retry, so none). Their numbers are a gap for the receiver,
+    acked as lost: NOTICE ``undelivered``. (A refusal in MULTI aborts all: an outage, retried.)"""
+    errors = [reply for reply in replies if isinstance(reply, Exception)]
+    if errors:
+        log.warning("cluster: Redis refused %d of %d stream entries (%s); their messages are not delivered",
+                    len(errors), len(replies), describe(errors[0]))
 
 
 class Inbox:

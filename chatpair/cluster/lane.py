@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any
 
 from chatpair.cluster.entries import Entry, Gap
-from chatpair.cluster.inbox import Inbox
+from chatpair.cluster.inbox import Inbox, note_refused
 from chatpair.cluster.resp import RespConn, pack
 
 
@@ -160,7 +160,7 @@ class OutboxLane:
         replies = self.conn.replies()
         for reply in replies:
             if type(reply) is list:  # EXEC's: a reply per XADD, errors among them
-                self.conn.check_each(reply)
+                note_refused(reply)
         self.unanswered -= len(replies)
         return not self.unanswered
 

@@ -47,7 +47,13 @@ from chatpair.cluster.lobby import ClusterLobby
 from chatpair.cluster.names import DEFAULT_PREFIX
 from chatpair.cluster.nodeio import NodeIo
 from chatpair.cluster.peer import Routes
-from chatpair.cluster.redisconn import connect, public_url, redis_errors
+from chatpair.cluster.redisconn import (
+    connect,
+    describe,
+    is_outage,
+    public_url,
+    redis_errors,
+)
 from chatpair.cluster.results import (
     CONNECT_TIMEOUT,
     DEATH_GRACE,
@@ -97,6 +103,7 @@ class ClusterNode:
         self._lanes = lanes_possible(read_client)
         self._lane_done = threading.Event()  # the lane failed, or its loop ended
         self.errors = redis_errors()
+        self._read_refused = ""  # what Redis last answered the reader thread's XREAD with (logged once)
         self.io = NodeIo(self, grace=grace)
         self._threads = [threading.Thread(target=self.io.run, name="chatpair-cluster-io", daemon=True),
                          threading.Thread(target=self._read_loop, name="chatpair-cluster-inbox", daemon=True)]
@@ -244,13 +251,18 @@ class ClusterNode:
         """One XREAD BLOCK on this thread, and what it brought handed on."""
         try:
             items = self.inbox.read(block_ms=READ_BLOCK_MS)
-        except self.errors:
-            self.stopping.wait(RETRY_SECONDS)  # the I/O thread says so in the log
+        except self.errors as error:
+            # An outage, the I/O thread logs; an error reply here, this thread (once: it comes again).
+            if not is_outage(error) and describe(error) != self._read_refused:
+                self._read_refused = describe(error)
+                log.warning("cluster inbox reader: %s; cross-node messages wait", self._read_refused)
+            self.stopping.wait(RETRY_SECONDS)
             return
         except Exception:  # a bug must not pass silently, nor stop the reading
             log.exception("cluster inbox reader: unexpected error")
             self.stopping.wait(RETRY_SECONDS)
             return
+        self._read_refused = ""
         if items:
             try:
                 self.dispatch(items)

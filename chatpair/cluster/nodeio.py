@@ -37,7 +37,7 @@ from chatpair.cluster.lobby import Chatting, Matched, NodeGone, Queued, Waiting
 from chatpair.cluster.mirror import note_match, remember_join, take_seen
 from chatpair.cluster.names import node_of, node_tag, token_hash
 from chatpair.cluster.peer import RemotePeer
-from chatpair.cluster.redisconn import ClusterError, describe, refusing
+from chatpair.cluster.redisconn import ClusterError, describe, is_outage, refusing
 from chatpair.cluster.results import IO_TIMEOUT, RETRY_SECONDS, Joined, Ready, Refused
 from chatpair.cluster.upkeep import heartbeat, leave_cluster, watch
 
@@ -66,6 +66,7 @@ class NodeIo:
         self.beat_interval = node.lobby.ttl_ms / 5000
         self.pending: deque[tuple[Any, ...]] = deque()
         self.stop_asked = 0.0  # when "stop" came (0: not yet)
+        self.stop_reached = False  # "stop" was taken off the queue: leave as soon as Redis lets us
         self.down_since: float | None = None
         self.next_retry = 0.0
         self.next_beat = 0.0
@@ -144,7 +145,8 @@ class NodeIo:
             try:
                 if self.down_since is not None:
                     self._beat(now)  # first: a Redis that came back empty is refilled before anything
-                stop = self._run_pending()
+                # (A stop reached stays reached: a flush or a leave that fails is retried, not forgotten.)
+                stop = self.stop_reached = self.stop_reached or self._run_pending()
                 if self._flush_due(time.monotonic(), stop):
                     flush_outbox(self.node)
                     self.acks_due = float("inf")
@@ -211,6 +213,10 @@ class NodeIo:
                 log.warning("cluster: %s not done: this node is not registered", request[0])
             except (ValueError, ClusterError) as error:
                 log.warning("cluster: %s not done: %s", request[0], error)
+            except self.node.errors as error:
+                if is_outage(error):
+                    raise  # waited out, then this request again
+                log.warning("cluster: %s not done: %s", request[0], describe(error))  # it would fail again
             retried = False
             pending.popleft()
             if request[0] == "by":

@@ -35,20 +35,43 @@ def connect(url: str, **options: Any) -> Any:
         raise ConfigError(f"bad Redis URL {url!r}: {error}") from None
 
 
+#: Error replies that mean "Redis cannot serve now, try again": loading its data after a
+#: restart, busy with a script, out of memory (``noeviction``), a read-only replica after a
+#: failover, writes stopped after a failed save, ...
+NOT_READY = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "READONLY", "OOM", "MISCONF"})
+
+
 def redis_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "Redis is unreachable or failed" (for ``except`` clauses).
 
-    An error reply counts: a Redis out of memory, read-only (a replica after
-    a failover) or refusing writes after a failed save answers every write
-    with one, and the node waits for it as for one that is gone.
+    Error replies count (redis-py's ``ResponseError``); :func:`is_outage`
+    tells the ones to wait out from the ones that will come again.
     """
     redis = redis_module()
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
 
 
+def error_code(error: BaseException) -> str:
+    """An error reply's code (``OOM``, ``WRONGTYPE``, ...): redis-py keeps it apart for the codes it knows."""
+    return getattr(error, "status_code", None) or _PIPELINE_COMMAND.sub("", str(error)).split(" ", 1)[0]
+
+
+def error_text(error: BaseException) -> str:
+    """An error on one line, an error reply's code first (redis-py keeps it apart for the codes it knows)."""
+    text = _PIPELINE_COMMAND.sub("", " ".join(str(error).split())) or type(error).__name__
+    code = getattr(error, "status_code", None)
+    return f"{code} {text}" if code and not text.startswith(code) else text
+
+
 def refusing(error: BaseException) -> bool:
     """Did Redis answer (with an error), rather than not answer at all?"""
-    return isinstance(error, redis_module().exceptions.ResponseError)
+    return isinstance(error, redis_module().exceptions.ResponseError) or error_code(error) in NOT_READY
+
+
+def is_outage(error: BaseException) -> bool:
+    """Wait and retry? Redis unreachable, or saying it cannot serve now (:data:`NOT_READY`);
+    not an error reply that the same command would get again (``WRONGTYPE``, a bug)."""
+    return not isinstance(error, redis_module().exceptions.ResponseError) or error_code(error) in NOT_READY
 
 
 def describe(error: BaseException) -> str:
@@ -57,8 +80,7 @@ def describe(error: BaseException) -> str:
     redis-py names the failed command of a pipeline with all its arguments:
     that is a client's message for an XADD, neither short nor for the log.
     """
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"Redis: {_PIPELINE_COMMAND.sub('', text)}"
+    return f"Redis: {error_text(error)}"
 
 
 #: How redis-py starts the error of a pipeline's failed command.

@@ -136,11 +136,5 @@ class RespConn:
                 raise error_reply(reply)
             out.append(reply)
 
-    def check_each(self, replies: list[Any]) -> None:
-        """LaneBroken for the first error among ``replies`` (an EXEC's, which come inside its list)."""
-        for reply in replies:
-            if isinstance(reply, self._error):
-                raise error_reply(reply)
-
     def close(self) -> None:
         self.sock.close()

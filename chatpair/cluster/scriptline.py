@@ -27,13 +27,11 @@ import threading
 from typing import Any
 
 from chatpair.cluster.lane import lanes_possible, open_socket
-from chatpair.cluster.redisconn import redis_module
+from chatpair.cluster.redisconn import NOT_READY, error_code, error_text, redis_module
 from chatpair.cluster.resp import pack
 
 #: Bytes one read takes at most (the buffer is kept: see chatpair.cluster.resp).
 READ_SIZE = 64 * 1024
-#: Error replies that mean "Redis cannot serve now, try again" (redis-py: a ConnectionError).
-NOT_READY = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "READONLY", "OOM", "MISCONF"})
 
 
 class ScriptLine:
@@ -54,7 +52,6 @@ class ScriptLine:
         exceptions = redis_module().exceptions
         self._redis_failures = (exceptions.ConnectionError, exceptions.TimeoutError)
         self._failures = (OSError, hiredis.ProtocolError, *self._redis_failures)
-        self._error = exceptions.ResponseError
 
     def call_many(self, commands: list[bytes]) -> list[Any]:
         """Send the packed ``commands`` at once; their replies, in order (error replies as
@@ -63,21 +60,13 @@ class ScriptLine:
             try:
                 if self._sock is None:
                     self._open()
-                return self._not_ready(self._send_read(commands))
+                return self._send_read(commands)
             except self._failures as error:
                 self.close()
                 raise self._failure(error) from None
             except BaseException:  # (an interrupt mid-reply): a half-read socket is never used again
                 self.close()
                 raise
-
-    def _not_ready(self, replies: list[Any]) -> list[Any]:
-        """``replies``, unless Redis said it cannot serve yet (LOADING its data after a restart,
-        BUSY with a script, ...): then the ConnectionError redis-py raises for it, retried alike."""
-        for reply in replies:
-            if isinstance(reply, self._error) and str(reply).split(" ", 1)[0] in NOT_READY:
-                raise redis_module().exceptions.BusyLoadingError(str(reply))
-        return replies
 
     def _open(self) -> None:
         import hiredis
@@ -160,15 +149,26 @@ class Scripts:
 
     def _send(self, commands: list[list[Any]]) -> list[Any]:
         if self._line is not None:
-            return self._line.call_many([pack(*command) for command in commands])
-        pipe = self.redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return pipe.execute(raise_on_error=False)
+            replies = self._line.call_many([pack(*command) for command in commands])
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = pipe.execute(raise_on_error=False)
+        return _unless_not_ready(replies)
 
     def close(self) -> None:
         if self._line is not None:
             self._line.close()
+
+
+def _unless_not_ready(replies: list[Any]) -> list[Any]:
+    """``replies``, unless Redis said it cannot serve now (LOADING its data after a restart, BUSY
+    with a script, OOM, ...): then the ConnectionError redis-py raises for LOADING, waited out alike."""
+    for reply in replies:
+        if isinstance(reply, redis_module().exceptions.ResponseError) and error_code(reply) in NOT_READY:
+            raise redis_module().exceptions.BusyLoadingError(error_text(reply))
+    return replies
 
 
 def _no_script(reply: Any) -> bool:

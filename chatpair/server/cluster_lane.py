@@ -125,8 +125,8 @@ class LaneMixin:
             if lane is not None and fileobj is lane.sock:
                 lane.conn.flush()
                 items = lane.on_readable()
-                self.lane_worked = True
-                if items:
+                if items:  # (not any answer: a login's, an empty read's come while Redis refuses writes)
+                    self.lane_worked = True
                     self.node.dispatch(items)
                     self.drain_ready()  # this loop's own peers: written now, not after a wake-up
                 lane.read_on(self.now)
