@@ -106,6 +106,7 @@ def test_a_message_and_the_ack_behind_it_reach_a_waiting_reader_in_one_xread(rcl
 def test_an_error_inside_exec_is_logged_and_the_batch_is_answered(caplog):
     """Redis carried out the other XADDs of the transaction; the refused one would be refused again."""
     from chatpair.cluster.lane import OutboxLane
+    from chatpair.cluster.resp import LaneBroken
 
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
@@ -116,9 +117,25 @@ def test_an_error_inside_exec_is_logged_and_the_batch_is_answered(caplog):
         with caplog.at_level("WARNING", logger="chatpair"):
             assert lane.on_readable() is True  # all answered: the next batch may go
         assert "Redis refused 1 of 2 stream entries (Redis: WRONGTYPE not a stream)" in caplog.text
+        lane.send(b"(one XADD)", 1, now=0.0)  # a refusal that says "not now": the batch goes again
+        theirs.sendall(b"*1\r\n-OOM command not allowed\r\n")
+        with pytest.raises(LaneBroken, match="OOM command not allowed"):
+            lane.on_readable()
     finally:
         lane.close()
         theirs.close()
+
+
+def test_a_single_xadd_refused_for_now_is_written_again_not_counted_written():
+    """Through redis-py (the I/O thread's way), one XADD alone is no transaction: its OOM comes as
+    a value; it is raised, so the batch stays queued and goes again once Redis takes it."""
+    import redis.exceptions as rx
+
+    from chatpair.cluster.inbox import note_refused
+
+    oom = rx.OutOfMemoryError("command not allowed", status_code="OOM")
+    assert note_refused([oom]) is oom
+    assert note_refused([b"1-0", rx.ResponseError("WRONGTYPE Operation")]) is None  # logged, not retried
 
 
 def test_which_error_replies_are_waited_out():

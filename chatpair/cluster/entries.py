@@ -4,7 +4,8 @@ The fields of every entry of a node's inbox stream (:mod:`chatpair.cluster.inbox
 says how they are written, read and acknowledged): ``t`` (target cid), ``s``
 (source cid), ``q`` (sequence number, decimal; ``0`` for control entries),
 ``k`` (kind), ``p`` (payload bytes), for messages ``n`` (how many) and for
-acks ``l`` (lost ranges, ``first-last,...``). Pure: no Redis, no sockets.
+acks ``l`` (lost ranges, ``first-last,...``); and :class:`SeqCheck`, the
+receiver's check of a pair's numbers. Pure: no Redis, no sockets.
 """
 
 from __future__ import annotations
@@ -90,3 +91,28 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     return Entry(entry_id, fields.get(b"t", b"").decode(), fields.get(b"s", b"").decode(),
                  int(fields.get(b"q", b"0")), fields.get(b"k", b"").decode(), fields.get(b"p", b""),
                  _ranges(fields.get(b"l")), int(fields.get(b"n", b"1")))
+
+
+class SeqCheck:
+    """Per-pair sequence numbers on the receiving side: ``ok``, ``dup``, a :class:`Gap`, or how
+    many of a batch were seen before (an int). Pure."""
+
+    def __init__(self) -> None:
+        self._next: dict[tuple[str, str], int] = {}
+
+    def check(self, source: str, target: str, seq: int, count: int = 1) -> str | Gap | int:
+        """Messages ``seq`` .. ``seq + count - 1`` arrived: ``ok``, ``dup`` (all seen), a
+        :class:`Gap` before them, or the number of leading ones seen before (drop those)."""
+        expected = self._next.get((source, target), 1)
+        last = seq + count - 1
+        if last < expected:
+            return "dup"
+        self._next[(source, target)] = last + 1
+        if seq > expected:
+            return Gap(source, target, expected, seq - 1)
+        if seq < expected:
+            return expected - seq
+        return "ok"
+
+    def forget(self, source: str, target: str) -> None:
+        self._next.pop((source, target), None)

@@ -69,12 +69,13 @@ from chatpair.cluster.entries import (
     Acked,
     Entry,
     Gap,
+    SeqCheck,
     decode_entry,
     frame_msgs,
     skip_frames,
 )
 from chatpair.cluster.names import Keys, node_of
-from chatpair.cluster.redisconn import describe
+from chatpair.cluster.redisconn import NOT_READY, describe, error_code
 from chatpair.cluster.resp import bulk, pack, pack_head
 
 log = logging.getLogger("chatpair")
@@ -91,31 +92,6 @@ _FIELD_NAMES = {name: bulk(name) for name in ("t", "s", "q", "k", "p", "n", "l")
 _MULTI, _EXEC = pack("MULTI"), pack("EXEC")
 #: Seconds between two trims of what the reader has read.
 TRIM_INTERVAL = 0.5
-
-
-class SeqCheck:
-    """Per-pair sequence numbers on the receiving side: ``ok``, ``dup``, a :class:`Gap`, or how
-    many of a batch were seen before (an int). Pure."""
-
-    def __init__(self) -> None:
-        self._next: dict[tuple[str, str], int] = {}
-
-    def check(self, source: str, target: str, seq: int, count: int = 1) -> str | Gap | int:
-        """Messages ``seq`` .. ``seq + count - 1`` arrived: ``ok``, ``dup`` (all seen), a
-        :class:`Gap` before them, or the number of leading ones seen before (drop those)."""
-        expected = self._next.get((source, target), 1)
-        last = seq + count - 1
-        if last < expected:
-            return "dup"
-        self._next[(source, target)] = last + 1
-        if seq > expected:
-            return Gap(source, target, expected, seq - 1)
-        if seq < expected:
-            return expected - seq
-        return "ok"
-
-    def forget(self, source: str, target: str) -> None:
-        self._next.pop((source, target), None)
 
 
 class _Direction:
@@ -335,7 +311,9 @@ class Outbox:
         pipe = self.redis.pipeline(transaction=len(batch) > 1)  # as packed(): one XREAD sees all of it
         for key, fields in batch:
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-        note_refused(pipe.execute(raise_on_error=False))
+        not_now = note_refused(pipe.execute(raise_on_error=False))
+        if not_now is not None:
+            raise not_now  # an outage: waited out, then the batch again (the receiver drops repeats)
 
     def packed(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[bytes, int]:
         """A taken batch as RESP XADD commands for a connection of the caller's own (a lane), and
@@ -403,14 +381,18 @@ class Outbox:
         return out
 
 
-def note_refused(replies: list[Any]) -> None:
-    """Log the entries of a written batch Redis refused while carrying them out (a key that is not
-    a stream: the same answer again on a retry, so none). Their numbers are a gap for the receiver,
-    acked as lost: NOTICE ``undelivered``. (A refusal in MULTI aborts all: an outage, retried.)"""
+def note_refused(replies: list[Any]) -> Exception | None:
+    """Log the entries of a written batch Redis refused for good (a key that is not a stream: the
+    same answer on a retry), which become a gap acked as lost: NOTICE ``undelivered``. A refusal
+    that says "not now" (OOM, ...) is returned instead, for the caller to write the batch again."""
     errors = [reply for reply in replies if isinstance(reply, Exception)]
+    for error in errors:
+        if error_code(error) in NOT_READY:
+            return error
     if errors:
         log.warning("cluster: Redis refused %d of %d stream entries (%s); their messages are not delivered",
                     len(errors), len(replies), describe(errors[0]))
+    return None
 
 
 class Inbox:

@@ -34,7 +34,7 @@ from typing import Any
 
 from chatpair.cluster.entries import Entry, Gap
 from chatpair.cluster.inbox import Inbox, note_refused
-from chatpair.cluster.resp import RespConn, pack
+from chatpair.cluster.resp import RespConn, error_reply, pack
 
 
 def lanes_possible(client: Any) -> bool:
@@ -160,7 +160,9 @@ class OutboxLane:
         replies = self.conn.replies()
         for reply in replies:
             if type(reply) is list:  # EXEC's: a reply per XADD, errors among them
-                note_refused(reply)
+                not_now = note_refused(reply)
+                if not_now is not None:
+                    raise error_reply(not_now)  # the batch goes back to the outbox, for the I/O thread
         self.unanswered -= len(replies)
         return not self.unanswered
 
