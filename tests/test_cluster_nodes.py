@@ -251,11 +251,7 @@ def test_a_node_stopped_with_sigterm_tells_its_clients_and_their_partners(nodes)
 def test_redis_stopped_and_started_empty(nodes, redis_server: RedisServer) -> None:  # noqa: F811
     n0, n1, n2 = nodes(3)
     alice, bob = join_and_pair(n0, "alice", n1, "bob")
-    carol = join(n2, "carol")
-    carol.expect(WAITING)
-    dave = join(n2, "dave")
-    dave.expect(WAITING)
-    paired(carol, dave, "carol", "dave")  # a same-node pair
+    carol, dave = join_and_pair(n2, "carol", n2, "dave")  # a same-node pair
     waiter = join(n0, "waiter")
     waiter.expect(WAITING)
 
@@ -448,11 +444,7 @@ def test_redis_refusing_writes_is_an_outage_not_a_crash(nodes, rclient) -> None:
     go on, nothing crashes; once it accepts writes again, they are delivered and pairing goes on."""
     n0, n1 = nodes(2)
     alice, bob = join_and_pair(n0, "alice", n1, "bob")
-    carol = join(n1, "carol")
-    carol.expect(WAITING)
-    dave = join(n1, "dave")
-    dave.expect(WAITING)
-    paired(carol, dave, "carol", "dave")  # a same-node pair
+    carol, dave = join_and_pair(n1, "carol", n1, "dave")  # a same-node pair
     chat(alice, bob, 3)
     rclient.config_set("maxmemory-policy", "noeviction")
     rclient.config_set("maxmemory", "1")
