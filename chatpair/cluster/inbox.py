@@ -75,7 +75,7 @@ from chatpair.cluster.entries import (
     skip_frames,
 )
 from chatpair.cluster.names import Keys, node_of
-from chatpair.cluster.redisconn import NOT_READY, describe, error_code
+from chatpair.cluster.redisconn import describe, not_now
 from chatpair.cluster.resp import bulk, pack, pack_head
 
 log = logging.getLogger("chatpair")
@@ -387,7 +387,7 @@ def note_refused(replies: list[Any]) -> Exception | None:
     that says "not now" (OOM, ...) is returned instead, for the caller to write the batch again."""
     errors = [reply for reply in replies if isinstance(reply, Exception)]
     for error in errors:
-        if error_code(error) in NOT_READY:
+        if not_now(error):
             return error
     if errors:
         log.warning("cluster: Redis refused %d of %d stream entries (%s); their messages are not delivered",

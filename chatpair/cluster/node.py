@@ -253,9 +253,10 @@ class ClusterNode:
             items = self.inbox.read(block_ms=READ_BLOCK_MS)
         except self.errors as error:
             # An outage, the I/O thread logs; an error reply here, this thread (once: it comes again).
-            if not is_outage(error) and describe(error) != self._read_refused:
-                self._read_refused = describe(error)
-                log.warning("cluster inbox reader: %s; cross-node messages wait", self._read_refused)
+            said = "" if is_outage(error) else describe(error)
+            if said and said != self._read_refused:
+                self._read_refused = said
+                log.warning("cluster inbox reader: %s; cross-node messages wait", said)
             self.stopping.wait(RETRY_SECONDS)
             return
         except Exception:  # a bug must not pass silently, nor stop the reading

@@ -63,15 +63,20 @@ def error_text(error: BaseException) -> str:
     return f"{code} {text}" if code and not text.startswith(code) else text
 
 
+def not_now(error: BaseException) -> bool:
+    """Is this Redis saying it cannot serve now (:data:`NOT_READY`), whoever parsed the reply?"""
+    return error_code(error) in NOT_READY
+
+
 def refusing(error: BaseException) -> bool:
     """Did Redis answer (with an error), rather than not answer at all?"""
-    return isinstance(error, redis_module().exceptions.ResponseError) or error_code(error) in NOT_READY
+    return isinstance(error, redis_module().exceptions.ResponseError) or not_now(error)
 
 
 def is_outage(error: BaseException) -> bool:
     """Wait and retry? Redis unreachable, or saying it cannot serve now (:data:`NOT_READY`);
     not an error reply that the same command would get again (``WRONGTYPE``, a bug)."""
-    return not isinstance(error, redis_module().exceptions.ResponseError) or error_code(error) in NOT_READY
+    return not isinstance(error, redis_module().exceptions.ResponseError) or not_now(error)
 
 
 def describe(error: BaseException) -> str:

@@ -27,7 +27,7 @@ import threading
 from typing import Any
 
 from chatpair.cluster.lane import lanes_possible, open_socket
-from chatpair.cluster.redisconn import NOT_READY, error_code, error_text, redis_module
+from chatpair.cluster.redisconn import error_text, not_now, redis_module
 from chatpair.cluster.resp import pack
 
 #: Bytes one read takes at most (the buffer is kept: see chatpair.cluster.resp).
@@ -165,9 +165,10 @@ class Scripts:
 def _unless_not_ready(replies: list[Any]) -> list[Any]:
     """``replies``, unless Redis said it cannot serve now (LOADING its data after a restart, BUSY
     with a script, OOM, ...): then the ConnectionError redis-py raises for LOADING, waited out alike."""
+    exceptions = redis_module().exceptions
     for reply in replies:
-        if isinstance(reply, redis_module().exceptions.ResponseError) and error_code(reply) in NOT_READY:
-            raise redis_module().exceptions.BusyLoadingError(error_text(reply))
+        if isinstance(reply, exceptions.ResponseError) and not_now(reply):
+            raise exceptions.BusyLoadingError(error_text(reply))
     return replies
 
 

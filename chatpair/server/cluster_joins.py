@@ -22,7 +22,7 @@ That round trip blocks the loop, so it is bounded:
   reach Redis again; meanwhile JOINs go through the I/O thread;
 * the JOINs of a batch that failed may or may not have been done by Redis:
   the I/O thread asks Redis what it knows of each client first
-  (:meth:`chatpair.cluster.nodeio.NodeIo.join_unsure`).
+  (:func:`chatpair.cluster.nodeio.join_unsure`).
 
 A client that leaves before its JOIN went out never had one (no LEAVE
 either); anything else the I/O thread is asked about such a client (a
