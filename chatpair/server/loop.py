@@ -27,6 +27,7 @@ Subclasses decide what a message means (forward it, or answer
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -67,7 +68,8 @@ _LINE = Mode.LINE
 class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
     """A selector loop owning a set of connections. Run it in exactly one thread.
 
-    For other threads: :meth:`wake`. For the owner thread: :meth:`run`,
+    For other threads: :meth:`wake`, or act as the loop while holding
+    :attr:`turn` (see there). For the owner thread: :meth:`run`,
     :meth:`adopt_conn`, :meth:`release_conn`, :meth:`owns`, :meth:`fail`,
     :meth:`finish`, :meth:`drop`, and from the mixins ``send``, ``enqueue``,
     ``send_event``, ``send_line``, ``process_buffered``. Hooks for subclasses:
@@ -99,11 +101,17 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
         size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
         self.scratch = bytearray(size)
         self.scratch_view = memoryview(self.scratch)
+        #: Held by the loop's thread whenever it is not waiting in poll(). Another
+        #: thread that takes it may act as this loop in the meantime (the
+        #: listener adopts a pair into a sleeping relay: no wake-up, no GIL
+        #: ping-pong); it must wake the loop if it leaves work the loop only finds
+        #: after poll() (``Relay.pending_work`` tells).
+        self.turn = threading.Lock()
         # Other threads (the listener handing over a pair) wake select() with it.
         self.waker = Waker()
         self.poller.register(self.waker.reader, EVENT_READ, None)
         self.init_resume()
-        self.stats = LoopStats()  # for the status line and /metrics; written by this loop's thread only
+        self.stats = LoopStats()  # for the status line and /metrics; written only by whoever holds the turn
 
     def wake(self) -> None:
         """Wake ``select()`` from another thread (after putting work in an inbox)."""
@@ -116,13 +124,19 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
         poll = self.poller.poll
         owners, specials = self.poller.data, self.poller.files  # fd -> Conn, fd -> socket of our own
         throttled = self.limiter.heap
+        turn = self.turn
         next_tick = 0.0
+        turn.acquire()
         try:
             while self.running or self.closing or self.conns or self.busy():
                 wake_at = min(self.due, next_tick)  # a subclass's timer, or the tick
                 if throttled and throttled[0][0] < wake_at:
                     wake_at = throttled[0][0]
-                events = poll(max(0.0, wake_at - self.now))
+                turn.release()
+                try:
+                    events = poll(max(0.0, wake_at - self.now))
+                finally:
+                    turn.acquire()
                 self.now = time.monotonic()
                 for fd, ready in events:
                     conn = owners.get(fd)
@@ -162,8 +176,11 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
                 if not self.running and not self.conns and not self.closing and not self.busy():
                     break
         finally:
-            self.close_all()
-            flush_logs()
+            try:
+                self.close_all()
+                flush_logs()
+            finally:
+                turn.release()
 
     def on_special(self, fileobj: Any) -> None:
         """Readable socket that is not a client (wake-up, listening socket)."""
