@@ -1,8 +1,12 @@
-"""What the listener does for the operator: the deny list, status lines, ``/metrics``.
+"""What the listener does for the operator: the control socket, the deny list, status lines, ``/metrics``.
 
 :class:`Operations` lives in the listener process, held by the
 :class:`~chatpair.server.listener.Listener` and run on its thread:
 
+* the **control socket** from the main process (:meth:`Operations.on_control`):
+  ``stop`` (or its end: the main process went away) stops the listener,
+  ``count`` is answered with the number of clients, ``reload`` and
+  ``status`` are below;
 * the **deny list** (``--deny``, ``--deny-file``): made here, consulted by
   the acceptor for every connection, and read again on ``reload`` from the
   control socket (the main process sends it on SIGHUP). A file that does
@@ -17,8 +21,8 @@
   :meth:`Operations.close`. It reads the :class:`~chatpair.server.stats.Totals`
   this object makes on the listener's thread in :meth:`Operations.tick`.
 
-The listener calls :meth:`tick` from its timer, :meth:`on_command` with
-each control line it does not know itself, and :meth:`close` when it exits.
+The listener calls :meth:`tick` from its timer, :meth:`on_control` when the
+control socket is readable, and :meth:`close` when it exits.
 """
 
 from __future__ import annotations
@@ -57,8 +61,31 @@ class Operations:
         self._last_status = Totals(time=time.monotonic())  # the reading the last status line was made from
         self.latest = Totals(time=time.monotonic())  # what /metrics shows: replaced whole, never changed
         self.metrics: MetricsServer | None = None
+        self._control_buf = b""  # a partial line from the main process
 
     # -- the control socket --------------------------------------------------------------
+
+    def on_control(self, control: socket.socket) -> None:
+        """``stop`` (or end of file: the main process went away) stops; ``count\n`` -> ``clients N\n``."""
+        try:
+            data = control.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data or b"stop" in data:
+            self.listener.begin_stop()
+            return
+        self._control_buf = (self._control_buf + data)[-64:]
+        while b"\n" in self._control_buf:
+            line, self._control_buf = self._control_buf.split(b"\n", 1)
+            if line.strip() == b"count":
+                try:  # a few bytes on an idle socket pair: never blocks; if it fails, the main process copes
+                    control.send(b"clients %d\n" % len(self.listener.admission.live))
+                except OSError:
+                    pass
+            else:
+                self.on_command(line.strip())  # reload (SIGHUP), status (SIGUSR1)
 
     def on_command(self, command: bytes) -> bool:
         """``reload`` (the deny file) or ``status`` (a status line now); whether it was one of ours."""
