@@ -100,7 +100,7 @@ class Relay(ConnLoop):
         """Any thread: adopt ``a`` and ``b`` at once, acting as this loop while it sleeps.
 
         Saves the relay a wake-up per batch of pairs, and the two threads the
-        GIL hand-overs that come with it: connect+pair 1.16x (docs/performance.md).
+        GIL hand-overs that come with it: connect+pair 1.10x (docs/performance.md).
         False, with nothing done, when commands wait in the inbox (they
         come first) or the loop is winding down: then :meth:`submit_pair`.
         """
