@@ -6,15 +6,19 @@ that process one thread, :class:`Listener`, runs a selector loop that
 
 1. accepts connections (:class:`~chatpair.server.accept.Acceptor`), checks
    them against the limits (:class:`~chatpair.server.admission.Admission`)
-   and sends the banner at once (:class:`~chatpair.server.reception.Reception`);
+   and sends the banner (:class:`~chatpair.server.reception.Reception`);
+   a frame-mode client's WAITING (with WELCOME, and with the banner when its
+   HELLO came with the connect) leaves at the end of the batch of events, so
+   that a partner arriving in the same batch adds PAIRED to the same write;
 2. runs every handshake without blocking the others (``Reception`` again,
    with the rules in :mod:`~chatpair.server.handshake`): each connection has
    one absolute deadline, and before HELLO nothing over 1,024 bytes is accepted;
 3. keeps waiting clients (keepalive, NOTICE ``undelivered`` for their
    messages) and asks the :class:`~chatpair.server.lobby.Lobby` whom to pair;
 4. hands each new pair to a room relay (:class:`~chatpair.server.relay_pool.RelayPool`:
-   a thread of this process, or a relay worker process) and takes clients
-   back when their partner leaves.
+   a thread of this process, into which it adopts the pair itself while the
+   relay sleeps, holding the relay's turn lock; or a relay worker process)
+   and takes clients back when their partner leaves.
 
 A connection belongs to exactly one loop at a time; handing it over means
 unregistering it here before the relay registers it there.
