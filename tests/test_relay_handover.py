@@ -8,6 +8,7 @@ runs in.
 from __future__ import annotations
 
 import queue
+import selectors
 import socket
 import time
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ import pytest
 from chatpair.proto import FrameType, encode_frame
 from chatpair.server.config import Limits
 from chatpair.server.conn import Conn
-from chatpair.server.relay import PairEnd, RelayThread, Report
+from chatpair.server.poller import EVENT_READ, SelectorPoller
+from chatpair.server.relay import PairEnd, Relay, RelayThread, Report
 from chatpair.server.states import Mode, Phase
 
 pytestmark = pytest.mark.timeout(30)
@@ -25,12 +27,15 @@ pytestmark = pytest.mark.timeout(30)
 DEADLINE = 10.0
 
 
+LIMITS = Limits(65536, ping_interval=30.0, idle_timeout=90.0, write_timeout=20.0)
+
+
 class Relayed:
     """A relay thread and the test's ends of the sockets it relays."""
 
-    def __init__(self) -> None:
+    def __init__(self, relay: Relay | None = None) -> None:
         self.ended: queue.Queue[Report] = queue.Queue()
-        self.thread = RelayThread(Limits(65536, ping_interval=30.0, idle_timeout=90.0, write_timeout=20.0), 0, self.ended.put)
+        self.thread = RelayThread(LIMITS, 0, self.ended.put, relay)
         self.clients: list[socket.socket] = []
         self._cid = 0
         self.wakes = 0  # how often another thread woke the relay
@@ -149,3 +154,63 @@ def test_a_relay_winding_down_is_not_handed_pairs_directly(relayed: Relayed) -> 
     a, b = relayed.conn("ann"), relayed.conn("bob")
     assert relay.adopt_pair_now(a, b) is False
     assert a.owner is None and b.owner is None
+
+
+def test_a_busy_relay_is_not_waited_for_its_pairs_go_to_the_inbox(relayed: Relayed) -> None:
+    relay = relayed.thread.relay
+    a, b = relayed.conn("ann"), relayed.conn("bob")
+    with relay.turn:  # as if the relay were busy with a batch of events
+        relayed.thread.submit_pair(a, b)  # returns at once: the listener must not wait on a relay
+        assert [what for what, _ in relay._inbox] == ["pair"] and a.owner is None
+    relayed.thread.flush()
+    hello = encode_frame(FrameType.MSG, b"relayed after all")
+    relayed.clients[0].sendall(hello)
+    assert read_exactly(relayed.clients[1], len(hello)) == hello
+
+
+def test_a_relay_waiting_in_select_is_woken_for_its_pairs() -> None:
+    # select() and poll() do not see a socket registered during a wait: such a
+    # relay gets its pairs through the inbox, with a wake-up.
+    relay = Relay(LIMITS, 0, lambda report: None)
+    relay.poller = SelectorPoller(selectors.SelectSelector())
+    relay.poller.register(relay.waker.reader, EVENT_READ, None)
+    relayed = Relayed(relay)
+    relayed.thread.start()
+    try:
+        wait_asleep(relayed)
+        a, b = relayed.conn("ann"), relayed.conn("bob")
+        relayed.thread.submit_pair(a, b)
+        relayed.thread.flush()
+        assert relayed.wakes == 1
+        hello = encode_frame(FrameType.MSG, b"seen at once")
+        relayed.clients[0].sendall(hello)
+        assert read_exactly(relayed.clients[1], len(hello)) == hello
+    finally:
+        relayed.close()
+
+
+class BrokenRelay(Relay):
+    """A relay with a bug in taking a pair (what it did before this test is not the point)."""
+
+    def adopt_pair(self, a: Conn, b: Conn) -> None:
+        for conn in (a, b):
+            self.adopt_conn(conn)
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_in_taking_a_pair_stops_that_relay_not_the_listener(caplog: pytest.LogCaptureFixture) -> None:
+    relayed = Relayed(BrokenRelay(LIMITS, 0, lambda report: None))
+    relayed.thread.start()
+    try:
+        wait_asleep(relayed)
+        a, b = relayed.conn("ann"), relayed.conn("bob")
+        relayed.thread.submit_pair(a, b)  # does not raise into the caller
+        assert "taking a pair failed" in caplog.text
+        for client in relayed.clients:  # both told, and the relay winds down
+            frame = client.recv(4096)
+            assert frame[4] == FrameType.ERROR and b"shutting down" in frame
+            client.close()  # read: the relay's polite close need not wait
+        relayed.thread.join(DEADLINE)
+        assert not relayed.thread.alive()
+    finally:
+        relayed.close()

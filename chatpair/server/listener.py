@@ -111,11 +111,8 @@ class Listener(ConnLoop):
     # -- new connections: the reception's ----------------------------------------------------
 
     def send(self, conn: Conn, data: bytes | memoryview, msgs: int = 0, framed: bool = True) -> None:
-        if self._held:  # a greeting held for the end of the batch goes first
-            held = self._held.pop(conn, None)
-            if held is not None:
-                data = held + data
-        super().send(conn, data, msgs, framed)
+        held = self._held.pop(conn, None) if self._held else None  # a greeting held (_queue) goes first
+        super().send(conn, data if held is None else held + data, msgs, framed)
 
     def release_conn(self, conn: Conn) -> None:
         if self._held and conn in self._held:
@@ -128,6 +125,8 @@ class Listener(ConnLoop):
             for conn, greeting in held.items():
                 if conn in self.conns:  # (not if it closed meanwhile)
                     super().send(conn, greeting)
+            if self._dead:  # a greeting that could not be written: gone before anyone is paired with it
+                self._bury_dead()
         if self.cluster is not None:
             self.cluster.after_events()  # (first: the pairs its answers make go in this flush)
         self.relays.flush()  # pairs made in this batch: one wake-up per relay

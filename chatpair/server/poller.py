@@ -80,7 +80,10 @@ class _Registry:
 
 
 class EpollPoller(_Registry):
-    """``select.epoll`` with a descriptor -> data dict. Used by one thread only."""
+    """``select.epoll`` with a descriptor -> data dict. Used by whoever holds its loop's turn."""
+
+    #: A descriptor registered by another thread joins a wait already in progress.
+    live_registration = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -125,6 +128,11 @@ class EpollPoller(_Registry):
 
 class SelectorPoller(_Registry):
     """The same on a ``selectors`` selector (macOS, BSD, Windows): ready masks in epoll's bits."""
+
+    #: ``select()`` and ``poll()`` wait on the descriptors they were given: one
+    #: registered meanwhile is seen only at the next wait, so nobody else adopts
+    #: connections into a loop that waits on this (``Relay.adopt_pair_now``).
+    live_registration = False
 
     def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
         super().__init__()

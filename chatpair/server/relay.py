@@ -101,18 +101,32 @@ class Relay(ConnLoop):
 
         Saves the relay a wake-up per batch of pairs, and the two threads the
         GIL hand-overs that come with it: connect+pair 1.10x (docs/performance.md).
-        False, with nothing done, when commands wait in the inbox (they
-        come first) or the loop is winding down: then :meth:`submit_pair`.
+        False, with nothing done, when the relay is awake (its inbox, read
+        after its batch of events, is as quick, and the caller must not wait
+        for it), when commands wait in the inbox (they come first), when the
+        relay is winding down, or when its poller would not see a socket
+        registered during a wait already in progress (``select``-based ones):
+        then :meth:`submit_pair`.
         """
-        with self.turn:
+        if not self.poller.live_registration or not self.turn.acquire(blocking=False):
+            return False
+        try:
             if self._inbox or not self.running:
                 return False
             before = self.pending_work()
             self.now = time.monotonic()
-            self.adopt_pair(a, b)
+            try:
+                self.adopt_pair(a, b)
+            except Exception:  # a bug must not take the listener down with this relay
+                log.exception("relay %d: taking a pair failed; it stops", self.index)
+                self.stop()
+                self.wake()
+                return True
             if self.pending_work() != before:
                 self.wake()
-        return True
+            return True
+        finally:
+            self.turn.release()
 
     def pending_work(self) -> tuple[object, ...]:
         """What the loop would find to do after poll() besides socket events.
