@@ -1,4 +1,4 @@
-"""Handing a pair to a relay thread: adopted at once while it sleeps, or queued behind its inbox.
+"""Handing a pair to a relay thread: adopted at once while it sleeps, or queued behind its inbox; never to one that ended.
 
 Real relay threads over real socket pairs (no server process): the listener's
 side is played by the test thread, which is what ``RelayThread.submit_pair``
@@ -16,10 +16,11 @@ from collections.abc import Iterator
 import pytest
 
 from chatpair.proto import FrameType, encode_frame
-from chatpair.server.config import Limits
+from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
-from chatpair.server.poller import EVENT_READ, SelectorPoller
+from chatpair.server.poller import EVENT_READ, SelectorPoller, make_poller
 from chatpair.server.relay import PairEnd, Relay, RelayThread, Report
+from chatpair.server.relay_pool import RelayPool
 from chatpair.server.states import Mode, Phase
 
 pytestmark = pytest.mark.timeout(30)
@@ -214,3 +215,22 @@ def test_a_bug_in_taking_a_pair_stops_that_relay_not_the_listener(caplog: pytest
         assert not relayed.thread.alive()
     finally:
         relayed.close()
+
+
+def test_pairs_never_go_to_a_relay_thread_that_ended() -> None:
+    pool = RelayPool(ServerConfig(relay_threads=1), lambda report: None, lambda stranded: None, make_poller())
+    try:
+        ended = pool.relays[0]
+        ended.stop()  # the thread ends as a crashed one would: nobody reads its inbox again
+        ended.join(DEADLINE)
+        assert not ended.alive()
+        fresh = pool.pick()
+        assert fresh is not ended and fresh.alive()
+        assert pool.pick() is fresh  # one replacement, not one per pair
+    finally:
+        pool.stop()
+        pool.join(DEADLINE)
+    assert not pool.busy()
+    relays = list(pool.relays)
+    assert pool.pick() in relays and pool.relays == relays  # stopping: no new thread for a pair
+    assert not pool.busy()

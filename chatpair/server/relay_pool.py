@@ -3,8 +3,9 @@
 A pair is relayed either by a room relay thread of the listener process
 (``--relay-threads``, the default) or by a relay worker process
 (``--workers``, POSIX). :class:`RelayPool` starts them, picks the least
-loaded one for each new pair - never a dead worker - and stops and joins them
-all. When every worker is dead or waiting out its restart backoff, a relay
+loaded one for each new pair - never a dead worker, nor a relay thread that
+ended after a bug (a new thread takes over if none is left) - and stops and
+joins them all. When every worker is dead or waiting out its restart backoff, a relay
 thread of the listener process takes new pairs meanwhile (the *fallback*).
 """
 
@@ -69,11 +70,21 @@ class RelayPool:
         ]
         for relay in self.relays:
             relay.start()
+        self._stopping = False
 
     def pick(self) -> RelayHandle:
-        """The least loaded relay; never a dead worker."""
+        """The least loaded relay; never a dead worker, nor a relay thread that ended (a bug, logged)."""
         if not self.workers:
-            return min(self.relays, key=lambda r: r.load)
+            live = [r for r in self.relays if r.alive()]
+            if live or self._stopping:
+                return min(live or self.relays, key=lambda r: r.load)
+            # Every relay thread ended: their crash is in the log. A pair handed to a dead
+            # loop would wait in vain, so relay new pairs in a new thread.
+            log.warning("no relay thread is running; starting a new one")
+            replacement = self._thread(len(self.relays))
+            replacement.start()
+            self.relays.append(replacement)
+            return replacement
         ready = [w for w in self.workers if w.available]
         if ready:
             return min(ready, key=lambda w: w.load)
@@ -112,6 +123,7 @@ class RelayPool:
             worker.tick(now)
 
     def stop(self) -> None:
+        self._stopping = True
         for relay in self.relays:
             relay.stop()
 
