@@ -97,10 +97,24 @@ def wait_asleep(relayed: Relayed) -> None:
     pytest.fail("the relay never waited")
 
 
+def hand_over_asleep(relayed: Relayed, a: Conn, b: Conn) -> None:
+    """Hand ``a`` and ``b`` over as the listener does, while the relay sleeps.
+
+    The relay may wake for its tick just then; the hand-over then does nothing
+    (the listener would use the inbox) and is tried again.
+    """
+    relay = relayed.thread.relay
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        wait_asleep(relayed)
+        if relay.adopt_pair_now(a, b):
+            return
+    pytest.fail("the relay was never asleep when the pair came")
+
+
 def test_a_pair_handed_to_a_sleeping_relay_is_relayed_without_waking_it(relayed: Relayed) -> None:
-    wait_asleep(relayed)
     a, b = relayed.conn("ann"), relayed.conn("bob")
-    relayed.thread.submit_pair(a, b)
+    hand_over_asleep(relayed, a, b)
     relay = relayed.thread.relay
     assert not relay._inbox and relay.pairs == 1 and a.owner is relay and b.owner is relay
     assert relayed.wakes == 0
@@ -123,9 +137,8 @@ def test_input_that_came_before_the_hand_over_is_acted_on_at_once(relayed: Relay
 def test_a_pair_that_ends_during_the_hand_over_wakes_the_relay_to_report_it(relayed: Relayed) -> None:
     # ann's BYE was read with her HELLO: the pair ends while the listener adopts
     # it, and only the relay's own loop reports that - so it must be woken.
-    wait_asleep(relayed)
     a, b = relayed.conn("ann", pending=encode_frame(FrameType.BYE, b"")), relayed.conn("bob")
-    relayed.thread.submit_pair(a, b)
+    hand_over_asleep(relayed, a, b)
     assert relayed.wakes == 1
     end = relayed.ended.get(timeout=DEADLINE)
     assert isinstance(end, PairEnd) and (end.a, end.b, end.gone) == (a.cid, b.cid, [a.cid])
@@ -203,9 +216,8 @@ def test_a_bug_in_taking_a_pair_stops_that_relay_not_the_listener(caplog: pytest
     relayed = Relayed(BrokenRelay(LIMITS, 0, lambda report: None))
     relayed.thread.start()
     try:
-        wait_asleep(relayed)
         a, b = relayed.conn("ann"), relayed.conn("bob")
-        relayed.thread.submit_pair(a, b)  # does not raise into the caller
+        hand_over_asleep(relayed, a, b)  # does not raise into the caller
         assert "taking a pair failed" in caplog.text
         for client in relayed.clients:  # both told, and the relay winds down
             frame = client.recv(4096)
