@@ -53,8 +53,9 @@ between two flushes go into one entry (up to :data:`MAX_ENTRY_BYTES`), and
 :meth:`Outbox.flush` sends every entry queued in one MULTI/EXEC (Redis
 answers a blocked XREAD after *each* command: a message and the ack behind
 it would take the receiver two XREADs). The reader trims what it has read
-(``XTRIM MINID``), so a stream holds little more than what is in flight. No socket of chatpair's here;
-:class:`Outbox` is for one thread, :class:`Inbox` for one reader thread.
+(``XTRIM MINID``), so a stream holds little more than what is in flight.
+No socket of chatpair's here; :class:`Outbox` is for one thread,
+:class:`Inbox` for one reader thread.
 """
 
 from __future__ import annotations

@@ -115,8 +115,9 @@ class Listener(ConnLoop):
         super().send(conn, data if held is None else held + data, msgs, framed)
 
     def release_conn(self, conn: Conn) -> None:
-        if self._held and conn in self._held:
-            self.send(conn, b"")
+        held = self._held.pop(conn, None) if self._held else None
+        if held is not None:  # written here, before the connection moves on
+            super().send(conn, held)
         super().release_conn(conn)
 
     def after_events(self) -> None:

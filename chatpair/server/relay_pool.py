@@ -75,9 +75,12 @@ class RelayPool:
     def pick(self) -> RelayHandle:
         """The least loaded relay; never a dead worker, nor a relay thread that ended (a bug, logged)."""
         if not self.workers:
+            relay = min(self.relays, key=lambda r: r.load)
+            if relay.alive() or self._stopping:  # (one check per pair; the rest only after a crash)
+                return relay
             live = [r for r in self.relays if r.alive()]
-            if live or self._stopping:
-                return min(live or self.relays, key=lambda r: r.load)
+            if live:
+                return min(live, key=lambda r: r.load)
             # Every relay thread ended: their crash is in the log. A pair handed to a dead
             # loop would wait in vain, so relay new pairs in a new thread.
             log.warning("no relay thread is running; starting a new one")
