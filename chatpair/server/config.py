@@ -54,6 +54,11 @@ DEFAULT_MAX_PER_IP = 256
 #: How log lines are written: "text" (ISO 8601 time, level, message) or "json" (one object a line).
 LOG_FORMATS = ("text", "json")
 DEFAULT_LOG_FORMAT = "text"
+#: The longest a relay loop polls on without sleeping after a batch of events
+#: (server/busypoll.py: only after a short wait, while the process is otherwise
+#: quiet); 0: never. The most one may ask for.
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 10_000
 #: Seconds between two status lines in the log (connections, pairs, waiting, messages/s); 0: none.
 DEFAULT_STATUS_INTERVAL = 60.0
 
@@ -93,6 +98,7 @@ class ServerConfig:
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     relay_threads: int = DEFAULT_RELAY_THREADS
     workers: int = DEFAULT_WORKERS
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US  # --busy-poll: microseconds a relay may spin; 0: off
     log_level: int = DEFAULT_LOG_LEVEL
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -96,7 +96,7 @@ class Listener(ConnLoop):
             self.reception.make_token = self.cluster.sessions.new_token
             self.resumes.elsewhere = self.cluster.sessions.resume_elsewhere
         self.relays = RelayPool(config, self.post_pair_end, self.handle_worker_lost, self.poller,
-                                self.cluster.make_relay if self.cluster is not None else None)
+                                self.cluster.make_relay if self.cluster is not None else None, watched=self)
 
     # -- sockets that are not clients -----------------------------------------------------
 

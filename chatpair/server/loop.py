@@ -33,6 +33,7 @@ from typing import Any
 
 from chatpair.netutil import Waker
 from chatpair.proto import ErrorCode, FrameType, encode_frame
+from chatpair.server.busypoll import BusyPoll
 from chatpair.server.closing import CloseMixin
 from chatpair.server.config import Limits
 from chatpair.server.conn import Conn
@@ -101,7 +102,7 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
         size = max(SCRATCH_SIZE, 2 * (limits.max_frame + 8))
         self.scratch = bytearray(size)
         self.scratch_view = memoryview(self.scratch)
-        #: Held by the loop's thread whenever it is not waiting in poll(). Another
+        #: Held by the loop's thread whenever it is not asleep in poll(). Another
         #: thread that takes it may act as this loop in the meantime (the
         #: listener adopts a pair into a sleeping relay: no wake-up, no GIL
         #: ping-pong); it must wake the loop if it leaves work the loop only finds
@@ -111,6 +112,10 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
         self.waker = Waker()
         self.poller.register(self.waker.reader, EVENT_READ, None)
         self.init_resume()
+        #: Busy polling (server/busypoll.py), for loops added to a BusyPoll before they run.
+        self.busy_poll = BusyPoll(0.0)
+        self.spin_seconds = 0.0
+        self.spin_ok = False  # the last wait was short: busy-poll before the next sleep
         self.stats = LoopStats()  # for the status line and /metrics; written only by whoever holds the turn
 
     def wake(self) -> None:
@@ -126,18 +131,14 @@ class ConnLoop(ResumeMixin, ReadMixin, OutputMixin, CloseMixin, TlsMixin):
         throttled = self.limiter.heap
         turn = self.turn
         next_tick = 0.0
+        wait = self.busy_poll.wait  # sleep in poll(), or busy-poll first (server/busypoll.py)
         turn.acquire()
         try:
             while self.running or self.closing or self.conns or self.busy():
                 wake_at = min(self.due, next_tick)  # a subclass's timer, or the tick
                 if throttled and throttled[0][0] < wake_at:
                     wake_at = throttled[0][0]
-                turn.release()
-                try:
-                    events = poll(max(0.0, wake_at - self.now))
-                finally:
-                    turn.acquire()
-                self.now = time.monotonic()
+                events = wait(self, poll, wake_at)  # sets self.now; our turn is released while asleep
                 for fd, ready in events:
                     conn = owners.get(fd)
                     if conn is None:  # a socket of the loop's own (wake-up, listening socket)

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from chatpair.server.busypoll import BusyPoll, Loop
 from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
 from chatpair.server.poller import Poller
@@ -56,9 +57,12 @@ class RelayPool:
 
     def __init__(self, config: ServerConfig, on_pair_end: Callable[[Report], None],
                  on_lost: Callable[[list[Stranded]], None], poller: Poller,
-                 make_relay: Callable[[Limits, int, Callable[[Report], None]], Relay] | None = None) -> None:
+                 make_relay: Callable[[Limits, int, Callable[[Report], None]], Relay] | None = None,
+                 watched: Loop | None = None) -> None:
         self._limits = config.limits()
         self._on_pair_end = on_pair_end
+        # The relay threads may busy-poll while the listener's loop (``watched``) and each other sleep.
+        self._busy_poll = BusyPoll(config.busy_poll_us / 1e6, watched=(watched,) if watched is not None else ())
         self.workers = [WorkerHandle(config, i, on_pair_end, on_lost, poller) for i in range(config.workers)]
         #: With --workers: a relay thread of this process, started the first time
         #: a pair is made while no worker is available (all dead, restarting).
@@ -106,7 +110,9 @@ class RelayPool:
     def _thread(self, index: int) -> RelayThread:
         make = self._make_relay
         relay = make(self._limits, index, self._on_pair_end) if make is not None else None
-        return RelayThread(self._limits, index, self._on_pair_end, relay)
+        thread = RelayThread(self._limits, index, self._on_pair_end, relay)
+        self._busy_poll.add(thread.relay)
+        return thread
 
     def flush(self) -> None:
         """After a batch of events: let every relay start on the pairs it was given."""

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chatpair.server.busypoll import BusyPoll
 from chatpair.server.channel import Channel, Message
 from chatpair.server.config import ServerConfig
 from chatpair.server.conn import Conn
@@ -164,6 +165,7 @@ def relay_worker_main(channel_sock: socket.socket, config: ServerConfig, index: 
     # stop on {"op": "stop"} or the channel's end of file.
     prepare_child_process(config.log_level, config.log_format)
     relay = WorkerRelay(Channel(channel_sock), config, index)
+    BusyPoll(config.busy_poll_us / 1e6).add(relay)  # alone in its process: only the loop's own rules apply
     try:
         relay.run()
     finally:

@@ -1,0 +1,119 @@
+"""How a loop waits for events, and busy polling: a relay that just had work polls on a moment.
+
+On a quiet server most of a message's latency is not Python but waking the
+relay thread: the kernel puts it to sleep in ``epoll_wait`` and has to
+schedule it again when the next message comes (about half the CPU samples
+of a one-pair ping-pong are the scheduler's wake-up and context switch, in
+chatpair and in uvloop alike). A relay that keeps asking ``poll(0)`` for a
+few tens of microseconds after a batch of events is still awake when a
+quick reply comes: one-pair ping-pong p50 about 0.35x of uvloop's instead
+of 1.07x (``docs/performance.md``). Linux has the same idea for sockets
+(``SO_BUSY_POLL``); Go's scheduler spins a little before it parks a thread.
+
+Spinning costs a core's time and, in a process with more than one loop, the
+GIL. So a loop spins only when it is likely to pay and nobody else needs
+the interpreter:
+
+* **only after a short wait** - the loop's last sleep ended within the spin
+  time, so the next event is likely to come as soon; a spin that finds
+  nothing ends in a sleep, and only another short sleep starts spinning
+  again. A server whose clients type at human speed never spins;
+* **only while every other loop of the process is quiet** - none of them
+  holds its turn (is awake) or has woken within :data:`QUIET_SECONDS`. A
+  spinning thread gives the GIL up for each ``poll(0)`` but takes it back
+  before a thread woken meanwhile can, so the listener pairing clients, or
+  a second relay thread with traffic, would wait behind the spin; when they
+  are busy, nobody spins (connect+pair and churn are unchanged);
+* **for at most** ``--busy-poll`` microseconds (``0`` turns it off), and never
+  past the loop's next timer.
+
+A relay worker process (``--workers``) is alone in its process, so only the
+first rule and the time limit apply there. The listener takes part as a
+loop the others watch; it never spins (its handshakes are not latency-bound).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+#: Another loop of the process that woke this recently counts as busy: no spinning meanwhile.
+#: (The GIL's own switch interval is 5 ms: a thread kept waiting longer would force a switch.)
+QUIET_SECONDS = 0.005
+
+
+#: A poller's wait: seconds to wait at most -> (descriptor, ready bits) of what is ready.
+Poll = Callable[[float], list[tuple[int, int]]]
+
+
+class Loop(Protocol):
+    """What busy polling needs of a loop (:class:`~chatpair.server.loop.ConnLoop` has it)."""
+
+    turn: threading.Lock  # held while the loop is awake
+    now: float  # when it last woke (monotonic)
+    busy_poll: BusyPoll
+    spin_seconds: float
+    spin_ok: bool  # its last sleep was shorter than a spin
+
+
+class BusyPoll:
+    """The loops of one process, and whether one of them may spin now.
+
+    :meth:`add` every loop before it runs: the listener and each relay thread
+    (or, in a worker process, its one relay). A relay thread started later (a
+    replacement, the fallback) is added when it is made.
+    """
+
+    def __init__(self, seconds: float, watched: tuple[Loop, ...] = ()) -> None:
+        #: The longest spin, in seconds; 0: never spin.
+        self.seconds = seconds
+        self.loops: list[Loop] = []
+        for loop in watched:  # loops that never spin, but whose work comes first (the listener)
+            self.add(loop, spins=False)
+
+    def add(self, loop: Loop, spins: bool = True) -> None:
+        """Count ``loop`` among this process's loops; ``spins``: it may busy-poll too."""
+        loop.busy_poll = self
+        loop.spin_seconds = self.seconds if spins else 0.0
+        self.loops.append(loop)
+
+    def others_quiet(self, loop: Loop) -> bool:
+        """True when no other loop is awake or was awake in the last :data:`QUIET_SECONDS`."""
+        now = loop.now
+        for other in self.loops:  # a handful: the listener and the relay threads
+            if other is not loop and (other.turn.locked() or now - other.now < QUIET_SECONDS):
+                return False
+        return True
+
+    def wait(self, loop: Loop, poll: Poll, wake_at: float) -> list[tuple[int, int]]:
+        """The loop's wait for events (until ``wake_at``, monotonic); sets ``loop.now``.
+
+        Busy-polls first when the rules above allow; otherwise (or when the
+        spin finds nothing) sleeps in ``poll()`` with the loop's turn released.
+        """
+        if loop.spin_ok and self.others_quiet(loop):
+            events = self._spin(loop, poll, min(loop.now + loop.spin_seconds, wake_at))
+            if events:
+                loop.now = time.monotonic()
+                return events
+        turn = loop.turn
+        slept_at = time.monotonic()
+        turn.release()
+        try:
+            events = poll(max(0.0, wake_at - slept_at))
+        finally:
+            turn.acquire()
+        loop.now = now = time.monotonic()
+        # Woken sooner than a spin lasts: the next event may well come as soon.
+        loop.spin_ok = now - slept_at < loop.spin_seconds and bool(events)
+        return events
+
+    def _spin(self, loop: Loop, poll: Poll, deadline: float) -> list[tuple[int, int]]:
+        """``poll(0)`` until something is ready, ``deadline`` passes, or another loop wakes."""
+        events = poll(0)
+        monotonic = time.monotonic
+        while not events and monotonic() < deadline and self.others_quiet(loop):
+            events = poll(0)
+        return events
