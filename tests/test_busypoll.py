@@ -14,15 +14,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import RawClient
 
 from chatpair.server.busypoll import QUIET_SECONDS, BusyPoll
-from chatpair.server.config import Limits
-from chatpair.server.poller import EVENT_READ
+from chatpair.server.channel import Channel
+from chatpair.server.config import Limits, ServerConfig
+from chatpair.server.poller import EVENT_READ, make_poller
 from chatpair.server.relay import Relay
+from chatpair.server.relay_pool import RelayPool
+from chatpair.server.workers import WorkerRelay
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,11 +35,20 @@ WELCOME, WAITING, PAIRED, MSG = 0x10, 0x11, 0x12, 0x02
 LONG_SPIN = 20.0  # longer than any test: a spin that ends did so for a reason other than its time
 
 
-def quiet_relay() -> Relay:
-    """A relay loop that is not running, last awake long ago."""
-    relay = Relay(LIMITS, 0, lambda report: None)
-    relay.now = time.monotonic() - 10 * QUIET_SECONDS
-    return relay
+@pytest.fixture
+def quiet_relay() -> Iterator[Callable[[], Relay]]:
+    """``quiet_relay()``: a relay loop that is not running, last awake long ago (closed after the test)."""
+    made: list[Relay] = []
+
+    def make() -> Relay:
+        relay = Relay(LIMITS, 0, lambda report: None)
+        relay.now = time.monotonic() - 10 * QUIET_SECONDS
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close_all()
 
 
 class Recorded:
@@ -86,7 +98,7 @@ def waiting(busy: BusyPoll, relay: Relay, poll: Recorded, wake_at: float) -> tup
 # -- who counts as quiet (no socket) ----------------------------------------------------------------
 
 
-def test_other_loops_asleep_long_enough_are_quiet() -> None:
+def test_other_loops_asleep_long_enough_are_quiet(quiet_relay) -> None:
     listener, relay = quiet_relay(), quiet_relay()
     busy = BusyPoll(LONG_SPIN, watched=(listener,))
     busy.add(relay)
@@ -94,7 +106,7 @@ def test_other_loops_asleep_long_enough_are_quiet() -> None:
     assert busy.others_quiet(relay)
 
 
-def test_another_loop_awake_is_not_quiet() -> None:
+def test_another_loop_awake_is_not_quiet(quiet_relay) -> None:
     listener, relay = quiet_relay(), quiet_relay()
     busy = BusyPoll(LONG_SPIN, watched=(listener,))
     busy.add(relay)
@@ -102,7 +114,7 @@ def test_another_loop_awake_is_not_quiet() -> None:
         assert not busy.others_quiet(relay)
 
 
-def test_another_loop_that_woke_just_now_is_not_quiet() -> None:
+def test_another_loop_that_woke_just_now_is_not_quiet(quiet_relay) -> None:
     listener, relay = quiet_relay(), quiet_relay()
     busy = BusyPoll(LONG_SPIN, watched=(listener,))
     busy.add(relay)
@@ -110,7 +122,7 @@ def test_another_loop_that_woke_just_now_is_not_quiet() -> None:
     assert not busy.others_quiet(relay)
 
 
-def test_only_added_loops_spin_and_the_watched_never() -> None:
+def test_only_added_loops_spin_and_the_watched_never(quiet_relay) -> None:
     listener, relay, bare = quiet_relay(), quiet_relay(), quiet_relay()
     busy = BusyPoll(0.000_05, watched=(listener,))
     busy.add(relay)
@@ -121,7 +133,7 @@ def test_only_added_loops_spin_and_the_watched_never() -> None:
 # -- when a wait spins, and when it sleeps ----------------------------------------------------------
 
 
-def test_a_short_sleep_makes_the_next_wait_spin_and_a_long_one_does_not(socket_pair) -> None:
+def test_a_short_sleep_makes_the_next_wait_spin_and_a_long_one_does_not(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     relay = quiet_relay()
     busy = BusyPoll(LONG_SPIN)
@@ -139,7 +151,22 @@ def test_a_short_sleep_makes_the_next_wait_spin_and_a_long_one_does_not(socket_p
     assert not relay.spin_ok
 
 
-def test_a_spinning_wait_catches_what_comes_without_sleeping(socket_pair) -> None:
+def test_a_message_after_a_long_sleep_does_not_start_spinning(quiet_relay, socket_pair) -> None:
+    """Clients typing at human speed: every sleep is longer than a spin, so nobody spins."""
+    ours, theirs = socket_pair
+    relay = quiet_relay()
+    BusyPoll(0.000_001).add(relay)  # 1 us: shorter than any sleep a thread can be woken from
+    relay.poller.register(ours, EVENT_READ, ours)
+    poll = Recorded(relay)
+    thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
+    assert poll.sleeping.wait(DEADLINE)
+    theirs.send(b"x")  # the message comes while the loop sleeps
+    thread.join(DEADLINE)
+    assert result and result[0]
+    assert not relay.spin_ok and not poll.spinning.is_set()
+
+
+def test_a_spinning_wait_catches_what_comes_without_sleeping(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     relay = quiet_relay()
     BusyPoll(LONG_SPIN, watched=(quiet_relay(),)).add(relay)
@@ -149,13 +176,15 @@ def test_a_spinning_wait_catches_what_comes_without_sleeping(socket_pair) -> Non
     thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
     assert poll.spinning.wait(DEADLINE)
     assert relay.turn.locked()  # a spinning loop is awake: nobody may act as it meanwhile
+    sent_at = time.monotonic()
     theirs.send(b"x")
     thread.join(DEADLINE)
     assert result and result[0] and result[0][0][0] == ours.fileno()
     assert not poll.slept  # caught by a poll(0)
+    assert relay.now >= sent_at  # the loop's clock is the time it found the message, as after a sleep
 
 
-def test_a_spin_stops_when_another_loop_wakes(socket_pair) -> None:
+def test_a_spin_stops_when_another_loop_wakes(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     listener, relay = quiet_relay(), quiet_relay()
     BusyPoll(LONG_SPIN, watched=(listener,)).add(relay)
@@ -172,7 +201,7 @@ def test_a_spin_stops_when_another_loop_wakes(socket_pair) -> None:
     assert result and result[0][0][0] == ours.fileno()
 
 
-def test_no_spin_while_another_loop_is_awake(socket_pair) -> None:
+def test_no_spin_while_another_loop_is_awake(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     listener, relay = quiet_relay(), quiet_relay()
     BusyPoll(LONG_SPIN, watched=(listener,)).add(relay)
@@ -187,19 +216,21 @@ def test_no_spin_while_another_loop_is_awake(socket_pair) -> None:
     assert result and result[0] and poll.timeouts and poll.timeouts[0] > 0  # slept at once
 
 
-def test_a_spin_never_runs_past_the_loops_timer() -> None:
+def test_a_spin_never_runs_past_the_loops_timer(quiet_relay) -> None:
     relay = quiet_relay()
     BusyPoll(LONG_SPIN).add(relay)
     relay.spin_ok = True
     poll = Recorded(relay)
     with relay.turn:
-        relay.now = time.monotonic()
-        assert relay.busy_poll.wait(relay, poll, relay.now + 0.02) == []  # the timer, not LONG_SPIN, ends it
+        relay.now = started = time.monotonic()
+        assert relay.busy_poll.wait(relay, poll, started + 0.02) == []  # the timer, not LONG_SPIN, ends it
     assert poll.spinning.is_set()
+    # A bound, not a speed: a spin that ignored the timer would last LONG_SPIN (20 s).
+    assert time.monotonic() - started < LONG_SPIN / 4
     assert not relay.spin_ok  # it found nothing: the next wait sleeps
 
 
-def test_spin_time_zero_never_spins(socket_pair) -> None:
+def test_spin_time_zero_never_spins(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     relay = quiet_relay()
     BusyPoll(0.0).add(relay)
@@ -210,6 +241,36 @@ def test_spin_time_zero_never_spins(socket_pair) -> None:
         for _ in range(3):
             assert relay.busy_poll.wait(relay, poll, time.monotonic() + DEADLINE)
     assert not relay.spin_ok and not poll.spinning.is_set()
+
+
+# -- who spins in a server -------------------------------------------------------------------------
+
+
+def test_relay_threads_spin_and_the_listener_is_watched(quiet_relay) -> None:
+    listener = quiet_relay()
+    pool = RelayPool(ServerConfig(relay_threads=2, busy_poll_us=70), lambda report: None,
+                     lambda stranded: None, make_poller(), watched=listener)
+    try:
+        relays = [handle.relay for handle in pool.relays]  # type: ignore[attr-defined]
+        assert [r.spin_seconds for r in relays] == [70e-6, 70e-6]
+        assert listener.spin_seconds == 0.0
+        assert all(r.busy_poll is listener.busy_poll for r in relays)
+        assert set(listener.busy_poll.loops) == {listener, *relays}  # each relay watches the others too
+    finally:
+        pool.stop()
+        pool.join(DEADLINE)
+    assert not pool.busy()
+
+
+def test_a_relay_worker_spins_alone() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        worker = WorkerRelay(Channel(ours), ServerConfig(busy_poll_us=70), 0)
+        assert worker.spin_seconds == 70e-6 and worker.busy_poll.loops == [worker]
+        worker.close_all()
+    finally:
+        ours.close()
+        theirs.close()
 
 
 # -- the server as people run it --------------------------------------------------------------------
@@ -228,6 +289,8 @@ def server_pair(port: int, a: str, b: str, room: str) -> tuple[RawClient, RawCli
 
 @pytest.mark.parametrize("args", [
     pytest.param(("--busy-poll", "0"), id="off"),
+    pytest.param(("--busy-poll", "10000"), id="10ms"),  # one relay thread for both pairs: it spins
+    # Each relay thread keeps the other from spinning while both have traffic: the rule's path.
     pytest.param(("--busy-poll", "10000", "--relay-threads", "2"), id="10ms-two-relay-threads"),
     pytest.param(("--busy-poll", "10000", "--workers", "1"), id="10ms-worker"),
 ])

@@ -6,30 +6,37 @@ schedule it again when the next message comes (about half the CPU samples
 of a one-pair ping-pong are the scheduler's wake-up and context switch, in
 chatpair and in uvloop alike). A relay that keeps asking ``poll(0)`` for a
 few tens of microseconds after a batch of events is still awake when a
-quick reply comes: one-pair ping-pong p50 about 0.35x of uvloop's instead
-of 1.07x (``docs/performance.md``). Linux has the same idea for sockets
+quick reply comes: one-pair ping-pong p50 about 0.4x of uvloop's instead
+of 1.1x (``docs/performance.md``). Linux has the same idea for sockets
 (``SO_BUSY_POLL``); Go's scheduler spins a little before it parks a thread.
 
-Spinning costs a core's time and, in a process with more than one loop, the
-GIL. So a loop spins only when it is likely to pay and nobody else needs
-the interpreter:
+Spinning costs a core's time and, in a process with more than one loop, it
+competes with the others for the GIL and the CPU. So a loop spins only when
+it is likely to pay and nobody else in its process needs the interpreter:
 
 * **only after a short wait** - the loop's last sleep ended within the spin
   time, so the next event is likely to come as soon; a spin that finds
   nothing ends in a sleep, and only another short sleep starts spinning
   again. A server whose clients type at human speed never spins;
 * **only while every other loop of the process is quiet** - none of them
-  holds its turn (is awake) or has woken within :data:`QUIET_SECONDS`. A
-  spinning thread gives the GIL up for each ``poll(0)`` but takes it back
-  before a thread woken meanwhile can, so the listener pairing clients, or
-  a second relay thread with traffic, would wait behind the spin; when they
-  are busy, nobody spins (connect+pair and churn are unchanged);
-* **for at most** ``--busy-poll`` microseconds (``0`` turns it off), and never
-  past the loop's next timer.
+  holds its turn (is awake) or has woken within :data:`QUIET_SECONDS`. The
+  listener pairing clients, or a second relay thread with traffic, would
+  otherwise share the CPU and the GIL with a thread that has nothing to do;
+  while they are busy nobody spins (connect+pair and churn are unchanged).
+  The rule cannot see a thread woken *during* a spin until it has the GIL,
+  so that one thread may wait for the rest of the spin, at most its length;
+* **for at most** ``--busy-poll`` microseconds from the end of the batch
+  (``0`` turns it off), and never past the loop's next timer.
 
+The worst case is traffic that arrives just inside the spin time again and
+again: the relay then spins between every two messages, up to
+``--busy-poll`` microseconds each, and one core is busy as long as that
+lasts (at the default 50 µs that takes 20,000 messages a second to one
+relay, which keeps it busy anyway; 10 ms would make 100 a second do it).
 A relay worker process (``--workers``) is alone in its process, so only the
-first rule and the time limit apply there. The listener takes part as a
-loop the others watch; it never spins (its handshakes are not latency-bound).
+first rule and the time limit apply there: N workers may spin on N cores.
+The listener takes part as a loop the others watch; it never spins (its
+handshakes are not latency-bound).
 """
 
 from __future__ import annotations
@@ -94,7 +101,7 @@ class BusyPoll:
         spin finds nothing) sleeps in ``poll()`` with the loop's turn released.
         """
         if loop.spin_ok and self.others_quiet(loop):
-            events = self._spin(loop, poll, min(loop.now + loop.spin_seconds, wake_at))
+            events = self._spin(loop, poll, min(time.monotonic() + loop.spin_seconds, wake_at))
             if events:
                 loop.now = time.monotonic()
                 return events

@@ -116,6 +116,7 @@ class WorkerRelay(Relay):
         self.max_line = config.max_frame - 1
         self._channel_events = EVENT_READ  # what the channel is registered for
         self.poller.register(channel.sock, EVENT_READ, None)
+        BusyPoll(config.busy_poll_us / 1e6).add(self)  # alone in its process: only the loop's own rules apply
 
     def _send_end(self, report: Report) -> None:
         obj, socks = _report_message(report)
@@ -165,7 +166,6 @@ def relay_worker_main(channel_sock: socket.socket, config: ServerConfig, index: 
     # stop on {"op": "stop"} or the channel's end of file.
     prepare_child_process(config.log_level, config.log_format)
     relay = WorkerRelay(Channel(channel_sock), config, index)
-    BusyPoll(config.busy_poll_us / 1e6).add(relay)  # alone in its process: only the loop's own rules apply
     try:
         relay.run()
     finally:
