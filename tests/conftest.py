@@ -284,6 +284,19 @@ class RawClient:
         self.sock.close()
 
 
+def raw_pair(port: int, a: str = "alice", b: str = "bob", room: str | None = None) -> tuple[RawClient, RawClient]:
+    """Two frame-mode clients, ``a`` then ``b``, paired with each other (in ``room``)."""
+    welcome, waiting, paired = 0x10, 0x11, 0x12
+    first, second = RawClient(port), RawClient(port)
+    for client, name in ((first, a), (second, b)):
+        client.hello(name, room)
+        client.expect(welcome)
+        client.expect(waiting)
+    assert second.expect(paired)["peer"] == a
+    assert first.expect(paired)["peer"] == b
+    return first, second
+
+
 @pytest.fixture
 def clients():
     """``clients(*args)`` -> a ``chatpair client`` subprocess (``test_client.Proc``); every one killed at the end."""

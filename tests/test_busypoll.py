@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import RawClient
+from conftest import raw_pair
 
 from chatpair.server.busypoll import QUIET_SECONDS, BusyPoll
 from chatpair.server.channel import Channel
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(30)
 
 DEADLINE = 10.0
 LIMITS = Limits(65536, ping_interval=30.0, idle_timeout=90.0, write_timeout=20.0)
-WELCOME, WAITING, PAIRED, MSG = 0x10, 0x11, 0x12, 0x02
+MSG = 0x02
 LONG_SPIN = 20.0  # longer than any test: a spin that ends did so for a reason other than its time
 
 
@@ -166,13 +166,18 @@ def test_a_message_after_a_long_sleep_does_not_start_spinning(quiet_relay, socke
     assert not relay.spin_ok and not poll.spinning.is_set()
 
 
-def test_a_spinning_wait_catches_what_comes_without_sleeping(quiet_relay, socket_pair) -> None:
-    ours, theirs = socket_pair
-    relay = quiet_relay()
-    BusyPoll(LONG_SPIN, watched=(quiet_relay(),)).add(relay)
+def ready_to_spin(quiet_relay, ours: socket.socket) -> tuple[Relay, Relay, Recorded]:
+    """A listener and a relay of one process, both quiet; the relay's last sleep was short."""
+    listener, relay = quiet_relay(), quiet_relay()
+    BusyPoll(LONG_SPIN, watched=(listener,)).add(relay)
     relay.poller.register(ours, EVENT_READ, ours)
     relay.spin_ok = True
-    poll = Recorded(relay)
+    return listener, relay, Recorded(relay)
+
+
+def test_a_spinning_wait_catches_what_comes_without_sleeping(quiet_relay, socket_pair) -> None:
+    ours, theirs = socket_pair
+    _, relay, poll = ready_to_spin(quiet_relay, ours)
     thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
     assert poll.spinning.wait(DEADLINE)
     assert relay.turn.locked()  # a spinning loop is awake: nobody may act as it meanwhile
@@ -186,11 +191,7 @@ def test_a_spinning_wait_catches_what_comes_without_sleeping(quiet_relay, socket
 
 def test_a_spin_stops_when_another_loop_wakes(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
-    listener, relay = quiet_relay(), quiet_relay()
-    BusyPoll(LONG_SPIN, watched=(listener,)).add(relay)
-    relay.poller.register(ours, EVENT_READ, ours)
-    relay.spin_ok = True
-    poll = Recorded(relay)
+    listener, relay, poll = ready_to_spin(quiet_relay, ours)
     thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
     assert poll.spinning.wait(DEADLINE)
     with listener.turn:  # the listener wakes: the relay gives up the interpreter and sleeps
@@ -203,11 +204,7 @@ def test_a_spin_stops_when_another_loop_wakes(quiet_relay, socket_pair) -> None:
 
 def test_no_spin_while_another_loop_is_awake(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
-    listener, relay = quiet_relay(), quiet_relay()
-    BusyPoll(LONG_SPIN, watched=(listener,)).add(relay)
-    relay.poller.register(ours, EVENT_READ, ours)
-    relay.spin_ok = True
-    poll = Recorded(relay)
+    listener, relay, poll = ready_to_spin(quiet_relay, ours)
     with listener.turn:
         thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
         assert poll.sleeping.wait(DEADLINE)
@@ -276,17 +273,6 @@ def test_a_relay_worker_spins_alone() -> None:
 # -- the server as people run it --------------------------------------------------------------------
 
 
-def server_pair(port: int, a: str, b: str, room: str) -> tuple[RawClient, RawClient]:
-    first, second = RawClient(port), RawClient(port)
-    for client, name in ((first, a), (second, b)):
-        client.hello(name, room)
-        client.expect(WELCOME)
-        client.expect(WAITING)
-    assert second.expect(PAIRED)["peer"] == a
-    assert first.expect(PAIRED)["peer"] == b
-    return first, second
-
-
 @pytest.mark.parametrize("args", [
     pytest.param(("--busy-poll", "0"), id="off"),
     pytest.param(("--busy-poll", "10000"), id="10ms"),  # one relay thread for both pairs: it spins
@@ -296,7 +282,7 @@ def server_pair(port: int, a: str, b: str, room: str) -> tuple[RawClient, RawCli
 ])
 def test_ping_pong_loses_nothing_whatever_the_spin(start_server, args: tuple[str, ...]) -> None:
     server = start_server(*args)
-    pairs = [server_pair(server.port, f"a{i}", f"b{i}", f"room{i}") for i in range(2)]
+    pairs = [raw_pair(server.port, f"a{i}", f"b{i}", f"room{i}") for i in range(2)]
     for n in range(200):  # strict turns: each message is answered before the next, as in a one-pair bench
         for alice, bob in pairs:
             alice.send_frame(MSG, f"ping {n}".encode())

@@ -11,21 +11,9 @@ import pytest
 
 import wire
 from conftest import ROOT, RawClient, ServerProcess
+from conftest import raw_pair as pair
 
 WAITING, PAIRED, PEER_LEFT, NOTICE, ERROR, WELCOME, MSG = 0x11, 0x12, 0x13, 0x14, 0x1F, 0x10, 0x02
-
-
-def pair(port: int, a: str = "alice", b: str = "bob", room: str | None = None) -> tuple[RawClient, RawClient]:
-    first, second = RawClient(port), RawClient(port)
-    first.hello(a, room)
-    first.expect(WELCOME)
-    first.expect(WAITING)
-    second.hello(b, room)
-    second.expect(WELCOME)
-    second.expect(WAITING)
-    assert second.expect(PAIRED)["peer"] == a
-    assert first.expect(PAIRED)["peer"] == b
-    return first, second
 
 
 @pytest.mark.timeout(30)
