@@ -118,8 +118,8 @@ def _server_seconds(flag: str, default: float, envvar: str, help: str) -> Callab
 @click.option("--busy-poll", "busy_poll_us", default=DEFAULT_BUSY_POLL_US, show_default=True,
               type=click.IntRange(0, MAX_BUSY_POLL_US), metavar="USEC",
               envvar="CHATPAIR_BUSY_POLL", show_envvar=True,
-              help="Microseconds a relay polls on without sleeping after a quick burst of traffic, "
-                   "while the server is otherwise quiet: lower latency for some CPU. 0: off.")
+              help="Microseconds a relay polls on without sleeping after quick traffic (a relay thread "
+                   "only while the listener and the other relays sleep): lower latency for some CPU. 0: off.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="CHATPAIR_TLS_CERT", show_envvar=True,
               help="PEM certificate (chain): serve TLS only. Its SHA-256 fingerprint is printed at start.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), envvar="CHATPAIR_TLS_KEY", show_envvar=True,
