@@ -202,6 +202,25 @@ def test_a_spin_stops_when_another_loop_wakes(quiet_relay, socket_pair) -> None:
     assert result and result[0][0][0] == ours.fileno()
 
 
+def test_a_spin_stops_when_another_loop_has_work_waiting(quiet_relay, socket_pair) -> None:
+    """Woken but not yet running (it needs the GIL first): its poller says it has work, and the spin gives way."""
+    ours, theirs = socket_pair
+    listener, relay, poll = ready_to_spin(quiet_relay, ours)
+    lis_ours, lis_theirs = socket.socketpair()
+    try:
+        listener.poller.register(lis_ours, EVENT_READ, lis_ours)
+        thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
+        assert poll.spinning.wait(DEADLINE)
+        lis_theirs.send(b"a client")  # for the listener, which nobody runs here: its turn stays free
+        assert poll.sleeping.wait(DEADLINE)
+        theirs.send(b"x")
+        thread.join(DEADLINE)
+        assert result and result[0][0][0] == ours.fileno()
+    finally:
+        lis_ours.close()
+        lis_theirs.close()
+
+
 def test_no_spin_while_another_loop_is_awake(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     listener, relay, poll = ready_to_spin(quiet_relay, ours)

@@ -150,3 +150,30 @@ def test_the_platforms_best_is_chosen() -> None:
         assert isinstance(p, EpollPoller if hasattr(select, "epoll") else SelectorPoller)
     finally:
         p.close()
+
+
+
+def test_the_pollers_descriptor_is_readable_while_something_is_ready(poller: Poller, pair) -> None:
+    """What busy polling peeks at (server/busypoll.py): a kernel queue's descriptor, or -1."""
+    ours, theirs = pair
+    fd = poller.fileno()
+    if isinstance(poller, SelectorPoller) and not hasattr(poller._sel, "fileno"):
+        assert fd == -1  # select() and poll() keep no descriptor: nothing to peek at
+        return
+    peek = select.poll()
+    peek.register(fd, select.POLLIN)
+    poller.register(ours, EVENT_READ, ours)
+    assert not peek.poll(0)
+    theirs.send(b"x")
+    assert peek.poll(5000)
+    ours.recv(16)
+    assert not peek.poll(0)
+
+
+def test_a_closed_poller_has_no_descriptor() -> None:
+    poller = make_poller()
+    if poller.fileno() < 0:  # (Windows' select(): never a descriptor)
+        poller.close()
+        return
+    poller.close()
+    assert poller.fileno() == -1

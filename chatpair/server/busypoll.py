@@ -14,25 +14,28 @@ Spinning costs a core's time and, in a process with more than one loop, it
 competes with the others for the GIL and the CPU. So a loop spins only when
 it is likely to pay and nobody else in its process needs the interpreter:
 
-* **only after a short wait** - the loop's last sleep ended within the spin
-  time, so the next event is likely to come as soon; a spin that finds
+* **only after a short wait** - the loop's last sleep ended within twice the
+  spin time (:data:`SHORT_SLEEP`: a sleep includes the thread's wake-up, a
+  spin does not), so the next event is likely to come as soon; a spin that finds
   nothing ends in a sleep, and only another short sleep starts spinning
   again. A server whose clients type at human speed never spins;
 * **only while every other loop of the process is quiet** - none of them
-  holds its turn (is awake) or has woken within :data:`QUIET_SECONDS`. The
-  listener pairing clients, or a second relay thread with traffic, would
-  otherwise share the CPU and the GIL with a thread that has nothing to do;
-  while they are busy nobody spins (connect+pair and churn are unchanged).
-  The rule cannot see a thread woken *during* a spin until it has the GIL,
-  so that one thread may wait for the rest of the spin, at most its length;
+  holds its turn (is awake), has woken within :data:`QUIET_SECONDS`, or
+  has events waiting in its poller. The listener pairing clients, or a
+  second relay thread with traffic, would otherwise share the CPU and the
+  GIL with a thread that has nothing to do. The last test matters most: a
+  thread woken during a spin needs the GIL before it can take its turn,
+  and a spinning thread takes the GIL back at once after each ``poll(0)``,
+  so without it the listener waited behind a relay that kept finding
+  traffic (churn with 50 pairs 0.86-0.94x of ``--busy-poll 0``; with it 0.98x);
 * **for at most** ``--busy-poll`` microseconds from the end of the batch
   (``0`` turns it off), and never past the loop's next timer.
 
-The worst case is traffic that arrives just inside the spin time again and
-again: the relay then spins between every two messages, up to
+The worst case is traffic that arrives just inside twice the spin time
+again and again: the relay then spins between every two messages, up to
 ``--busy-poll`` microseconds each, and one core is busy as long as that
-lasts (at the default 50 µs that takes 20,000 messages a second to one
-relay, which keeps it busy anyway; 10 ms would make 100 a second do it).
+lasts (at the default 50 µs that takes 10,000 messages a second to one
+relay, which keeps it busy anyway; 10 ms would make 50 a second do it).
 A relay worker process (``--workers``) is alone in its process, so only the
 first rule and the time limit apply there: N workers may spin on N cores.
 The listener takes part as a loop the others watch; it never spins (its
@@ -41,6 +44,7 @@ handshakes are not latency-bound).
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -51,13 +55,23 @@ from typing import Protocol
 QUIET_SECONDS = 0.005
 
 
+#: A sleep counts as short (the next wait spins) below this many spin times: it includes the
+#: thread's wake-up (tens of microseconds on a virtual machine), which a spin does not pay.
+#: With 1, a one-pair ping-pong often never started spinning (p50 25-95 us from run to run).
+SHORT_SLEEP = 2
+
 #: A poller's wait: seconds to wait at most -> (descriptor, ready bits) of what is ready.
 Poll = Callable[[float], list[tuple[int, int]]]
+
+
+class Poller(Protocol):
+    def fileno(self) -> int: ...  # readable while the poller has events waiting; -1: cannot tell
 
 
 class Loop(Protocol):
     """What busy polling needs of a loop (:class:`~chatpair.server.loop.ConnLoop` has it)."""
 
+    poller: Poller
     turn: threading.Lock  # held while the loop is awake
     now: float  # when it last woke (monotonic)
     busy_poll: BusyPoll
@@ -113,14 +127,31 @@ class BusyPoll:
         finally:
             turn.acquire()
         loop.now = now = time.monotonic()
-        # Woken sooner than a spin lasts: the next event may well come as soon.
-        loop.spin_ok = now - slept_at < loop.spin_seconds and bool(events)
+        # Woken soon: the next event may well come as soon, and a spin would catch it.
+        loop.spin_ok = now - slept_at < SHORT_SLEEP * loop.spin_seconds and bool(events)
         return events
 
     def _spin(self, loop: Loop, poll: Poll, deadline: float) -> list[tuple[int, int]]:
-        """``poll(0)`` until something is ready, ``deadline`` passes, or another loop wakes."""
+        """``poll(0)`` until something is ready, ``deadline`` passes, or another loop wakes or has work."""
         events = poll(0)
         monotonic = time.monotonic
-        while not events and monotonic() < deadline and self.others_quiet(loop):
+        others = self._others_pending(loop)
+        while not events and monotonic() < deadline and self.others_quiet(loop) and not others():
             events = poll(0)
         return events
+
+    def _others_pending(self, loop: Loop) -> Callable[[], bool]:
+        """Whether another loop has events waiting: its poller's descriptor is readable.
+
+        A loop woken during a spin needs the GIL before it can take its turn,
+        and a spinning thread takes the GIL back at once after each ``poll(0)``;
+        so the spinner looks at the other loops' pollers (one ``poll(0)`` on
+        their descriptors) and gives way as soon as one of them has work.
+        """
+        fds = [fd for other in self.loops if other is not loop and (fd := other.poller.fileno()) >= 0]
+        if not fds or not hasattr(select, "poll"):  # (Windows: no poll(); the other rules still hold)
+            return lambda: False
+        peek = select.poll()
+        for fd in fds:
+            peek.register(fd, select.POLLIN)
+        return lambda: bool(peek.poll(0))

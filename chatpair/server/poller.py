@@ -120,6 +120,11 @@ class EpollPoller(_Registry):
         """
         return self._epoll.poll(timeout, MAX_EVENTS)
 
+    def fileno(self) -> int:
+        """The epoll descriptor: readable while something registered here is ready (busypoll.py
+        peeks); -1 once closed (a loop that ended)."""
+        return -1 if self._epoll.closed else self._epoll.fileno()
+
     def close(self) -> None:
         self._epoll.close()
         self.data.clear()
@@ -159,6 +164,14 @@ class SelectorPoller(_Registry):
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         return [(key.fd, (_IN if mask & EVENT_READ else 0) | (_OUT if mask & EVENT_WRITE else 0))
                 for key, mask in self._sel.select(None if timeout < 0 else timeout)]
+
+    def fileno(self) -> int:
+        """The kernel queue's descriptor (kqueue, epoll), or -1 where there is none (select, poll)."""
+        fileno = getattr(self._sel, "fileno", None)
+        try:
+            return fileno() if fileno is not None else -1
+        except (ValueError, OSError):  # closed
+            return -1
 
     def close(self) -> None:
         self._sel.close()
