@@ -221,6 +221,22 @@ def test_a_spin_stops_when_another_loop_has_work_waiting(quiet_relay, socket_pai
         lis_theirs.close()
 
 
+def test_a_loop_that_ended_does_not_stop_the_others_spinning(quiet_relay, socket_pair) -> None:
+    ours, theirs = socket_pair
+    listener, relay, _ = ready_to_spin(quiet_relay, ours)
+    for ended in (False, True):
+        if ended:
+            listener.poller.close()  # as a loop that ended closes it: its descriptor is gone
+        relay.spin_ok = True
+        poll = Recorded(relay)
+        thread, result = waiting(relay.busy_poll, relay, poll, time.monotonic() + DEADLINE)
+        assert poll.spinning.wait(DEADLINE)
+        theirs.send(b"x")
+        thread.join(DEADLINE)
+        assert result and result[0] and not poll.slept, f"ended={ended}: slept instead of spinning"
+        ours.recv(16)
+
+
 def test_no_spin_while_another_loop_is_awake(quiet_relay, socket_pair) -> None:
     ours, theirs = socket_pair
     listener, relay, poll = ready_to_spin(quiet_relay, ours)

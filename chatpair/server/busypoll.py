@@ -64,6 +64,22 @@ SHORT_SLEEP = 2
 Poll = Callable[[float], list[tuple[int, int]]]
 
 
+class Peek(Protocol):
+    def poll(self, timeout: int) -> list[tuple[int, int]]: ...  # select.poll's
+
+
+class _NoPeek:
+    """Where no other loop has a descriptor to look at: never anything waiting."""
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        return []
+
+
+def _has_work(peek: Peek) -> bool:
+    """A poller among ``peek``'s has events (POLLNVAL alone: a loop that ended, its poller closed)."""
+    return any(ready & select.POLLIN for _, ready in peek.poll(0))
+
+
 class Poller(Protocol):
     def fileno(self) -> int: ...  # readable while the poller has events waiting; -1: cannot tell
 
@@ -91,6 +107,7 @@ class BusyPoll:
         #: The longest spin, in seconds; 0: never spin.
         self.seconds = seconds
         self.loops: list[Loop] = []
+        self._peeks: dict[int, tuple[int, Peek]] = {}  # id(loop) -> (len(loops) then, its peek)
         for loop in watched:  # loops that never spin, but whose work comes first (the listener)
             self.add(loop, spins=False)
 
@@ -134,24 +151,33 @@ class BusyPoll:
     def _spin(self, loop: Loop, poll: Poll, deadline: float) -> list[tuple[int, int]]:
         """``poll(0)`` until something is ready, ``deadline`` passes, or another loop wakes or has work."""
         events = poll(0)
+        if events:  # the commonest spin under load: something was ready already
+            return events
         monotonic = time.monotonic
-        others = self._others_pending(loop)
-        while not events and monotonic() < deadline and self.others_quiet(loop) and not others():
+        others = self._peek(loop)
+        while monotonic() < deadline and self.others_quiet(loop) and not _has_work(others):
             events = poll(0)
+            if events:
+                break
         return events
 
-    def _others_pending(self, loop: Loop) -> Callable[[], bool]:
-        """Whether another loop has events waiting: its poller's descriptor is readable.
+    def _peek(self, loop: Loop) -> Peek:
+        """What tells ``loop`` that another loop has events waiting: their pollers' descriptors.
 
         A loop woken during a spin needs the GIL before it can take its turn,
         and a spinning thread takes the GIL back at once after each ``poll(0)``;
-        so the spinner looks at the other loops' pollers (one ``poll(0)`` on
-        their descriptors) and gives way as soon as one of them has work.
+        so the spinner also polls the other loops' pollers and gives way as
+        soon as one of them has work. Made once per loop, again when a loop
+        joins (a relay thread started later); only ``loop``'s thread uses it.
         """
+        made = self._peeks.get(id(loop))
+        if made is not None and made[0] == len(self.loops):
+            return made[1]
         fds = [fd for other in self.loops if other is not loop and (fd := other.poller.fileno()) >= 0]
-        if not fds or not hasattr(select, "poll"):  # (Windows: no poll(); the other rules still hold)
-            return lambda: False
-        peek = select.poll()
-        for fd in fds:
-            peek.register(fd, select.POLLIN)
-        return lambda: bool(peek.poll(0))
+        peek: Peek = _NoPeek()
+        if fds and hasattr(select, "poll"):  # (Windows: no poll(); the other rules still hold)
+            peek = select.poll()
+            for fd in fds:
+                peek.register(fd, select.POLLIN)
+        self._peeks[id(loop)] = (len(self.loops), peek)
+        return peek
