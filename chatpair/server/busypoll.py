@@ -6,8 +6,8 @@ schedule it again when the next message comes (about half the CPU samples
 of a one-pair ping-pong are the scheduler's wake-up and context switch, in
 chatpair and in uvloop alike). A relay that keeps asking ``poll(0)`` for a
 few tens of microseconds after a batch of events is still awake when a
-quick reply comes: one-pair ping-pong p50 about 0.4x of uvloop's instead
-of 1.1x (``docs/performance.md``). Linux has the same idea for sockets
+quick reply comes: one-pair ping-pong p50 about a third of uvloop's
+instead of 1.1x (``docs/performance.md``). Linux has the same idea for sockets
 (``SO_BUSY_POLL``); Go's scheduler spins a little before it parks a thread.
 
 Spinning costs a core's time and, in a process with more than one loop, it
