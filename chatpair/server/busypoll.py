@@ -107,7 +107,7 @@ class BusyPoll:
         #: The longest spin, in seconds; 0: never spin.
         self.seconds = seconds
         self.loops: list[Loop] = []
-        self._peeks: dict[int, tuple[int, Peek]] = {}  # id(loop) -> (len(loops) then, its peek)
+        self._peeks: dict[Loop, tuple[int, Peek]] = {}  # loop -> (len(loops) when made, its peek)
         for loop in watched:  # loops that never spin, but whose work comes first (the listener)
             self.add(loop, spins=False)
 
@@ -170,7 +170,7 @@ class BusyPoll:
         soon as one of them has work. Made once per loop, again when a loop
         joins (a relay thread started later); only ``loop``'s thread uses it.
         """
-        made = self._peeks.get(id(loop))
+        made = self._peeks.get(loop)
         if made is not None and made[0] == len(self.loops):
             return made[1]
         fds = [fd for other in self.loops if other is not loop and (fd := other.poller.fileno()) >= 0]
@@ -179,5 +179,5 @@ class BusyPoll:
             peek = select.poll()
             for fd in fds:
                 peek.register(fd, select.POLLIN)
-        self._peeks[id(loop)] = (len(self.loops), peek)
+        self._peeks[loop] = (len(self.loops), peek)
         return peek
