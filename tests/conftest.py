@@ -159,7 +159,7 @@ class ServerProcess:
         return _children(self.proc.pid)
 
     def listener(self, timeout: float = 10.0) -> int:
-        """Pid of the one live listener process (``listening on`` is printed before it starts)."""
+        """Pid of the one live listener process (after a restart the new one may still be starting)."""
         deadline = time.monotonic() + timeout
         while True:
             kids = spawned_children(self.proc.pid)

@@ -52,6 +52,7 @@ from chatpair.server.cluster_relay import ClusterRelay
 from chatpair.server.cluster_sessions import ClusterSessions
 from chatpair.server.config import Limits, ServerConfig
 from chatpair.server.conn import Conn
+from chatpair.server.processes import tell_ready
 from chatpair.server.reception import log_joined
 from chatpair.server.relay import Bounce, PairEnd, Relay, Report
 from chatpair.server.render import event_bytes, room_full_text
@@ -195,20 +196,11 @@ class ClusterDesk:
                     self._to_relay(conn, result.peer)
             elif isinstance(result, Ready):
                 self.fresh.ready = True
-                self._tell_main(b"ready\n")
+                tell_ready(self.listener.control)
             else:
                 self.sessions.on_result(result)
         if self.sessions.deferred:
             self.sessions.retry_deferred()
-
-    def _tell_main(self, line: bytes) -> None:
-        """A line for the main process on the control socket (``ready``: joined the cluster)."""
-        control = self.listener.control
-        if control is not None:
-            try:  # a few bytes on an idle socket pair: never blocks
-                control.send(line)
-            except OSError:
-                pass
 
     def _joined(self, joined: Joined) -> None:
         listener, node = self.listener, self.node

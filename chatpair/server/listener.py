@@ -40,7 +40,11 @@ from chatpair.server.lobby import Lobby, Matched, RoomFull
 from chatpair.server.loop import ConnLoop
 from chatpair.server.operations import Operations
 from chatpair.server.poller import EVENT_READ
-from chatpair.server.processes import prepare_child_process, stop_resource_tracker
+from chatpair.server.processes import (
+    prepare_child_process,
+    stop_resource_tracker,
+    tell_ready,
+)
 from chatpair.server.reception import Reception
 from chatpair.server.relay import Bounce, Report
 from chatpair.server.relay_pool import RelayPool
@@ -321,6 +325,8 @@ def listener_main(listen_sock: socket.socket, control: socket.socket, config: Se
     prepare_child_process(config.log_level, config.log_format)
     listener = Listener(listen_sock, control, config)
     listener.ops.serve_metrics(metrics_sock)  # a thread of ours, stopped and joined by ops.close()
+    if listener.cluster is None:  # a cluster node serves once it has joined: ClusterDesk says so then
+        tell_ready(control)
     try:
         listener.run()
     finally:

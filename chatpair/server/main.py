@@ -4,13 +4,15 @@ The main process does little on purpose, so it cannot be taken down by what
 clients send:
 
 * it binds the listening socket itself (so the port survives a listener
-  restart and ``listening on HOST:PORT`` can be printed at once) - by
+  restart: clients who connect meanwhile wait in the backlog) - by
   default ``::`` on one dual-stack socket that takes IPv6 and IPv4 clients
   alike (IPv4 only where the system has no IPv6) - and the ``--metrics``
   socket, so a port that cannot be had is one clear line at start;
 * it starts the pairing listener in a separate process
   (:func:`chatpair.server.listener.listener_main`, spawn-safe) and hands it the
-  listening socket and one end of a control socket pair;
+  listening socket and one end of a control socket pair, and prints
+  ``listening on HOST:PORT`` once the listener says ``ready`` on it (a
+  cluster node: once it has joined);
 * it waits for a reason to stop - any key (when stdin is a terminal in the
   foreground; it asks ``stop the server and disconnect N clients? [y/N]``
   first, N from ``count`` on the control socket), Ctrl-C, SIGTERM, SIGHUP
@@ -60,6 +62,7 @@ from chatpair.server.keys import KeyWatcher, StopPrompt, stdin_is_terminal
 from chatpair.server.listener import listener_main
 from chatpair.server.logs import setup_logging
 from chatpair.server.processes import (
+    READY_LINE,
     STATUS_SIGNALS,
     STOP_SIGNALS,
     RestartBackoff,
@@ -256,8 +259,16 @@ class Server:
             except OSError as err:
                 log.warning("could not ask the listener to %s: %s", command.decode(), err.strerror or err)
 
+    @property
+    def listener_exitcode(self) -> int | None:
+        return self._process.exitcode if self._process else None
+
     def wait_ready(self) -> bool:
-        """Cluster mode: wait for the listener's ``ready`` (it joined the cluster); False if stopped first."""
+        """Wait for the listener's ``ready`` (it serves; a cluster node: it joined); False if stopped first.
+
+        ``listening on`` is printed only after it: whoever reads that line and
+        connects is answered at once, not after the listener process has started.
+        """
         seen = b""
         while not self._stop_asked:
             control, process = self._control, self._process
@@ -271,7 +282,7 @@ class Server:
                 if not chunk:
                     return False
                 seen += chunk
-                if b"ready\n" in seen:
+                if READY_LINE in seen:
                     return True
         return False
 
@@ -412,11 +423,13 @@ def run_server(config: ServerConfig, out: TextIO | None = None) -> int:
             from chatpair.cluster.redisconn import public_url
 
             log.info("node %s: joining the cluster at %s", config.node_id, public_url(config.cluster))
-            server.start()
-            if not server.wait_ready():  # stopped (or the listener died) before it joined
-                server.stop()
-                log.info("stopped")
-                return 0 if server.stopping else 1
+        server.start()
+        if not server.wait_ready():  # stopped, or the listener died, before it served anyone
+            server.stop()  # joins it: its exit code is known after
+            if not server.stopping:
+                log.error("the listener process ended before it was ready (exit code %s)", server.listener_exitcode)
+            log.info("stopped")
+            return 0 if server.stopping else 1
         print(f"listening on {server.address}" + (" (TLS)" if fingerprint else ""), file=out, flush=True)
         if fingerprint:
             print(f"certificate fingerprint {fingerprint}", file=out, flush=True)

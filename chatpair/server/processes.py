@@ -20,6 +20,9 @@ relay worker processes. They follow the same rules, written once here:
   worker by the listener.
 * **The garbage collector runs less often** in the processes that relay
   (:func:`tune_gc`).
+* **The listener says when it serves** (:func:`tell_ready`): the main process
+  prints ``listening on`` only then, so whoever reads that line and connects
+  is answered at once, not after the listener process has started.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,6 +119,20 @@ def tune_gc() -> None:
     """
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+#: The line the listener writes on its control socket once it serves clients
+#: (in cluster mode: once it has joined the cluster).
+READY_LINE = b"ready\n"
+
+
+def tell_ready(control: socket.socket | None) -> None:
+    """The listener's word to the main process that clients are served from now on."""
+    if control is not None:
+        try:  # a few bytes on an idle socket pair: never blocks
+            control.send(READY_LINE)
+        except OSError:
+            pass  # the main process is gone: the control socket's EOF stops us soon
 
 
 class RestartBackoff:
