@@ -297,6 +297,28 @@ def test_take_over_closes_the_old_connection_without_a_word(shaped):
     b.expect_silence(0.3)  # no peer_away, no peer_back: nothing happened, as far as bob knows
 
 
+@pytest.mark.parametrize("leaving", [BYE, NEXT], ids=["bye", "next"])
+def test_resume_as_the_partner_leaves_and_someone_waits(shaped, leaving: int) -> None:
+    """The RESUME may reach the relay after it handed alice back, and the listener may
+    have paired her again already (carol waits) - with that relay or another. It
+    follows her there: never session_expired for a session that is alive."""
+    for round_ in range(25):  # each round is a fresh race; either order must work
+        a, b = pair(shaped.port)
+        c = Peer(shaped.port)
+        c.start("carol")  # waiting: alice is paired with her the moment bob is gone
+        a2 = Peer(shaped.port)  # connected before the race, so the RESUME leaves at once
+        b.send_frame(leaving)
+        a2.send_frame(RESUME, json.dumps({"version": 1, "session": a.session, "received": 0}).encode())
+        got, payload = a2.next_frame()
+        assert got == WELCOME, f"round {round_}: {wire.tname(got)} {payload[:200]!r}"
+        assert a2.want(RESUMED)["received"] == 0
+        a.wait_closed(5)  # taken over
+        for peer in (a2, b, c):
+            if leaving == NEXT or peer is not b:
+                peer.send_frame(BYE)
+            peer.wait_closed(5)
+
+
 # -- session_expired -------------------------------------------------------------------------------------
 
 

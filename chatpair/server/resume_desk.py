@@ -69,12 +69,17 @@ class ResumeDesk:
             listener.attach_resume(new, conn, received)
 
     def on_bounce(self, bounce: Bounce) -> None:
-        """A relay did not hold the session any more: it came back here meanwhile, or it ended."""
+        """A relay did not hold the session any more: it came back here meanwhile (and may have moved on), or it ended.
+
+        Back here, it may have been paired again at once - with a client who
+        was waiting - and handed to a relay (the same one, or another) before
+        this bounce came: the registry says where, and that relay has the
+        pair queued ahead of this RESUME, so the RESUME follows it there.
+        Each bounce answers a move the listener made meanwhile, so this ends.
+        """
         listener = self.listener
         listener.adopt_conn(bounce.new)
-        if bounce.cid not in self.registry or self.registry.where(bounce.cid) is not None or not listener.running:
-            # Ended, or (never expected) still placed at a relay that says it
-            # is not there: expired either way, rather than send it round again.
-            listener.fail(bounce.new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
+        if bounce.cid not in self.registry or not listener.running:
+            listener.fail(bounce.new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)  # it ended
             return
-        self.resume_at(bounce.new, bounce.cid, bounce.received, None)
+        self.resume_at(bounce.new, bounce.cid, bounce.received, self.registry.where(bounce.cid))
