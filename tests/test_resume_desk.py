@@ -14,7 +14,7 @@ from __future__ import annotations
 from chatpair.proto import ErrorCode
 from chatpair.server.admission import Admission
 from chatpair.server.relay import Bounce
-from chatpair.server.resume_desk import ResumeDesk
+from chatpair.server.resume_desk import MAX_BOUNCES, ResumeDesk
 
 TOKEN = "t" * 32
 CID = 7
@@ -126,3 +126,16 @@ def test_a_bounce_for_a_session_that_ended_is_session_expired() -> None:
     desk.on_bounce(Bounce(new, CID, 0))  # type: ignore[arg-type]
     assert listener.failed == [(new, ErrorCode.SESSION_EXPIRED)]
     assert relay.resumes == []
+
+
+def test_a_resume_sent_round_and_round_is_given_up() -> None:
+    """A registry that kept naming a relay that does not hold the session (a bug) must not loop forever."""
+    relay = FakeRelay("relay-0")
+    desk, listener = desk_with_session_at(relay)
+    new = FakeConn(99)
+    for _ in range(MAX_BOUNCES):
+        desk.on_bounce(Bounce(new, CID, 0))  # type: ignore[arg-type]  (handed to the relay again)
+    assert listener.failed == [] and len(relay.resumes) == MAX_BOUNCES
+    desk.on_bounce(Bounce(new, CID, 0))  # type: ignore[arg-type]
+    assert listener.failed == [(new, ErrorCode.SESSION_EXPIRED)]
+    assert len(relay.resumes) == MAX_BOUNCES

@@ -14,6 +14,7 @@ Tokens that are unknown, ended or expired all hear the same
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
     from chatpair.server.admission import Admission
     from chatpair.server.loop import ConnLoop
 
+log = logging.getLogger("chatpair")
+
+#: How often one RESUME may come back from relays before the listener gives
+#: up on it. Each bounce answers a move of the session, so a handful is
+#: already a lot; the bound keeps a registry that is wrong (a bug) from
+#: sending a RESUME round forever.
+MAX_BOUNCES = 8
+#: Bounce counts kept at most; past it they are forgotten (resumes that
+#: bounced are rare, and most of those counted were taken long ago).
+BOUNCES_KEPT = 1024
+
 
 class ResumeDesk:
     """The listener's RESUME desk; runs on the listener's thread."""
@@ -40,6 +52,7 @@ class ResumeDesk:
         self.registry: SessionRegistry[RelayHandle] = SessionRegistry()
         #: cluster mode: takes a RESUME whose token names another node (True: it is on its way there)
         self.elsewhere: Callable[[Conn, Resume], bool] | None = None
+        self._bounces: dict[int, int] = {}  # the new connection's cid -> times its RESUME came back
 
     def on_resume(self, new: Conn, resume: Resume) -> None:
         """A new connection sent RESUME: carry the session on here, or hand it to the relay holding it."""
@@ -77,9 +90,17 @@ class ResumeDesk:
         pair queued ahead of this RESUME, so the RESUME follows it there.
         Each bounce answers a move the listener made meanwhile, so this ends.
         """
-        listener = self.listener
-        listener.adopt_conn(bounce.new)
+        listener, new = self.listener, bounce.new
+        listener.adopt_conn(new)
+        bounces = self._bounces.pop(new.cid, 0) + 1
         if bounce.cid not in self.registry or not listener.running:
-            listener.fail(bounce.new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)  # it ended
+            listener.fail(new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)  # it ended
             return
-        self.resume_at(bounce.new, bounce.cid, bounce.received, self.registry.where(bounce.cid))
+        if bounces > MAX_BOUNCES:
+            log.warning("a RESUME came back from the relays %d times; told session_expired", bounces)
+            listener.fail(new, ErrorCode.SESSION_EXPIRED, EXPIRED_MESSAGE)
+            return
+        if len(self._bounces) >= BOUNCES_KEPT:
+            self._bounces.clear()
+        self._bounces[new.cid] = bounces
+        self.resume_at(new, bounce.cid, bounce.received, self.registry.where(bounce.cid))
