@@ -53,6 +53,6 @@ def test_a_child_runs_young_collections_less_often_and_ignores_stop_signals() ->
     assert after == (GC_YOUNG_THRESHOLD, before[1], before[2])
     assert ignores_ctrl_c
     assert child.exitcode == 0
-    if table_before is not None:  # Linux: the descriptor table is full size before any thread starts
-        assert table_before < min(limit, FD_TABLE_PRESIZE_CAP)
+    if table_before is not None:  # Linux: the descriptor table is full size once the child is prepared
+        # (a spawned child starts with its parent's table, which may be big already: only "after" is checked)
         assert table_after >= min(limit, FD_TABLE_PRESIZE_CAP)

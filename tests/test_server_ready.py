@@ -128,3 +128,44 @@ def test_a_listener_that_dies_before_it_is_ready_is_one_line_and_exit_1(held_ser
     log = held_server.proc.stderr.read().decode()
     assert "the listener process ended before it was ready (exit code 3)" in log
     assert "Traceback" not in log
+
+
+def _sleep_until_killed() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_the_client_count_skips_a_restarted_listeners_ready() -> None:
+    """A listener restarted after a crash says ``ready`` unasked; asked ``count`` meanwhile,
+    its ``ready`` may come first: the stop prompt must still get ``clients N``."""
+    import multiprocessing
+    import threading
+
+    from chatpair.server.config import ServerConfig
+    from chatpair.server.main import Server
+
+    server = Server(ServerConfig(host="127.0.0.1", port=0))
+    ours, listener_end = socket.socketpair()
+    child = multiprocessing.get_context("spawn").Process(target=_sleep_until_killed)
+    child.start()  # stands in for a live listener process: client_count asks only a live one
+    server._control, server._process = ours, child
+
+    def answer() -> None:  # the listener's side: its ready, then the answer to "count"
+        asked = b""
+        while b"count\n" not in asked:
+            asked += listener_end.recv(64)
+        listener_end.sendall(b"ready\n")
+        listener_end.sendall(b"clients 3\n")
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+    try:
+        assert server.client_count(timeout=30) == 3
+    finally:
+        helper.join(30)
+        child.kill()
+        child.join(30)
+        ours.close()
+        listener_end.close()
+        server.sock.close()

@@ -35,8 +35,9 @@ away" when stdin is a terminal, and stops the server like SIGTERM; detached
 (systemd, nohup, a supervisor) it is ignored with one log line. SIGUSR1
 asks for a status line in the log (``status`` on the control socket).
 Commands from signal handlers are queued and written by :meth:`Server.serve`,
-the one user of the control socket besides :meth:`Server.client_count`,
-in the same thread. The "any key" watcher is :mod:`chatpair.server.keys`.
+which uses the control socket in the same thread as :meth:`Server.client_count`
+and, before it, :meth:`Server.wait_ready` (the listener's ``ready``, once per
+start: a restarted listener's comes unasked, and ``client_count`` skips it). The "any key" watcher is :mod:`chatpair.server.keys`.
 """
 
 from __future__ import annotations
@@ -272,18 +273,23 @@ class Server:
         seen = b""
         while not self._stop_asked:
             control, process = self._control, self._process
-            if control is None or process is None or not process.is_alive():
+            if control is None or process is None:
                 return False
-            if select.select([control], [], [], 0.1)[0]:
-                try:
-                    chunk = control.recv(64)
-                except OSError:
-                    chunk = b""
-                if not chunk:
+            # The socket first: a listener that said ready and died at once was ready
+            # (serve() restarts it); only a dead one with nothing to read never was.
+            if not select.select([control], [], [], 0.1)[0]:
+                if not process.is_alive():
                     return False
-                seen += chunk
-                if READY_LINE in seen:
-                    return True
+                continue
+            try:
+                chunk = control.recv(64)
+            except OSError:
+                chunk = b""
+            seen += chunk
+            if READY_LINE in seen:
+                return True
+            if not chunk:
+                return False
         return False
 
     def serve(self, poll: Callable[[], bool] | None = None) -> None:
@@ -354,7 +360,12 @@ class Server:
             control.sendall(b"count\n")
             reply = b""
             deadline = time.monotonic() + timeout
-            while b"\n" not in reply and not self._stop_asked:
+            while not self._stop_asked:
+                # A restarted listener's ``ready`` may come between the question and its answer.
+                while reply.startswith(READY_LINE):
+                    reply = reply[len(READY_LINE):]
+                if b"\n" in reply:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None

@@ -102,7 +102,8 @@ def prepare_child_process(log_level: int, log_format: str = DEFAULT_LOG_FORMAT) 
 
 
 #: The most descriptor slots :func:`presize_fd_table` makes ready (8 bytes of
-#: kernel memory each: 512 KiB); past it the table grows as it always did.
+#: kernel memory each, and two bits: about 530 KiB); past it the table grows
+#: as it always did.
 FD_TABLE_PRESIZE_CAP = 65_536
 
 

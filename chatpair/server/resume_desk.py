@@ -88,7 +88,8 @@ class ResumeDesk:
         was waiting - and handed to a relay (the same one, or another) before
         this bounce came: the registry says where, and that relay has the
         pair queued ahead of this RESUME, so the RESUME follows it there.
-        Each bounce answers a move the listener made meanwhile, so this ends.
+        Each bounce answers a move the listener made meanwhile, so this ends;
+        :data:`MAX_BOUNCES` only guards against a registry that is wrong (a bug).
         """
         listener, new = self.listener, bounce.new
         listener.adopt_conn(new)
