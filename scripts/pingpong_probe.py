@@ -9,6 +9,12 @@ it next to the bench.
 
     chatpair server --port 0 -q &        # note the port it prints
     python scripts/pingpong_probe.py PORT --pairs 100 --seconds 5
+
+``--work-us N`` makes the load heavier on purpose: it spins N microseconds
+of its own per message before answering, like a client that checks what it
+receives (``chatpair bench`` spends about 4 us of Python per message). A
+sweep over N shows how the ratio of two servers depends on what the load
+costs (docs/performance.md, "the ceiling of the ping-pong ratio").
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--work-us", type=float, default=0.0,
+                        help="spin this many microseconds per message before answering")
     args = parser.parse_args()
 
     socks = []
@@ -51,6 +59,7 @@ def main() -> None:
                 raise SystemExit("the server closed a connection before pairing")
             seen += chunk
 
+    work_ns = int(args.work_us * 1000)
     msg = frame(2, b"x" * args.size)
     size = len(msg)
     partner = {}
@@ -77,6 +86,10 @@ def main() -> None:
                 got[s] -= size
                 now = time.perf_counter_ns()
                 latencies.append(now - sent_at[s])
+                if work_ns:  # the load's own work on the message (a spin: it must not sleep)
+                    until = now + work_ns
+                    while (now := time.perf_counter_ns()) < until:
+                        pass
                 sent_at[partner[s]] = now
                 s.send(msg)
     elapsed = time.perf_counter() - start
