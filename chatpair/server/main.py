@@ -37,7 +37,8 @@ asks for a status line in the log (``status`` on the control socket).
 Commands from signal handlers are queued and written by :meth:`Server.serve`,
 which uses the control socket in the same thread as :meth:`Server.client_count`
 and, before it, :meth:`Server.wait_ready` (the listener's ``ready``, once per
-start: a restarted listener's comes unasked, and ``client_count`` skips it). The "any key" watcher is :mod:`chatpair.server.keys`.
+start: a restarted listener's comes unasked, and ``client_count`` skips it).
+The "any key" watcher is :mod:`chatpair.server.keys`.
 """
 
 from __future__ import annotations
